@@ -96,47 +96,47 @@ def _layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, nor
             lambda: torch.ones(ckpt.shapes[src(members[0], template)]))
 
     if spec.attention:
-        mem = spec.attention.sources
-        wide = len(mem) > 1
+        attn_mem = spec.attention.sources
+        wide = len(attn_mem) > 1
         gain = A.INPUT_NORM if wide else None
         bias = arch.projection_bias(cfg)
         for p in "qkv":
-            stacked(mem, A.ATTN.format(p=p, kind="weight"), 0, gain)
+            stacked(attn_mem, A.ATTN.format(p=p, kind="weight"), 0, gain)
             if bias[p]:
-                stacked(mem, A.ATTN.format(p=p, kind="bias"), 0)
-        stacked(mem, A.ATTN.format(p="o", kind="weight"), 1)
+                stacked(attn_mem, A.ATTN.format(p=p, kind="bias"), 0)
+        stacked(attn_mem, A.ATTN.format(p="o", kind="weight"), 1)
         if bias["o"]:
-            summed(mem, A.ATTN.format(p="o", kind="bias"))
+            summed(attn_mem, A.ATTN.format(p="o", kind="bias"))
         if arch.qk_norm:
             heads = {"q": cfg["num_attention_heads"], "k": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}
             for p in "qk":
                 t = A.QK_NORM.format(p=p)
                 # Per-head weights: a wide layer's heads keep their own member's q/k norm gain.
-                add(t, mem, (heads[p] * len(mem), ckpt.shapes[src(mem[0], t)][0]),
-                    lambda t=t, p=p: torch.cat([get(m, t).expand(heads[p], -1) for m in mem]))
+                add(t, attn_mem, (heads[p] * len(attn_mem), ckpt.shapes[src(attn_mem[0], t)][0]),
+                    lambda t=t, p=p: torch.cat([get(m, t).expand(heads[p], -1) for m in attn_mem]))
         if wide:
-            ones_like(mem, A.INPUT_NORM)
+            ones_like(attn_mem, A.INPUT_NORM)
         else:
-            stacked(mem, A.INPUT_NORM, 0)
+            stacked(attn_mem, A.INPUT_NORM, 0)
     if spec.mlp:
-        mem = spec.mlp.sources
-        wide = len(mem) > 1
+        mlp_mem = spec.mlp.sources
+        wide = len(mlp_mem) > 1
         fold = wide and norm == "per_layer"
         gain = A.POST_NORM if fold else None
         for p in ("gate", "up"):
-            stacked(mem, A.MLP.format(p=p, kind="weight"), 0, gain)
+            stacked(mlp_mem, A.MLP.format(p=p, kind="weight"), 0, gain)
             if arch.has_mlp_bias(cfg):
-                stacked(mem, A.MLP.format(p=p, kind="bias"), 0)
-        stacked(mem, A.MLP.format(p="down", kind="weight"), 1)
+                stacked(mlp_mem, A.MLP.format(p=p, kind="bias"), 0)
+        stacked(mlp_mem, A.MLP.format(p="down", kind="weight"), 1)
         if arch.has_mlp_bias(cfg):
-            summed(mem, A.MLP.format(p="down", kind="bias"))
+            summed(mlp_mem, A.MLP.format(p="down", kind="bias"))
         if fold:
-            ones_like(mem, A.POST_NORM)
+            ones_like(mlp_mem, A.POST_NORM)
         elif wide:  # norm: mean -- one shared norm whose gain is the members' mean (the LP authors' code)
-            add(A.POST_NORM, mem, ckpt.shapes[src(mem[0], A.POST_NORM)],
-                lambda: sum(get(m, A.POST_NORM) for m in mem) / len(mem))
+            add(A.POST_NORM, mlp_mem, ckpt.shapes[src(mlp_mem[0], A.POST_NORM)],
+                lambda: sum(get(m, A.POST_NORM) for m in mlp_mem) / len(mlp_mem))
         else:
-            stacked(mem, A.POST_NORM, 0)
+            stacked(mlp_mem, A.POST_NORM, 0)
     return jobs
 
 
@@ -281,3 +281,49 @@ class AtomicDir:
         self.tmp.rename(self.target)
         shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def _license(src: Path) -> str | None:
+    """The license named in the source model card's front matter, if any."""
+    readme = src / "README.md"
+    text = readme.read_text(errors="ignore") if readme.is_file() else ""
+    front = text.split("---")[1] if text.startswith("---") else ""
+    return next((l.split(":", 1)[1].strip() for l in front.splitlines() if l.startswith("license:")), None)
+
+
+def prepare(recipe, seq_len: int = 512):
+    """Resolves the source and the plan (every recipe error surfaces here, before any work)."""
+    from .plan import build_plan, costs, source_plan, speedups
+    from .source import resolve_source
+
+    src_dir = resolve_source(recipe.model, recipe.allow_pickle)
+    ckpt = Checkpoint(src_dir)
+    plan = build_plan(recipe, ckpt.config)
+    dtype = _dtype_name(recipe.output.dtype, ckpt)
+    width = DTYPES.get(dtype, torch.float32).itemsize
+    c_src = costs(source_plan(ckpt.config), ckpt.config, seq_len, width)
+    c_slim = costs(plan, ckpt.config, seq_len, width)
+    return ckpt, plan, dict(source=c_src, slim=c_slim, ideal_speedup=speedups(c_src, c_slim))
+
+
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def run_convert(recipe, force: bool = False) -> Path:
+    from .recipe import dump_recipe
+    from .report import console, print_plan, write_card
+
+    target = AtomicDir(Path(recipe.output.dir), force)
+    ckpt, plan, cost = prepare(recipe)
+    print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
+    console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")
+    with target as tmp:
+        info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size)
+        (tmp / "slimconv_recipe.yaml").write_text(dump_recipe(recipe))
+        base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
+        meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=_license(ckpt.dir),
+                    dtype=_dtype_name(recipe.output.dtype, ckpt), files=info, plan=plan.model_dump(), costs=cost)
+        (tmp / "slimconv_plan.json").write_text(json.dumps(meta, indent=2))
+        write_card(tmp)
+    console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")
+    return target.target

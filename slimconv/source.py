@@ -76,7 +76,16 @@ def gguf_to_safetensors(path: Path) -> Path:
         kw = dict(gguf_file=path.name)
         AutoTokenizer.from_pretrained(str(path.parent), **kw).save_pretrained(out)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kw)
-        model.save_pretrained(out)
+        # save_pretrained refuses GGUF-loaded models, so the dequantised weights are written directly.
+        from safetensors.torch import save_file
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2))
         try:
             GenerationConfig.from_pretrained(str(path.parent), **kw).save_pretrained(out)
         except (OSError, ValueError):

@@ -1,0 +1,53 @@
+"""Held-out text for validation: WikiText-2 from ../shared/data, a local file, or a Hub dataset."""
+import os
+from pathlib import Path
+
+from .errors import SlimError
+
+
+def wikitext_dir() -> Path | None:
+    candidates = [os.environ.get("SLIMCONV_DATA_DIR")]
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidates += [base / "shared" / "data", base.parent / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "wikitext-2" / "test.txt").is_file():
+            return Path(c) / "wikitext-2"
+    return None
+
+
+def load_text(spec: str, split: str = "test") -> str:
+    """``wikitext2`` (split valid or test), ``hf:NAME[:CONFIG]`` (needs network and `datasets`), or a file."""
+    if spec == "wikitext2":
+        d = wikitext_dir()
+        if d is None:
+            raise SlimError("WikiText-2 was not found (looked for shared/data/wikitext-2 beside the project)",
+                            "set SLIMCONV_DATA_DIR to the folder holding wikitext-2/, or name a text file as data")
+        return (d / f"{split}.txt").read_text(encoding="utf-8")
+    if spec.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise SlimError("a Hub dataset needs the `datasets` package", "pip install datasets") from None
+        name, _, config = spec[3:].partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split="validation" if split == "valid" else split)
+        except Exception as e:  # datasets raises many unrelated types for a missing name or no network
+            raise SlimError(f"could not load dataset {name!r}: {e}", "check the name and your network") from None
+        column = "text" if "text" in ds.column_names else ds.column_names[0]
+        return "\n".join(ds[column])
+    path = Path(spec)
+    if not path.is_file():
+        raise SlimError(f"data {spec!r} is not 'wikitext2', 'hf:NAME' or an existing text file")
+    return path.read_text(encoding="utf-8")
+
+
+def token_chunks(tokenizer, text: str, samples: int, seq_len: int):
+    """The first ``samples`` non-overlapping windows of ``seq_len`` tokens (deterministic)."""
+    import torch
+
+    ids = tokenizer(text[: samples * seq_len * 12], return_tensors="pt").input_ids[0]
+    n = min(samples, len(ids) // seq_len)
+    if n == 0:
+        raise SlimError(f"the text has only {len(ids)} tokens, fewer than one sequence of {seq_len}",
+                        "use longer text or a smaller seq_len")
+    return ids[: n * seq_len].view(n, seq_len).to(torch.long)
