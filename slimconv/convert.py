@@ -75,16 +75,29 @@ def _layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, nor
         jobs.append(Job(dst(template), shape, _out_dtype(name, ckpt, dtype), compute))
 
     def stacked(members, template, dim, gain=None):
-        """Concatenates the members' tensors along ``dim``, scaling input columns by a norm gain."""
-        def compute():
-            parts = []
-            for m in members:
-                t = get(m, template)
-                parts.append(t * get(m, gain)[None, :] if gain else t)
-            return torch.cat(parts, dim)
+        """Concatenates the members' tensors along ``dim``, scaling input columns by a norm gain.
+
+        A single member without gain passes through untouched; otherwise each member is written into
+        a preallocated output, so the only float32 temporary is one member's tensor (gains are applied
+        in float32 and rounded once).
+        """
         shapes = [ckpt.shapes[src(m, template)] for m in members]
         shape = list(shapes[0])
         shape[dim] = sum(s[dim] for s in shapes)
+        out_dtype = _out_dtype(src(members[0], template), ckpt, dtype)
+
+        def compute():
+            if len(members) == 1 and gain is None:
+                return ckpt.get(src(members[0], template))
+            out, offset = torch.empty(shape, dtype=out_dtype), 0
+            for m in members:
+                t = ckpt.get(src(m, template))
+                if gain:
+                    t = t.to(torch.float32) * get(m, gain)[None, :]
+                out.narrow(dim, offset, t.shape[dim]).copy_(t)
+                offset += t.shape[dim]
+            return out
+
         add(template, members, tuple(shape), compute)
 
     def summed(members, template):
