@@ -280,7 +280,9 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # Leftovers of killed runs (SIGKILL skips cleanup) for this same target.
+        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self.tmp
 
@@ -320,6 +322,7 @@ def prepare(recipe, seq_len: int = 512):
 
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_LICENSE = "apache-2.0"  # SmolLM2's license; the GGUF package carries no model card
 
 
 def run_convert(recipe, force: bool = False) -> Path:
@@ -334,7 +337,8 @@ def run_convert(recipe, force: bool = False) -> Path:
         info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size)
         (tmp / "slimconv_recipe.yaml").write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
-        meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=_license(ckpt.dir),
+        license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)
+        meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=license,
                     dtype=_dtype_name(recipe.output.dtype, ckpt), files=info, plan=plan.model_dump(), costs=cost)
         (tmp / "slimconv_plan.json").write_text(json.dumps(meta, indent=2))
         write_card(tmp)

@@ -108,7 +108,7 @@ def write_card(out: Path):
     remote = "" if plan.uniform else ", trust_remote_code=True"
     parts = [
         "\n".join(front), f"# {out.name}",
-        f"Slimmed from `{model}` by [slimconv](https://github.com/) "
+        f"Slimmed from `{meta.get('base_model') or model}` by slimconv "
         f"({plan.num_source_layers} source layers -> {len(plan.layers)} output layers).",
         "## Recipe", f"```yaml\n{recipe_text}```",
         "## Plan", _md_table(PLAN_HEADER, plan_rows(plan)),
