@@ -29,7 +29,7 @@ def _cmd_plan(args):
     from .report import print_plan
 
     recipe = load_recipe(args.recipe)
-    _, plan, cost = prepare(recipe, args.seq_len)
+    _, _, plan, cost = prepare(recipe, args.seq_len, config_only=True)
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     return 0
 

@@ -306,19 +306,23 @@ def _license(src: Path) -> str | None:
     return next((l.split(":", 1)[1].strip() for l in front.splitlines() if l.startswith("license:")), None)
 
 
-def prepare(recipe, seq_len: int = 512):
-    """Resolves the source and the plan (every recipe error surfaces here, before any work)."""
+def prepare(recipe, seq_len: int = 512, config_only: bool = False):
+    """Resolves the source and the plan (every recipe error surfaces here, before any work).
+
+    Returns (source directory, source config, plan, costs).
+    """
     from .plan import build_plan, costs, source_plan, speedups
     from .source import resolve_source
 
-    src_dir = resolve_source(recipe.model, recipe.allow_pickle)
-    ckpt = Checkpoint(src_dir)
-    plan = build_plan(recipe, ckpt.config)
-    dtype = _dtype_name(recipe.output.dtype, ckpt)
+    src_dir = resolve_source(recipe.model, recipe.allow_pickle, config_only)
+    config = json.loads((src_dir / "config.json").read_text())
+    plan = build_plan(recipe, config)
+    dtype = recipe.output.dtype if recipe.output.dtype != "source" else (
+        config.get("dtype") or config.get("torch_dtype") or "float32")
     width = DTYPES.get(dtype, torch.float32).itemsize
-    c_src = costs(source_plan(ckpt.config), ckpt.config, seq_len, width)
-    c_slim = costs(plan, ckpt.config, seq_len, width)
-    return ckpt, plan, dict(source=c_src, slim=c_slim, ideal_speedup=speedups(c_src, c_slim))
+    c_src = costs(source_plan(config), config, seq_len, width)
+    c_slim = costs(plan, config, seq_len, width)
+    return src_dir, config, plan, dict(source=c_src, slim=c_slim, ideal_speedup=speedups(c_src, c_slim))
 
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -330,7 +334,8 @@ def run_convert(recipe, force: bool = False) -> Path:
     from .report import console, print_plan, write_card
 
     target = AtomicDir(Path(recipe.output.dir), force)
-    ckpt, plan, cost = prepare(recipe)
+    src_dir, _, plan, cost = prepare(recipe)
+    ckpt = Checkpoint(src_dir)
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")
     with target as tmp:

@@ -117,11 +117,11 @@ def pickle_to_safetensors(src: Path) -> Path:
     return _cached("bin-" + _cache_key(src / "config.json"), build)
 
 
-def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
+def _from_hub(repo_id: str, allow_pickle: bool, config_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    patterns = ["config.json"] if config_only else _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError:
@@ -132,8 +132,11 @@ def _from_hub(repo_id: str, allow_pickle: bool) -> Path:
                         "check your network, or give a local directory or .gguf file as `model`") from None
 
 
-def resolve_source(model: str, allow_pickle: bool = False) -> Path:
-    """Returns a local directory holding config.json and safetensors weights for ``model``."""
+def resolve_source(model: str, allow_pickle: bool = False, config_only: bool = False) -> Path:
+    """Returns a local directory holding config.json and safetensors weights for ``model``.
+
+    With ``config_only`` a Hub model is fetched without its weights (enough to plan).
+    """
     if model == "default":
         return gguf_to_safetensors(default_gguf())
     path = Path(model).expanduser()
@@ -149,9 +152,11 @@ def resolve_source(model: str, allow_pickle: bool = False) -> Path:
             "set `model:` to 'default', a local Hugging Face directory, a .gguf file, or a Hub id",
         )
     else:
-        directory = _from_hub(model, allow_pickle)
+        directory = _from_hub(model, allow_pickle, config_only)
     if not (directory / "config.json").is_file():
         raise SlimError(f"{directory} has no config.json: it is not a Hugging Face model directory")
+    if config_only and not path.is_dir():
+        return directory
     if any(directory.glob("*.safetensors")):
         return directory
     if any(directory.glob("*.bin")):

@@ -140,3 +140,10 @@ def test_schema_command(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert {"model", "remove", "parallel", "output", "validate"} <= set(schema["properties"])
+
+
+def test_hub_model_without_network_is_a_clear_error(tmp_path, capsys):
+    r = write_recipe(tmp_path / "r.yaml", model="someone/some-model", output={"dir": str(tmp_path / "o")})
+    assert main(["plan", str(r)]) == 2  # HF_HUB_OFFLINE=1 in the tests: nothing is contacted
+    err = capsys.readouterr().err
+    assert "someone/some-model" in err and "network" in err and "Traceback" not in err
