@@ -16,7 +16,9 @@ measure what it costs in quality.
   slimconv plan     RECIPE.yaml    print the per-layer plan and costs, change nothing
   slimconv convert  RECIPE.yaml    write the slim checkpoint to the recipe's output.dir
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
-  slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate)
+  slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
+  slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
+  slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate; add export)
   slimconv schema                  print the recipe's JSON Schema
 
 Exit codes: 0 success, 1 a validation check failed, 2 a problem with the input (recipe, model, paths).
@@ -63,6 +65,7 @@ def _cmd_validate(args):
 
 def _cmd_run(args):
     from .convert import run_convert
+    from .export import run_export
     from .recipe import load_recipe
     from .report import console
     from .validate import run_validate
@@ -80,6 +83,41 @@ def _cmd_run(args):
             code = _validated(run_validate(out or recipe.output.dir))
             if code:
                 return code
+        elif stage == "export":
+            code = _exported(run_export(out or recipe.output.dir, provider="auto", force=args.force))
+            if code:
+                return code
+    return 0
+
+
+def _exported(report) -> int:
+    from .report import console
+
+    if report["passed"]:
+        console.print(f"[green]ONNX export validated[/]: {report['dir']}")
+        return 0
+    console.print("[red]ONNX export does not match PyTorch[/] (see slimconv_onnx_report.json)")
+    return EXIT_CHECK_FAILED
+
+
+def _cmd_export(args):
+    from .export import run_export
+
+    return _exported(run_export(args.output, args.out, args.provider, args.force))
+
+
+def _cmd_generate(args):
+    from .export import generate
+    from .report import console
+
+    for piece in generate(args.onnx_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                          args.seed, args.provider):
+        if isinstance(piece, dict):
+            print()
+            console.print(f"[dim]{piece['new_tokens']} tokens on {piece['provider']}: prefill "
+                          f"{piece['prefill_s'] * 1000:.0f} ms, decode {piece['decode_tokens_per_s']:.1f} tokens/s[/]")
+        else:
+            print(piece, end="", flush=True)
     return 0
 
 
@@ -114,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-quality", action="store_true", help="run only the exactness check")
     s.set_defaults(func=_cmd_validate)
 
+    s = sub.add_parser("export", help="export a slim output to ONNX (float32, KV cache) and check it against PyTorch")
+    s.add_argument("output", help="output directory written by `slimconv convert`")
+    s.add_argument("-o", "--out", help="where to write the ONNX folder (default: OUTPUT/onnx)")
+    s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="ONNX Runtime execution provider for the check (auto: CUDA when available)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("generate", help="generate text from an exported ONNX folder with ONNX Runtime")
+    s.add_argument("onnx_dir", help="folder written by `slimconv export`")
+    s.add_argument("prompt", help="prompt text")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    s.set_defaults(func=_cmd_generate)
+
     s = sub.add_parser("schema", help="print the recipe's JSON Schema")
     s.set_defaults(func=_cmd_schema)
     return p
@@ -121,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notices about remote code and config classes are not for users here
     try:
         return args.func(args)
     except SlimError as e:

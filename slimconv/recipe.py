@@ -12,7 +12,7 @@ from .errors import SlimError
 # Layer indices are 0-based source indices; "a-b" is an inclusive range.
 Indices = int | str | list[int | str]
 
-STAGES = ("convert", "validate")
+STAGES = ("convert", "validate", "export")
 
 
 class _Strict(BaseModel):
@@ -74,7 +74,8 @@ class Recipe(_Strict):
     parallel: Parallel = Parallel()
     output: Output
     validation: Validate = Field(Validate(), alias="validate")
-    stages: list[Literal[STAGES]] = Field(list(STAGES), description="stages `slimconv run` runs, in order")
+    stages: list[Literal[STAGES]] = Field(["convert", "validate"],
+                                          description="stages `slimconv run` runs, in order (export: ONNX into output.dir/onnx)")
 
 
 def json_schema() -> dict:

@@ -1,0 +1,329 @@
+"""ONNX export of a slim (or stock, blocks-only) checkpoint: one decoder graph with the KV cache as
+inputs and outputs, named as in DESIGN.md, and its validation against PyTorch (question 2).
+
+The graph is traced from an explicit-cache forward written here (the model's own modules, the cache as
+plain tensors), because ONNX needs the cache as graph inputs rather than a Python cache object. A wide
+(layer-parallel) layer keeps one past/present pair per member, split along the KV-head axis, so every
+cache tensor has the source's shape. torch's TorchScript exporter is used: the dynamo exporter needs
+hand-written dynamic shapes for the variadic cache and specialises an empty past.
+"""
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SlimError
+from .source import AUX_FILES
+
+OPSET = 17
+
+
+def load_as_slim(directory: Path):
+    """Loads any slimconv output as the slim model class (stock blocks-only outputs are converted in memory)."""
+    from safetensors.torch import load_file
+
+    from .modeling.configuration_slim import SlimConfig
+    from .modeling.modeling_slim import SlimForCausalLM
+    from .plan import source_plan
+    from .arch import get_arch
+
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "slimconv":
+        arch = get_arch(config)
+        plan = source_plan(config)
+        heads = config["num_attention_heads"]
+        config = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "model_type", "layer_types")}
+        config.update(head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                      num_key_value_heads=config.get("num_key_value_heads") or heads,
+                      projection_bias=arch.projection_bias(config), mlp_bias=arch.has_mlp_bias(config),
+                      qk_norm=arch.qk_norm, slim_layers=[s.model_dump() for s in plan.layers])
+    for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(k, None)
+    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
+    model = SlimForCausalLM(SlimConfig(**config)).float().eval()
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(f))
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name in expected and expected[name].shape != t.shape:  # stock q/k norms: one gain per layer
+            state[name] = t.expand(expected[name].shape)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = set(expected) - set(state)
+    if missing:
+        raise SlimError(f"{directory}: weights missing for {sorted(missing)[:3]}...")
+    model.load_state_dict({k: v.float() for k, v in state.items() if k in expected})
+    return model
+
+
+class CacheDecoder(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past/present flat
+    as [key0, value0, key1, value1, ...], one pair per kept source attention."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.kv_heads = model.config.num_key_value_heads
+        self.pairs = [layer.self_attn.num_kv_heads // self.kv_heads if layer.self_attn is not None else 0
+                      for layer in model.model.layers]
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(self.pairs)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        base = self.model.model
+        x = base.embed_tokens(input_ids)
+        b, t = input_ids.shape
+        p = past[0].shape[2]
+        cos, sin = base.rotary_emb(x, position_ids)
+        q_pos = torch.arange(t)[:, None] + p
+        k_pos = torch.arange(p + t)[None, :]
+        keep = attention_mask[:, None, None, :].bool()
+        masks = {}
+        presents, slot = [], 0
+        for layer, n in zip(base.layers, self.pairs):
+            a = layer.self_attn
+            if a is not None:
+                if a.sliding_window not in masks:
+                    allowed = k_pos <= q_pos
+                    if a.sliding_window is not None:
+                        allowed = allowed & (q_pos - k_pos < a.sliding_window)
+                    allowed = allowed[None, None] & keep
+                    masks[a.sliding_window] = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(
+                        ~allowed, torch.finfo(x.dtype).min)
+                h = layer.input_layernorm(x)
+                q = a.q_proj(h).view(b, t, a.num_heads, a.head_dim)
+                k = a.k_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
+                v = a.v_proj(h).view(b, t, a.num_kv_heads, a.head_dim)
+                if a.q_norm is not None:
+                    q, k = a.q_norm(q), a.k_norm(k)
+                q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                v = v.transpose(1, 2)
+                mine = past[2 * slot: 2 * (slot + n)]
+                k = torch.cat([torch.cat(mine[0::2], 1) if n > 1 else mine[0], k], 2)
+                v = torch.cat([torch.cat(mine[1::2], 1) if n > 1 else mine[1], v], 2)
+                for j in range(n):
+                    heads = slice(j * self.kv_heads, (j + 1) * self.kv_heads)
+                    presents += [k[:, heads], v[:, heads]]
+                slot += n
+                rep = a.num_heads // a.num_kv_heads
+                out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                     attn_mask=masks[a.sliding_window], scale=a.scaling)
+                x = x + a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            if layer.mlp is not None:
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return (self.model.lm_head(base.norm(x)), *presents)
+
+
+def io_names(pairs: int):
+    cache = [f"{{}}.{i}.{kind}" for i in range(pairs) for kind in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [c.format("past_key_values") for c in cache]
+    outputs = ["logits"] + [c.format("present") for c in cache]
+    return inputs, outputs
+
+
+def _dummy(decoder: CacheDecoder, batch=2, seq=3, past=2):
+    cfg = decoder.model.config
+    ids = torch.ones(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq)[None].expand(batch, -1)
+    cache = [torch.zeros(batch, decoder.kv_heads, past, cfg.head_dim) for _ in range(2 * decoder.num_pairs)]
+    return (ids, mask, pos, *cache)
+
+
+def export_onnx(slim_dir: Path, out: Path) -> dict:
+    """Writes model.onnx (float32) and the files consumers read into ``out`` (an empty directory)."""
+    decoder = CacheDecoder(load_as_slim(slim_dir))
+    inputs, outputs = io_names(decoder.num_pairs)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in inputs[3:]})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
+    start = time.time()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(decoder, _dummy(decoder), str(out / "model.onnx"), input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          external_data=_needs_external_data(decoder))
+    cfg = json.loads((slim_dir / "config.json").read_text())
+    # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
+    cfg["num_cache_pairs"] = decoder.num_pairs
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in AUX_FILES:
+        if (slim_dir / name).is_file():
+            shutil.copy2(slim_dir / name, out / name)
+    return dict(seconds=time.time() - start, cache_pairs=decoder.num_pairs, opset=OPSET, dtype="float32")
+
+
+def _needs_external_data(decoder) -> bool:
+    return sum(p.numel() * p.element_size() for p in decoder.parameters()) > 2**31 - 2**26
+
+
+def providers(requested: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise SlimError("the CUDA execution provider is not available here",
+                            "install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --provider cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if requested == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _positions(mask: torch.Tensor, t: int) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
+
+
+@torch.no_grad()
+def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], steps: int = 16,
+                  provider: str = "auto", tolerance: float = 2e-4) -> dict:
+    """ONNX Runtime vs the slim PyTorch model: prefill and ``steps`` cached decode steps, teacher-forced
+    with PyTorch's greedy tokens; batch 1 and a left-padded batch of several prompts."""
+    import onnxruntime as ort
+    from transformers import DynamicCache
+
+    from .validate import load_model
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
+    used = session.get_providers()[0]
+    model = load_model(slim_dir)
+    pairs = json.loads((onnx_dir / "config.json").read_text())["num_cache_pairs"]
+    cfg = model.config
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    names = [i.name for i in session.get_inputs()]
+    cases = {"batch 1": prompts[:1], f"batch {len(prompts)}, left-padded": prompts}
+    results = {}
+    for label, batch in cases.items():
+        width = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        cache = DynamicCache()
+        past = [np.zeros((len(batch), kv, 0, hd), np.float32) for _ in range(2 * pairs)]
+        err, agree, total, step_ids = 0.0, 0, 0, ids
+        for step in range(steps + 1):
+            t = step_ids.shape[1]
+            pos = _positions(mask, t)
+            want = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True).logits
+            feed = dict(zip(names, [step_ids.numpy(), mask.numpy(), pos.numpy(), *past]))
+            got, *past = session.run(None, feed)
+            real = mask[:, -t:].bool().numpy()  # padding positions' logits are meaningless
+            err = max(err, float(np.abs(got - want.numpy())[real].max()))
+            nxt = want[:, -1].argmax(-1)
+            agree += int((torch.from_numpy(got[:, -1]).argmax(-1) == nxt).sum())
+            total += len(batch)
+            step_ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=torch.long)], 1)
+        results[label] = dict(max_abs_error=err, greedy_agreement=f"{agree}/{total}", passed=err <= tolerance and agree == total)
+    return dict(provider=used, tolerance=tolerance, steps=steps, cases=results,
+                passed=all(r["passed"] for r in results.values()))
+
+
+def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tensor]:
+    """Prompts of different lengths, so that the batch needs left padding: held-out text (WikiText-2
+    test) when the checkpoint has a tokenizer and the data is present, else seeded random token ids."""
+    from transformers import AutoTokenizer
+
+    from .data import load_text, token_chunks
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(slim_dir), trust_remote_code=True)
+        chunk = token_chunks(tok, load_text("wikitext2", "test"), 1, 64)[0]
+    except (OSError, ValueError, SlimError):
+        chunk = torch.randint(0, vocab_size, (64,), generator=torch.Generator().manual_seed(0))
+    return [chunk[: 32 - 9 * i] for i in range(count)]
+
+
+def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False) -> dict:
+    from .convert import AtomicDir
+    from .report import console
+
+    slim_dir = Path(slim_dir)
+    if not (slim_dir / "config.json").is_file() or not any(slim_dir.glob("*.safetensors")):
+        raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
+                        "give the output.dir that `slimconv convert` wrote")
+    target = AtomicDir(Path(out) if out else slim_dir / "onnx", force)
+    console.print(f"exporting {slim_dir} to ONNX (float32, opset {OPSET}) -> {target.target}")
+    with target as tmp:
+        info = export_onnx(slim_dir, tmp)
+        console.print(f"exported in {info['seconds']:.1f} s; {info['cache_pairs']} past/present pairs")
+        vocab = json.loads((slim_dir / "config.json").read_text())["vocab_size"]
+        report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=provider)
+        report["export"] = info
+        (tmp / "slimconv_onnx_report.json").write_text(json.dumps(report, indent=2))
+    console.print(f"ONNX Runtime ran on [bold]{report['provider']}[/]")
+    for label, r in report["cases"].items():
+        mark = "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]"
+        console.print(f"  {label}: max |logit error| {r['max_abs_error']:.2e} (tolerance {report['tolerance']:.0e}), "
+                      f"greedy agreement {r['greedy_agreement']} over prefill + {report['steps']} decode steps {mark}")
+    report["dir"] = str(target.target)
+    return report
+
+
+def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, provider: str = "auto"):
+    """Greedy (temperature 0) or sampled generation through ONNX Runtime with the KV cache.
+
+    Yields decoded text pieces, then a final dict of statistics.
+    """
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / "model.onnx").is_file():
+        raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")
+    cfg = json.loads((onnx_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(onnx_dir), trust_remote_code=True)
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
+    names = [i.name for i in session.get_inputs()]
+    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    ids = tok(prompt, return_tensors="np").input_ids.astype(np.int64)
+    past = [np.zeros((1, kv, 0, hd), np.float32) for _ in range(2 * cfg["num_cache_pairs"])]
+    eos = cfg.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    rng = np.random.default_rng(seed)
+    total, out_ids, start, first = ids.shape[1], [], time.time(), None
+    step = ids
+    for _ in range(max_new_tokens):
+        t = step.shape[1]
+        feed = [step, np.ones((1, total), np.int64), np.arange(total - t, total, dtype=np.int64)[None], *past]
+        logits, *past = session.run(None, dict(zip(names, feed)))
+        first = first or time.time()
+        nxt = _pick(logits[0, -1], temperature, top_p, rng)
+        if nxt in eos:
+            break
+        out_ids.append(nxt)
+        yield tok.decode(out_ids[-1:], skip_special_tokens=True)
+        step = np.array([[nxt]], np.int64)
+        total += 1
+    end = time.time()
+    decode = len(out_ids) - 1
+    yield dict(provider=session.get_providers()[0], new_tokens=len(out_ids), prefill_s=first - start,
+               decode_tokens_per_s=decode / (end - first) if decode > 0 and end > first else float("nan"),
+               token_ids=out_ids)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = (logits - logits.max()) / temperature
+    p = np.exp(z) / np.exp(z).sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))

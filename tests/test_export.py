@@ -1,0 +1,85 @@
+"""ONNX export (validation question 2): ONNX Runtime against the slim PyTorch model, with the KV cache."""
+import json
+
+import onnx
+import pytest
+import torch
+
+from helpers import convert
+from slimconv.cli import main
+from slimconv.export import export_onnx, validate_onnx
+
+CASES = {
+    "wide-and-sublayers": dict(parallel={"groups": [[1, 2], "3-5"]}, remove={"attention": [4], "mlp": [0]}),
+    "blocks-only-stock": dict(remove={"blocks": [0, 3]}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "llama-bias-untied"])
+def test_onnx_matches_pytorch_with_cache(tiny_models, tmp_path, arch, case):
+    convert(tiny_models[arch], tmp_path / "slim", **CASES[case])
+    (tmp_path / "onnx").mkdir()
+    info = export_onnx(tmp_path / "slim", tmp_path / "onnx")
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    report = validate_onnx(tmp_path / "onnx", tmp_path / "slim", prompts, steps=16, provider="cpu")
+    assert report["passed"], report
+    assert report["provider"] == "CPUExecutionProvider"
+    assert report["cases"]["batch 3, left-padded"]["greedy_agreement"] == "51/51"
+    # One past/present pair per kept source attention, uniform shapes (a wide layer exposes one per member).
+    kept = {"wide-and-sublayers": 5, "blocks-only-stock": 4}[case]
+    assert info["cache_pairs"] == kept
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    names = [i.name for i in graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{k}" for i in range(kept) for k in ("key", "value")]
+    assert [o.name for o in graph.output][1:] == [f"present.{i}.{k}" for i in range(kept) for k in ("key", "value")]
+    kv_dims = {tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim) for i in graph.input[3:]}
+    assert len(kv_dims) == 1
+    assert json.loads((tmp_path / "onnx" / "config.json").read_text())["num_cache_pairs"] == kept
+
+
+def test_export_cli_refuses_non_checkpoint_and_existing(tmp_path, tiny_models, capsys):
+    assert main(["export", str(tmp_path)]) == 2
+    assert "not a converted checkpoint" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "hi"]) == 2
+    assert "slimconv export" in capsys.readouterr().err
+    convert(tiny_models["llama-tied"], tmp_path / "slim", remove={"mlp": [1]})
+    (tmp_path / "slim" / "onnx").mkdir()
+    assert main(["export", str(tmp_path / "slim")]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.smollm
+def test_smollm2_export_and_generate(smollm2_dir, tmp_path, capsys):
+    from slimconv.export import generate
+    from slimconv.source import AUX_FILES
+    import shutil
+
+    convert(smollm2_dir, tmp_path / "slim", parallel={"groups": [[12, 13]]}, remove={"attention": [27]})
+    for name in AUX_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, tmp_path / "slim" / name)
+    assert main(["export", str(tmp_path / "slim"), "--provider", "cpu"]) == 0
+    report = json.loads((tmp_path / "slim" / "onnx" / "slimconv_onnx_report.json").read_text())
+    assert report["passed"] and report["cases"]["batch 1"]["max_abs_error"] < 2e-4
+    pieces = list(generate(tmp_path / "slim" / "onnx", "The capital of France is", max_new_tokens=8))
+    stats = pieces[-1]
+    assert stats["new_tokens"] >= 1 and stats["provider"] == "CPUExecutionProvider"
+    from slimconv.validate import load_model
+    model = load_model(tmp_path / "slim")
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(str(tmp_path / "slim"))("The capital of France is", return_tensors="pt").input_ids
+    want = model.generate(ids, max_new_tokens=len(stats["token_ids"]), do_sample=False)[0, ids.shape[1]:]
+    assert want.tolist() == stats["token_ids"]
+
+
+def test_run_with_export_stage(tiny_models, tmp_path):
+    import yaml
+
+    out = tmp_path / "out"
+    recipe = dict(model=str(tiny_models["qwen2"]), parallel={"groups": [[2, 3]]}, output={"dir": str(out)},
+                  stages=["convert", "export"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    assert json.loads((out / "onnx" / "slimconv_onnx_report.json").read_text())["passed"]
