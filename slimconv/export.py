@@ -60,6 +60,8 @@ def load_as_slim(directory: Path):
     if missing:
         raise SlimError(f"{directory}: weights missing for {sorted(missing)[:3]}...")
     model.load_state_dict({k: v.float() for k, v in state.items() if k in expected})
+    if config.get("tie_word_embeddings"):
+        model.lm_head.weight = model.model.embed_tokens.weight  # one initializer in the graph, not two
     return model
 
 
@@ -154,7 +156,7 @@ def export_onnx(slim_dir: Path, out: Path) -> dict:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(decoder, _dummy(decoder), str(out / "model.onnx"), input_names=inputs,
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                          external_data=_needs_external_data(decoder))
+                          external_data=_needs_external_data(decoder), do_constant_folding=False)
     cfg = json.loads((slim_dir / "config.json").read_text())
     # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
     cfg["num_cache_pairs"] = decoder.num_pairs
