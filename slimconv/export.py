@@ -53,13 +53,14 @@ def load_as_slim(directory: Path):
     expected = model.state_dict()
     for name, t in state.items():
         if name in expected and expected[name].shape != t.shape:  # stock q/k norms: one gain per layer
-            state[name] = t.expand(expected[name].shape)
+            state[name] = t.expand(expected[name].shape).contiguous()
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = set(expected) - set(state)
     if missing:
         raise SlimError(f"{directory}: weights missing for {sorted(missing)[:3]}...")
-    model.load_state_dict({k: v.float() for k, v in state.items() if k in expected})
+    # assign=True adopts the loaded tensors instead of copying them: one copy of the weights in memory.
+    model.load_state_dict({k: v.float() for k, v in state.items() if k in expected}, assign=True)
     if config.get("tie_word_embeddings"):
         model.lm_head.weight = model.model.embed_tokens.weight  # one initializer in the graph, not two
     return model
