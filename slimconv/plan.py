@@ -38,9 +38,6 @@ class Plan(BaseModel):
             len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers
         )
 
-    def attention_sources(self) -> list[int]:
-        return [m for s in self.layers if s.attention for m in s.attention.sources]
-
 
 def _dims(config: dict) -> dict:
     heads = config["num_attention_heads"]
