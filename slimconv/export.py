@@ -162,10 +162,40 @@ def export_onnx(slim_dir: Path, out: Path) -> dict:
     # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
     cfg["num_cache_pairs"] = decoder.num_pairs
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, decoder), indent=2))
     for name in AUX_FILES:
         if (slim_dir / name).is_file():
             shutil.copy2(slim_dir / name, out / name)
     return dict(seconds=time.time() - start, cache_pairs=decoder.num_pairs, opset=OPSET, dtype="float32")
+
+
+def genai_config(cfg: dict, decoder: CacheDecoder) -> dict:
+    """onnxruntime-genai's description of the graph: a plain llama decoder with ``num_cache_pairs`` layers,
+    which is exactly what its uniform cache sees (a wide layer's members are separate pairs)."""
+    mcfg = decoder.model.config
+    eos = cfg.get("eos_token_id")
+    pad = cfg.get("pad_token_id")
+    return {
+        "model": {
+            "type": "llama", "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+            "vocab_size": mcfg.vocab_size, "context_length": mcfg.max_position_embeddings,
+            "decoder": {
+                "filename": "model.onnx", "session_options": {"provider_options": []},
+                "head_size": mcfg.head_dim, "hidden_size": mcfg.hidden_size,
+                "num_attention_heads": mcfg.num_attention_heads, "num_key_value_heads": decoder.kv_heads,
+                "num_hidden_layers": decoder.num_pairs,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        # The graph concatenates past and new keys, so genai must not share one buffer for both.
+        "search": {"do_sample": False, "num_beams": 1, "max_length": mcfg.max_position_embeddings,
+                   "past_present_share_buffer": False},
+    }
 
 
 def _needs_external_data(decoder) -> bool:

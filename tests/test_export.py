@@ -83,3 +83,36 @@ def test_run_with_export_stage(tiny_models, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     assert json.loads((out / "onnx" / "slimconv_onnx_report.json").read_text())["passed"]
+
+
+@pytest.mark.smollm
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_path):
+    """onnxruntime-genai drives the exported folder through its genai_config.json (uniform cache of
+    one pair per source attention, wide layers included) and matches slimconv's own ONNX loop."""
+    import shutil
+
+    og = pytest.importorskip("onnxruntime_genai")
+    from slimconv.export import generate
+    from slimconv.source import AUX_FILES
+
+    convert(smollm2_dir, tmp_path / "slim", parallel={"groups": [[12, 13], "16-18"]}, remove={"attention": [27]})
+    for name in AUX_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, tmp_path / "slim" / name)
+    (tmp_path / "onnx").mkdir()
+    export_onnx(tmp_path / "slim", tmp_path / "onnx")
+    prompt = "The capital of France is"
+    ours = list(generate(tmp_path / "onnx", prompt, max_new_tokens=24, provider="cpu"))[-1]["token_ids"]
+    model = og.Model(str(tmp_path / "onnx"))
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    ids = tok.encode(prompt)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    eos = json.loads((tmp_path / "onnx" / "config.json").read_text())["eos_token_id"]
+    assert [t for t in theirs if t != eos] == ours
