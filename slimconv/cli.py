@@ -36,24 +36,35 @@ def _cmd_plan(args):
     return 0
 
 
-def _validated(report) -> int:
+def _verdict(report, passed: str, failed: str) -> int:
     from .report import console
 
-    if report["passed"]:
-        console.print("[green]validation passed[/]")
-        return 0
-    console.print("[red]validation FAILED[/] (see slimconv_report.json)")
-    return EXIT_CHECK_FAILED
+    console.print(f"[green]{passed}[/]" if report["passed"] else f"[red]{failed}[/]")
+    return 0 if report["passed"] else EXIT_CHECK_FAILED
 
 
-def _cmd_convert(args):
-    from .convert import run_convert
+def _validated(report) -> int:
+    return _verdict(report, "validation passed", "validation FAILED (see slimconv_report.json)")
+
+
+def _exported(report) -> int:
+    return _verdict(report, f"ONNX export validated: {report['dir']}",
+                    "ONNX export does not match PyTorch (see slimconv_onnx_report.json)")
+
+
+def _load_recipe(args):
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.allow_pickle:
         recipe.allow_pickle = True
-    run_convert(recipe, args.force)
+    return recipe
+
+
+def _cmd_convert(args):
+    from .convert import run_convert
+
+    run_convert(_load_recipe(args), args.force)
     return 0
 
 
@@ -66,13 +77,10 @@ def _cmd_validate(args):
 def _cmd_run(args):
     from .convert import run_convert
     from .export import run_export
-    from .recipe import load_recipe
     from .report import console
     from .validate import run_validate
 
-    recipe = load_recipe(args.recipe)
-    if args.allow_pickle:
-        recipe.allow_pickle = True
+    recipe = _load_recipe(args)
     console.print(f"stages: {' -> '.join(recipe.stages)}")
     out = None
     for stage in recipe.stages:
@@ -88,16 +96,6 @@ def _cmd_run(args):
             if code:
                 return code
     return 0
-
-
-def _exported(report) -> int:
-    from .report import console
-
-    if report["passed"]:
-        console.print(f"[green]ONNX export validated[/]: {report['dir']}")
-        return 0
-    console.print("[red]ONNX export does not match PyTorch[/] (see slimconv_onnx_report.json)")
-    return EXIT_CHECK_FAILED
 
 
 def _cmd_export(args):

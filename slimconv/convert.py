@@ -220,6 +220,30 @@ def _dtype_name(dtype: str, ckpt: Checkpoint) -> str:
     return str(_FROM_ST[ckpt.dtypes[A.EMBED]]).replace("torch.", "")
 
 
+def slim_layers_config(plan: Plan, src: dict) -> dict:
+    """The ``model_type: slimconv`` config for a plan over a source config (no dtype)."""
+    arch = A.get_arch(src)
+    heads = src["num_attention_heads"]
+    cfg = {k: v for k, v in src.items() if k not in _SLIM_DROP_KEYS}
+    cfg.update(
+        model_type="slimconv",
+        architectures=["SlimForCausalLM"],
+        auto_map={"AutoConfig": "configuration_slim.SlimConfig",
+                  "AutoModelForCausalLM": "modeling_slim.SlimForCausalLM"},
+        source_model_type=src["model_type"],
+        head_dim=src.get("head_dim") or src["hidden_size"] // heads,
+        num_key_value_heads=src.get("num_key_value_heads") or heads,
+        num_hidden_layers=len(plan.layers),
+        # The cache is never cropped to a window (masks handle windows), so every slot is "full".
+        layer_types=["full_attention"] * len(plan.layers),
+        projection_bias=arch.projection_bias(src),
+        mlp_bias=arch.has_mlp_bias(src),
+        qk_norm=arch.qk_norm,
+        slim_layers=[s.model_dump() for s in plan.layers],
+    )
+    return cfg
+
+
 def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str) -> dict:
     src = ckpt.config
     n_src = plan.num_source_layers
@@ -232,25 +256,7 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str) -> dict:
             raise SlimError("this qwen2 config sets sliding layers by max_window_layers without layer_types",
                             "load and re-save it with transformers 5 so that layer_types is explicit")
     else:
-        arch = A.get_arch(src)
-        heads = src["num_attention_heads"]
-        cfg = {k: v for k, v in src.items() if k not in _SLIM_DROP_KEYS}
-        cfg.update(
-            model_type="slimconv",
-            architectures=["SlimForCausalLM"],
-            auto_map={"AutoConfig": "configuration_slim.SlimConfig",
-                      "AutoModelForCausalLM": "modeling_slim.SlimForCausalLM"},
-            source_model_type=src["model_type"],
-            head_dim=src.get("head_dim") or src["hidden_size"] // heads,
-            num_key_value_heads=src.get("num_key_value_heads") or heads,
-            num_hidden_layers=len(plan.layers),
-            # The cache is never cropped to a window (masks handle windows), so every slot is "full".
-            layer_types=["full_attention"] * len(plan.layers),
-            projection_bias=arch.projection_bias(src),
-            mlp_bias=arch.has_mlp_bias(src),
-            qk_norm=arch.qk_norm,
-            slim_layers=[s.model_dump() for s in plan.layers],
-        )
+        cfg = slim_layers_config(plan, src)
     cfg["dtype"] = _dtype_name(dtype, ckpt)
     cfg.pop("torch_dtype", None)
     return cfg

@@ -28,24 +28,16 @@ def load_as_slim(directory: Path):
     """Loads any slimconv output as the slim model class (stock blocks-only outputs are converted in memory)."""
     from safetensors.torch import load_file
 
+    from .convert import slim_layers_config
     from .modeling.configuration_slim import SlimConfig
     from .modeling.modeling_slim import SlimForCausalLM
     from .plan import source_plan
-    from .arch import get_arch
 
     config = json.loads((directory / "config.json").read_text())
     if config.get("model_type") != "slimconv":
-        arch = get_arch(config)
-        plan = source_plan(config)
-        heads = config["num_attention_heads"]
-        config = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "model_type", "layer_types")}
-        config.update(head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                      num_key_value_heads=config.get("num_key_value_heads") or heads,
-                      projection_bias=arch.projection_bias(config), mlp_bias=arch.has_mlp_bias(config),
-                      qk_norm=arch.qk_norm, slim_layers=[s.model_dump() for s in plan.layers])
+        config = slim_layers_config(source_plan(config), config)
     for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
         config.pop(k, None)
-    config["layer_types"] = ["full_attention"] * config["num_hidden_layers"]
     model = SlimForCausalLM(SlimConfig(**config)).float().eval()
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
