@@ -19,6 +19,10 @@ measure what it costs in quality.
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
   slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate; add export)
+  slimconv analyze  MODEL -o DIR   layer importance on calibration text: SLEB, block influence, angular
+                                   distance, attention/MLP importance, parallel pairs; report and plots
+  slimconv recipe   DIR --method M write a recipe from an analysis (sleb, block-influence, angular, last,
+                                   attention, mlp, parallel)
   slimconv schema                  print the recipe's JSON Schema
 
 Exit codes: 0 success, 1 a validation check failed, 2 a problem with the input (recipe, model, paths).
@@ -119,6 +123,48 @@ def _cmd_generate(args):
     return 0
 
 
+def _cmd_analyze(args):
+    import torch
+
+    from .analyse import AnalysisSettings, run_analyse
+    from .convert import parse_size
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu")
+    sizes = _int_list(args.group_sizes, "--group-sizes")
+    settings = AnalysisSettings(
+        model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes, group_ppl=not args.no_group_ppl,
+        naive_check=args.naive_check, max_memory=parse_size(args.max_memory) if args.max_memory else None,
+        batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
+    run_analyse(settings, args.out, args.force)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SlimError(f"{flag} {text!r} is not a comma-separated list of integers", f"write it like {flag} 2,3") from None
+
+
+def _cmd_recipe(args):
+    from .report import console
+    from .suggest import load_metrics, write_recipe
+
+    m = load_metrics(args.analysis)
+    command = "slimconv recipe " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["recipe"] else "slimconv recipe"
+    data = write_recipe(m, args.method, args.out, args.output_dir, args.force, command, blocks=args.remove_blocks,
+                        attention=args.remove_attention, mlp=args.remove_mlp, pairs=args.pairs, by=args.by)
+    console.print(f"[green]wrote[/] {args.out}: {data['description']}")
+    if args.verify:
+        from .analyse import verify_recipe
+
+        verify_recipe(args.out, args.eval_samples, args.eval_seq_len)
+    return 0
+
+
 def _cmd_schema(args):
     from .recipe import json_schema
 
@@ -167,6 +213,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("analyze", help="measure each layer's importance on calibration text; write metrics, report, plots",
+                       description="Pushes calibration text through the source model one layer at a time and "
+                       "writes metrics.json, report.md and PNG plots to -o. Papers' calibration: SLEB and ShortGPT "
+                       "use 128 samples of 2048 tokens (--samples 128 --seq-len 2048); the defaults here are "
+                       "small enough for a CPU.")
+    s.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a local HF dir, a .gguf file, or a Hub id')
+    s.add_argument("-o", "--out", required=True, help="analysis folder to write")
+    s.add_argument("--calib", default="wikitext2",
+                   help='calibration text: "wikitext2" (its valid split), a text file, or "hf:NAME[:CONFIG]"')
+    s.add_argument("--samples", type=int, default=8, help="calibration windows (default 8)")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    s.add_argument("--seed", type=int, default=0, help="seed for the windows' offsets and the token sample")
+    s.add_argument("--sleb-blocks", type=int,
+                   help="SLEB removals to run (default 20%% of the layers; 0: off); each costs about "
+                        "layers/2 forward passes of the calibration set")
+    s.add_argument("--naive-check", type=int, default=0, metavar="K",
+                   help="repeat the first K SLEB steps without the prefix cache: time both, check same choices")
+    s.add_argument("--max-window", type=int, help="largest window n for the angular distance (default: half the layers)")
+    s.add_argument("--group-sizes", default="2", help="parallel group sizes to score, e.g. 2,3 (default 2)")
+    s.add_argument("--no-group-ppl", action="store_true",
+                   help="skip the calibration perplexity of each parallel group (keep only its relative error)")
+    s.add_argument("--max-memory", help="layer weights kept in memory at once, e.g. 2GB (default: all layers)")
+    s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) source weights")
+    s.add_argument("--force", action="store_true", help="overwrite an existing analysis folder")
+    s.set_defaults(func=_cmd_analyze)
+
+    from .suggest import METHODS
+
+    s = sub.add_parser("recipe", help="write a recipe from an analysis folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="methods:\n" + "\n".join(f"  {k:16} {v}" for k, v in METHODS.items()))
+    s.add_argument("analysis", help="folder written by `slimconv analyze`")
+    s.add_argument("--method", required=True, choices=list(METHODS))
+    s.add_argument("--remove-blocks", type=int, help="blocks to remove (sleb, block-influence, angular, last)")
+    s.add_argument("--remove-attention", type=int, help="attention sublayers to remove (attention)")
+    s.add_argument("--remove-mlp", type=int, help="MLP sublayers to remove (mlp)")
+    s.add_argument("--pairs", type=int, help="parallel pairs (parallel)")
+    s.add_argument("--by", choices=["importance", "position"], default="importance",
+                   help="attention/mlp: by measured importance (default) or the last ones by position")
+    s.add_argument("-o", "--out", required=True, help="recipe file to write")
+    s.add_argument("--output-dir", help="the recipe's output.dir (default outputs/<recipe name>)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing recipe file")
+    s.add_argument("--verify", action="store_true",
+                   help="also measure the recipe's perplexity, KL and top-1 vs the source on WikiText-2 test "
+                        "(applied at run time, nothing converted)")
+    s.add_argument("--eval-samples", type=int, default=16)
+    s.add_argument("--eval-seq-len", type=int, default=512)
+    s.set_defaults(func=_cmd_recipe)
 
     s = sub.add_parser("schema", help="print the recipe's JSON Schema")
     s.set_defaults(func=_cmd_schema)

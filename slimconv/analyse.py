@@ -1,0 +1,349 @@
+"""Layer importance from one calibration set: the papers' selection metrics, written as a folder a
+person reads (metrics.json, report.md, plots) and `slimconv recipe` turns into a recipe.
+
+- block influence (ShortGPT): 1 - cos(block input, block output), mean over tokens
+- sublayer importance (He et al.; Tyukin et al.): the same across the attention and the MLP sublayer
+- angular distance (Gromov et al.): arccos(cos(input of l, input of l+n)) / pi, for n = 1..max_window
+- layer-parallel groups: relative error of parallel vs sequential evaluation, and calibration perplexity
+- SLEB: iteratively remove the block whose removal raises calibration perplexity least
+
+Everything runs layer by layer (``layerwise``), so the model never has to fit in memory.
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from .errors import SlimError
+from .layerwise import LayerBank, Runner, candidate_nlls, group_spec, ppl
+from .plan import source_plan
+
+PAPER_DEFAULTS = "SLEB and ShortGPT calibrate on 128 samples of 2048 tokens; Gromov et al. use the last token"
+
+
+class AnalysisSettings(BaseModel):
+    """Everything that determines an analysis; stored in metrics.json so a result says how it was made."""
+
+    model: str
+    calib: str = Field("wikitext2", description='"wikitext2" (valid split), a text file, or "hf:NAME[:CONFIG]"')
+    samples: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8)
+    seed: int = 0
+    sleb_blocks: int | None = Field(None, ge=0, description="SLEB removals to run (0: none; None: 20% of the layers)")
+    max_window: int | None = Field(None, ge=1, description="largest n for angular distance (None: half the layers)")
+    group_sizes: list[int] = [2]
+    group_ppl: bool = True
+    naive_check: int = Field(0, ge=0, description="SLEB iterations to repeat without the prefix cache")
+    max_memory: int | None = Field(None, description="bytes of layer weights kept in memory; None: all")
+    batch_size: int = Field(8, ge=1)
+    angular_tokens: int = Field(2048, ge=1, description="tokens sampled for the angular distances")
+    norm: str = "per_layer"
+    device: str = "cpu"
+    allow_pickle: bool = False
+
+
+def calibration_ids(src_dir: Path, calib: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets of the calibration text
+    (the valid split for WikiText-2), as SLEB samples its calibration set."""
+    from transformers import AutoTokenizer
+
+    from .data import load_text
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src_dir))
+    except (OSError, ValueError) as e:
+        raise SlimError(f"no tokenizer in {src_dir}: {e}", "analyse a checkpoint that ships its tokenizer files") from None
+    ids = tok(load_text(calib, "valid"), return_tensors="pt").input_ids[0]
+    if len(ids) < seq_len + 1:
+        raise SlimError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}",
+                        "use a longer text or a smaller --seq-len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1)
+
+
+@torch.no_grad()
+def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
+    """One pass through the source layers: block/sublayer similarity, boundary states for the angular
+    distances, and the parallel-vs-sequential error of every group of the chosen sizes."""
+    specs = source_plan(config).layers
+    n = len(specs)
+    x = runner.embed()
+    g = torch.Generator().manual_seed(s.seed)
+    take = torch.randperm(x.shape[0] * x.shape[1], generator=g)[: s.angular_tokens].to(x.device)
+    states = [x.flatten(0, 1)[take]]
+    bi, attn, mlp, pending, groups = [], [], [], {}, []
+    for i, spec in enumerate(tqdm(specs, desc="layer metrics", unit="layer", disable=None)):
+        for k in s.group_sizes:
+            if i + k <= n and len({specs[m].attention.sliding_window for m in range(i, i + k)}) == 1:
+                pending[(i, k)] = (x, runner.apply(group_spec(config, list(range(i, i + k))), x))
+        mid, out = runner.sublayers(spec, x)
+        bi.append(1 - _cos(x, out).mean().item())
+        attn.append(1 - _cos(x, mid).mean().item())
+        mlp.append(1 - _cos(mid, out).mean().item())
+        x = out
+        for (j, k) in [key for key in pending if sum(key) == i + 1]:
+            start, parallel = pending.pop((j, k))
+            groups.append(dict(layers=list(range(j, j + k)),
+                               rel_error=((parallel - x).norm() / (x - start).norm()).item()))
+        states.append(x.flatten(0, 1)[take])
+    unit = F.normalize(torch.stack(states), dim=-1)
+    windows = list(range(1, min(s.max_window or n // 2, n) + 1))
+    matrix = [[(torch.arccos((unit[l] * unit[l + w]).sum(-1).clamp(-1, 1)) / torch.pi).mean().item()
+               for l in range(n - w + 1)] for w in windows]
+    best = {str(w): int(min(range(len(row)), key=row.__getitem__)) for w, row in zip(windows, matrix)}
+    return dict(block_influence=bi, attention_importance=attn, mlp_importance=mlp, parallel_groups=groups,
+                angular_distance=dict(windows=windows, matrix=matrix, best_start=best),
+                calibration_ppl=ppl(runner.nll(x)))
+
+
+def group_ppls(runner: Runner, config: dict, groups: list[dict]) -> None:
+    """Adds each group's calibration perplexity (that group alone made parallel) to its entry."""
+    stack = source_plan(config).layers
+    cands = [(g["layers"][0], len(g["layers"]), [group_spec(config, g["layers"])]) for g in groups]
+    with tqdm(total=len(cands), desc="parallel groups: perplexity", unit="group", disable=None) as bar:
+        nlls = candidate_nlls(runner, stack, cands, progress=bar)
+    for g, v in zip(groups, nlls):
+        g["ppl"] = ppl(v)
+
+
+def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, label: str = "SLEB") -> list[dict]:
+    """SLEB's iterative elimination: at every step try removing each remaining block, keep the removal with
+    the lowest calibration perplexity, and verify the rest again against the model without it."""
+    stack = list(source_plan(config).layers)
+    steps = []
+    for step in range(blocks):
+        cands = [(p, 1, []) for p in range(len(stack))]
+        start = time.perf_counter()
+        with tqdm(total=len(cands), desc=f"{label} step {step + 1}/{blocks}", unit="candidate", disable=None) as bar:
+            nlls = candidate_nlls(runner, stack, cands, prefix_cache=prefix_cache, progress=bar)
+        best = min(range(len(nlls)), key=nlls.__getitem__)
+        steps.append(dict(removed=stack[best].source_layers[0], ppl=ppl(nlls[best]),
+                          candidates={str(spec.source_layers[0]): ppl(v) for spec, v in zip(stack, nlls)},
+                          seconds=time.perf_counter() - start))
+        del stack[best]
+    return steps
+
+
+def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
+    from .report import console
+
+    n = config["num_hidden_layers"]
+    console.print(f"analysis of {s.model}: {n} layers, calibration {s.calib} (valid) {s.samples} x {s.seq_len} = "
+                  f"{tokens} tokens, seed {s.seed}")
+    console.print(f"  1. one pass through the layers: block influence, attention/MLP importance, angular distance "
+                  f"(n = 1..{min(s.max_window or n // 2, n)}), parallel groups of size {', '.join(map(str, s.group_sizes))}")
+    if s.group_ppl:
+        console.print(f"  2. calibration perplexity with each group parallel "
+                      f"({sum(max(n - k + 1, 0) for k in s.group_sizes)} candidates)")
+    if s.sleb_blocks:
+        console.print(f"  3. SLEB: {s.sleb_blocks} removals, {sum(n - i for i in range(s.sleb_blocks))} candidate "
+                      "evaluations, each reusing the hidden states before the candidate")
+    if s.naive_check:
+        console.print(f"  4. the first {s.naive_check} SLEB step(s) again without that cache, to time and check it")
+    console.print(f"  layers kept in memory: {'all' if s.max_memory is None else f'up to {s.max_memory / 1e6:.0f} MB'}"
+                  f"; {PAPER_DEFAULTS} (--samples 128 --seq-len 2048)")
+
+
+def analyse(s: AnalysisSettings, src_dir: Path, ids: torch.Tensor | None = None) -> dict:
+    """Runs every phase the settings ask for; ``ids`` (samples x seq_len token ids) replaces the calibration text."""
+    from .source import Checkpoint
+
+    ckpt = Checkpoint(src_dir)
+    config = ckpt.config
+    if s.sleb_blocks is None:
+        s = s.model_copy(update=dict(sleb_blocks=round(0.2 * config["num_hidden_layers"])))
+    if s.sleb_blocks >= config["num_hidden_layers"]:
+        raise SlimError(f"--sleb-blocks {s.sleb_blocks}: the model has only {config['num_hidden_layers']} layers",
+                        "ask for fewer removals")
+    if any(k < 2 for k in s.group_sizes):
+        raise SlimError(f"--group-sizes {s.group_sizes}: a parallel group has at least 2 layers")
+    if ids is None:
+        ids = calibration_ids(src_dir, s.calib, s.samples, s.seq_len, s.seed)
+    _print_plan(s, config, ids.numel())
+    bank = LayerBank(ckpt, s.norm, s.max_memory, s.device)
+    runner = Runner(bank, ids, s.batch_size)
+    seconds = {}
+    t = time.perf_counter()
+    out = dict(settings=s.model_dump(), source_dir=str(src_dir), num_layers=config["num_hidden_layers"],
+               model_type=config["model_type"], calibration_tokens=ids.numel())
+    out.update(layer_metrics(runner, config, s))
+    seconds["layer_metrics"] = time.perf_counter() - t
+    if s.group_ppl:
+        t = time.perf_counter()
+        group_ppls(runner, config, out["parallel_groups"])
+        seconds["group_ppl"] = time.perf_counter() - t
+    if s.sleb_blocks:
+        t = time.perf_counter()
+        out["sleb"] = dict(steps=sleb(runner, config, s.sleb_blocks))
+        seconds["sleb"] = time.perf_counter() - t
+        out["block_removal_ppl"] = out["sleb"]["steps"][0]["candidates"]
+    if s.naive_check:
+        k = min(s.naive_check, s.sleb_blocks) or s.naive_check
+        naive = sleb(runner, config, k, prefix_cache=False, label="SLEB without prefix cache")
+        cached = out.get("sleb", {}).get("steps", [])[:k] or sleb(runner, config, k)
+        out["sleb_naive_check"] = dict(
+            steps=k, same_choices=[a["removed"] for a in naive] == [b["removed"] for b in cached],
+            max_ppl_difference=max(abs(a["ppl"] - b["ppl"]) for a, b in zip(naive, cached)),
+            seconds_naive=sum(a["seconds"] for a in naive), seconds_cached=sum(b["seconds"] for b in cached))
+        out["sleb_naive_check"]["speedup"] = out["sleb_naive_check"]["seconds_naive"] / out["sleb_naive_check"]["seconds_cached"]
+    out["seconds"] = seconds
+    out["layer_loads"] = bank.loads
+    return out
+
+
+def plot(m: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = m["num_layers"]
+    layers = list(range(n))
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(layers, m["block_influence"], color="tab:blue")
+    ax.set(xlabel="layer", ylabel="1 - cos(in, out)", title="block influence (low: candidate for removal)")
+    save(fig, "block_influence.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    w = 0.4
+    ax.bar([l - w / 2 for l in layers], m["attention_importance"], w, label="attention")
+    ax.bar([l + w / 2 for l in layers], m["mlp_importance"], w, label="MLP")
+    ax.set(xlabel="layer", ylabel="1 - cos(in, out)", title="sublayer importance", yscale="log")
+    ax.legend()
+    save(fig, "sublayer_importance.png")
+
+    ad = m["angular_distance"]
+    grid = [[float("nan")] * n for _ in ad["windows"]]
+    for r, row in enumerate(ad["matrix"]):
+        grid[r][: len(row)] = row
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(ad["windows"]) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis_r", origin="lower",
+                   extent=(-0.5, n - 0.5, ad["windows"][0] - 0.5, ad["windows"][-1] + 0.5))
+    for w in ad["windows"]:
+        ax.plot(ad["best_start"][str(w)], w, "r*")
+    ax.set(xlabel="start layer l", ylabel="window n", title="angular distance d(l, l+n) (red: best start per n)")
+    fig.colorbar(im, ax=ax)
+    save(fig, "angular_distance.png")
+
+    if "sleb" in m:
+        steps = m["sleb"]["steps"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot(range(len(steps) + 1), [m["calibration_ppl"]] + [s["ppl"] for s in steps], "o-")
+        for k, s in enumerate(steps, 1):
+            ax.annotate(str(s["removed"]), (k, s["ppl"]), textcoords="offset points", xytext=(0, 6), ha="center")
+        ax.set(xlabel="blocks removed", ylabel="calibration perplexity", title="SLEB (labels: removed layer)")
+        save(fig, "sleb.png")
+    if any("ppl" in g for g in m["parallel_groups"]):
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for k in sorted({len(g["layers"]) for g in m["parallel_groups"]}):
+            gs = [g for g in m["parallel_groups"] if len(g["layers"]) == k and "ppl" in g]
+            ax.plot([g["layers"][0] for g in gs], [g["ppl"] for g in gs], "o-", label=f"group of {k}")
+        ax.axhline(m["calibration_ppl"], color="gray", ls="--", label="source")
+        ax.set(xlabel="first layer of the group", ylabel="calibration perplexity", yscale="log",
+               title="perplexity with one group evaluated in parallel")
+        ax.legend()
+        save(fig, "parallel_groups.png")
+    return files
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def report_markdown(m: dict, plots: list[str]) -> str:
+    s = m["settings"]
+    n = m["num_layers"]
+    parts = [f"# Layer analysis of {s['model']}",
+             f"{n} layers ({m['model_type']}); calibration: {s['calib']} valid, {s['samples']} x {s['seq_len']} "
+             f"tokens (seed {s['seed']}); calibration perplexity of the full model {m['calibration_ppl']:.2f}.",
+             "Importance is `1 - cos` between the residual stream before and after a block or sublayer, "
+             "averaged over tokens; low means the block changes little (ShortGPT's block influence; "
+             "He et al. / Tyukin et al. for sublayers)."]
+    rows = []
+    removal = m.get("block_removal_ppl", {})
+    for i in range(n):
+        rows.append([i, f"{m['block_influence'][i]:.4f}", f"{m['attention_importance'][i]:.4f}",
+                     f"{m['mlp_importance'][i]:.4f}", f"{removal[str(i)]:.2f}" if str(i) in removal else "-"])
+    parts += ["## Per layer", _table(["layer", "block influence", "attention", "MLP", "ppl without this block"], rows)]
+    ad = m["angular_distance"]
+    parts += ["## Angular distance (Gromov et al.)",
+              "Best start layer l for removing n consecutive layers l..l+n-1 (smallest distance between the "
+              "inputs of l and l+n):",
+              _table(["n", "best start", "distance"],
+                     [[w, ad["best_start"][str(w)], f"{min(row):.4f}"] for w, row in zip(ad["windows"], ad["matrix"])])]
+    groups = sorted(m["parallel_groups"], key=lambda g: g.get("ppl", g["rel_error"]))
+    parts += ["## Layer-parallel groups",
+              "Relative error = ||parallel - sequential|| / ||sequential - input||, over the calibration tokens; "
+              "perplexity with only that group made parallel. Best first:",
+              _table(["layers", "relative error", "calibration ppl"],
+                     [[g["layers"], f"{g['rel_error']:.4f}", f"{g['ppl']:.2f}" if "ppl" in g else "-"]
+                      for g in groups[:15]])]
+    if "sleb" in m:
+        parts += ["## SLEB", "Each step removes the block whose removal gives the lowest calibration perplexity "
+                  "given the blocks already removed:",
+                  _table(["step", "removed layer", "calibration ppl", "seconds"],
+                         [[k + 1, st["removed"], f"{st['ppl']:.2f}", f"{st['seconds']:.1f}"]
+                          for k, st in enumerate(m["sleb"]["steps"])])]
+    if "sleb_naive_check" in m:
+        c = m["sleb_naive_check"]
+        parts += [f"Prefix cache check over {c['steps']} step(s): naive loop {c['seconds_naive']:.1f} s, with the "
+                  f"cache {c['seconds_cached']:.1f} s ({c['speedup']:.2f}x faster); same choices: {c['same_choices']} "
+                  f"(max perplexity difference {c['max_ppl_difference']:.2e})."]
+    parts += ["## Plots"] + [f"![{p}]({p})" for p in plots]
+    parts += ["## Time", ", ".join(f"{k}: {v:.1f} s" for k, v in m["seconds"].items())
+              + f"; layers built from the checkpoint: {m['layer_loads']}"]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
+    from .convert import AtomicDir
+    from .report import console
+    from .source import resolve_source
+
+    target = AtomicDir(Path(out), force)
+    src_dir = resolve_source(s.model, s.allow_pickle)
+    m = analyse(s, src_dir)
+    with target as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(m, indent=2))
+        plots = plot(m, tmp)
+        (tmp / "report.md").write_text(report_markdown(m, plots))
+    console.print(f"[green]wrote[/] {target.target}: metrics.json, report.md, {len(plots)} plots")
+    return m
+
+
+def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str = "wikitext2") -> dict:
+    """Perplexity, KL and top-1 agreement of a recipe vs its source on held-out text, with the plan applied
+    at run time to the source model (nothing converted; the model must fit in memory)."""
+    from transformers import AutoTokenizer
+
+    from .convert import prepare
+    from .data import load_text, token_chunks
+    from .recipe import Quality, load_recipe
+    from .report import print_validation
+    from .validate import load_model, load_reference, quality
+
+    recipe = load_recipe(recipe_path)
+    src_dir, _, plan, _ = prepare(recipe)
+    chunks = token_chunks(AutoTokenizer.from_pretrained(str(src_dir)), load_text(data, "test"), samples, seq_len)
+    settings = Quality(data=data, samples=samples, seq_len=seq_len)
+    result = quality(load_model(src_dir), load_reference(src_dir, plan, None), chunks, settings)
+    print_validation({"quality": result})
+    return result
