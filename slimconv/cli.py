@@ -18,7 +18,9 @@ measure what it costs in quality.
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
-  slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate; add export)
+  slimconv push     OUTPUT_DIR --repo-id NAMESPACE/NAME
+                                   upload a validated output to the Hugging Face Hub (--dry-run: list, change nothing)
+  slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate; add export, push)
   slimconv analyze  MODEL -o DIR   layer importance on calibration text: SLEB, block influence, angular
                                    distance, attention/MLP importance, parallel pairs; report and plots
   slimconv recipe   DIR --method M write a recipe from an analysis (sleb, block-influence, angular, last,
@@ -81,6 +83,7 @@ def _cmd_validate(args):
 def _cmd_run(args):
     from .convert import run_convert
     from .export import run_export
+    from .hub import push
     from .report import console
     from .validate import run_validate
 
@@ -99,6 +102,8 @@ def _cmd_run(args):
             code = _exported(run_export(out or recipe.output.dir, provider="auto", force=args.force))
             if code:
                 return code
+        elif stage == "push":
+            push(out or recipe.output.dir, recipe.push.repo_id, recipe.push.private, recipe.push.include_onnx)
     return 0
 
 
@@ -162,6 +167,13 @@ def _cmd_recipe(args):
         from .analyse import verify_recipe
 
         verify_recipe(args.out, args.eval_samples, args.eval_seq_len)
+    return 0
+
+
+def _cmd_push(args):
+    from .hub import push
+
+    push(args.output, args.repo_id, args.private, args.include_onnx, args.dry_run, args.force)
     return 0
 
 
@@ -264,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-samples", type=int, default=16)
     s.add_argument("--eval-seq-len", type=int, default=512)
     s.set_defaults(func=_cmd_recipe)
+
+    s = sub.add_parser("push", help="upload a validated slim output to the Hugging Face Hub in one commit",
+                       description="Upload a slim output folder to a Hub model repository (created if missing) in "
+                       "one commit, with the model card regenerated from the reports in the folder. The token comes "
+                       "from HF_TOKEN or `hf auth login`. Hidden files and temporary folders are never uploaded.")
+    s.add_argument("output", help="output directory written by `slimconv convert`, checked by `slimconv validate`")
+    s.add_argument("--repo-id", required=True, help='Hub repository, "namespace/name"')
+    s.add_argument("--private", action="store_true",
+                   help="create the repository private (an existing repository keeps its visibility)")
+    s.add_argument("--include-onnx", action="store_true", help="also upload the onnx/ folder of `slimconv export`")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the files and sizes, print the model card; contact nothing")
+    s.add_argument("--force", action="store_true", help="push even though validation failed or never ran")
+    s.set_defaults(func=_cmd_push)
 
     s = sub.add_parser("schema", help="print the recipe's JSON Schema")
     s.set_defaults(func=_cmd_schema)

@@ -2,17 +2,17 @@
 import difflib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SlimError
 
 # Layer indices are 0-based source indices; "a-b" is an inclusive range.
 Indices = int | str | list[int | str]
 
-STAGES = ("convert", "validate", "export")
+STAGES = ("convert", "validate", "export", "push")
 
 
 class _Strict(BaseModel):
@@ -66,6 +66,22 @@ class Validate(_Strict):
     quality: Quality = Quality()
 
 
+class Push(_Strict):
+    """Where the `push` stage of `slimconv run` publishes the output on the Hugging Face Hub."""
+
+    repo_id: str = Field(description='Hub repository, "namespace/name"; created if missing')
+    private: bool = Field(False, description="create the repository private (an existing one keeps its visibility)")
+    include_onnx: bool = Field(False, description="also upload the onnx/ folder written by the export stage")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, v: str) -> str:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(v)  # its HFValidationError is a ValueError: reported like any other key
+        return v
+
+
 class Recipe(_Strict):
     model: str = Field(description='"default", a local HF directory, a .gguf file, or a Hub id')
     description: str | None = None
@@ -75,7 +91,9 @@ class Recipe(_Strict):
     output: Output
     validation: Validate = Field(Validate(), alias="validate")
     stages: list[Literal[STAGES]] = Field(["convert", "validate"],
-                                          description="stages `slimconv run` runs, in order (export: ONNX into output.dir/onnx)")
+                                          description="stages `slimconv run` runs, in order (export: ONNX into output.dir/onnx; "
+                                          "push: upload to the Hub as the push section says)")
+    push: Push | None = Field(None, description="Hub upload of the push stage")
 
 
 def json_schema() -> dict:
@@ -91,6 +109,7 @@ def _submodel(loc: tuple) -> type[BaseModel]:
     for part in loc:
         field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # X | None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return model
         model = ann
@@ -123,13 +142,17 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise SlimError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         lines = list(dict(_explain(err) for err in e.errors()[::-1]).values())[::-1]
         raise SlimError(
             f"{source} is not a valid recipe:\n  - " + "\n  - ".join(lines),
             "see the recipe keys in README.md (or `slimconv schema`)",
         ) from None
+    if "push" in recipe.stages and recipe.push is None:
+        raise SlimError(f"{source}: stages include push, but there is no push section",
+                        "add `push: {repo_id: NAMESPACE/NAME}`, or remove push from stages")
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -5,6 +5,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .errors import SlimError
 from .plan import Plan
 
 console = Console(stderr=False, highlight=False)
@@ -90,26 +91,120 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_card(out: Path):
-    """(Re)writes README.md from the files slimconv keeps beside the weights."""
-    meta = json.loads((out / "slimconv_plan.json").read_text())
+BENCH_FILE = "slimconv_bench.json"
+ONNX_REPORT = Path("onnx") / "slimconv_onnx_report.json"
+
+
+def read_json(path: Path):
+    """A report or metadata file; a damaged one is a user error naming the file, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlimError(f"{path} cannot be read as JSON ({e})", "re-run the stage that wrote it") from None
+
+
+def load_bench(out: Path) -> list[dict] | None:
+    """The speed measurements beside the weights, if `bench` ran: OUTPUT/slimconv_bench.json.
+
+    Expected shape: a JSON list of flat objects, one per table row, e.g.
+    [{"model": "source", "runtime": "torch cpu", "prefill tokens/s": 812.5, "decode tokens/s": 61.2}, ...].
+    The card shows every key as a column, in the order the keys first appear; a row without a key shows "-".
+    """
+    path = out / BENCH_FILE
+    if not path.is_file():
+        return None
+    rows = read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SlimError(f"{path} is not a list of rows (JSON objects)", f"re-run the benchmark, or delete {path}")
+    return rows
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _speed_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return _md_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+
+
+def _onnx_section(report: dict) -> list[str]:
+    cases = "; ".join(f"{label}: max |logit error| {r['max_abs_error']:.2e}, greedy {r['greedy_agreement']}"
+                      for label, r in report["cases"].items())
+    return ["## ONNX",
+            f"`onnx/model.onnx`: one float32 decoder graph with the KV cache as inputs/outputs "
+            f"({report['export']['cache_pairs']} past/present pairs). Checked against the "
+            f"PyTorch checkpoint on {report['provider']} over prefill + {report['steps']} cached decode steps "
+            f"(tolerance {report['tolerance']:.0e}): {cases}: **{'pass' if report['passed'] else 'FAIL'}**."]
+
+
+def _load_section(name: str, uniform: bool, onnx: bool) -> list[str]:
+    if uniform:
+        transformers = ("Only whole blocks were removed, so this is a stock checkpoint: plain transformers "
+                        "loads it, no remote code.")
+        remote = ""
+    else:
+        transformers = ("The layers differ in shape, so the checkpoint carries its own modeling code "
+                        "(`modeling_slim.py`, needs only torch and transformers 5.x); load it with "
+                        "`trust_remote_code=True` after reading that file.")
+        remote = ", trust_remote_code=True"
+    parts = ["## How to load", transformers,
+             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+             f"model = AutoModelForCausalLM.from_pretrained(\"{name}\"{remote})\n"
+             f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```"]
+    if onnx:
+        local = name.split("/")[-1]
+        parts += [
+            "ONNX Runtime: fetch the `onnx/` folder (with the Hub: "
+            f"`hf download {name} --include 'onnx/*' --local-dir {local}`), then generate with slimconv's "
+            "ONNX Runtime loop, or with onnxruntime-genai, which reads the `genai_config.json` beside the graph "
+            "(both tested by slimconv):",
+            f"```bash\nslimconv generate {local}/onnx \"The capital of France is\"\n```",
+            f"```python\nimport onnxruntime_genai as og\nmodel = og.Model(\"{local}/onnx\")\n```",
+            "optimum's `ORTModelForCausalLM` is meant to drive the same uniform cache layout "
+            "(not yet checked by slimconv's tests):",
+            "```python\nfrom optimum.onnxruntime import ORTModelForCausalLM\n"
+            f"model = ORTModelForCausalLM.from_pretrained(\"{name}\", subfolder=\"onnx\")\n```",
+        ]
+    return parts
+
+
+def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -> str:
+    """The model card for an output folder, built from the files slimconv keeps beside the weights.
+
+    repo_id names the model in the loading examples (default: the folder name); onnx says whether the
+    ONNX folder is part of what the card describes (default: when its report is present).
+    """
+    import yaml
+
+    from .recipe import load_recipe
+
+    meta = read_json(out / "slimconv_plan.json")
     plan = Plan(**meta["plan"])
     recipe_text = (out / "slimconv_recipe.yaml").read_text()
-    report_path = out / "slimconv_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    model = meta["model"]
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags:", "- slimconv", "- pruned", "- layer-pruning"]
+    recipe = load_recipe(out / "slimconv_recipe.yaml")
+    report = read_json(out / "slimconv_report.json") if (out / "slimconv_report.json").is_file() else {}
+    onnx_report = read_json(out / ONNX_REPORT) if (out / ONNX_REPORT).is_file() else None
+    onnx = onnx_report is not None and onnx is not False
+    bench = load_bench(out)
+    tags = ["slimconv", "pruned", "layer-pruning"]
+    if any(len(s.source_layers) > 1 for s in plan.layers):
+        tags.append("layer-parallelism")
+    if onnx:
+        tags.append("onnx")
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
     if meta.get("base_model"):
-        front.append(f"base_model: {meta['base_model']}")
+        front["base_model"] = meta["base_model"]
     if meta.get("license"):
-        front.append(f"license: {meta['license']}")
-    front.append("---")
-    remote = "" if plan.uniform else ", trust_remote_code=True"
+        front["license"] = meta["license"]
+    name = repo_id or out.name
     parts = [
-        "\n".join(front), f"# {out.name}",
-        f"Slimmed from `{meta.get('base_model') or model}` by slimconv "
-        f"({plan.num_source_layers} source layers -> {len(plan.layers)} output layers).",
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---", f"# {name.split('/')[-1]}",
+        f"Slimmed from `{meta.get('base_model') or meta['model']}` by slimconv "
+        f"({plan.num_source_layers} source layers -> {len(plan.layers)} output layers)."
+        + (f" {recipe.description}" if recipe.description else ""),
         "## Recipe", f"```yaml\n{recipe_text}```",
         "## Plan", _md_table(PLAN_HEADER, plan_rows(plan)),
         _md_table(["", "source", "slim", "source/slim"], cost_rows(meta["costs"]["source"], meta["costs"]["slim"])),
@@ -124,13 +219,22 @@ def write_card(out: Path):
                      f"{ex['greedy_identical']}/{ex['greedy_tokens']} greedy tokens identical: "
                      f"**{'pass' if ex['passed'] else 'FAIL'}**.")
     if q:
+        parts.append(f"Quality against the source model on {q['samples']} x {q['seq_len']} held-out tokens of "
+                     f"`{recipe.validation.quality.data}` (test split): "
+                     f"**{'pass' if q['passed'] else 'FAIL: ' + '; '.join(q['failures'])}**.")
         parts.append(_md_table(["perplexity source", "perplexity slim", "ratio", "KL", "top-1 agreement"],
                                [[f"{q['ppl_source']:.3f}", f"{q['ppl_slim']:.3f}", f"{q['ppl_ratio']:.3f}",
                                  f"{q['kl']:.4f}", f"{q['top1']:.3f}"]]))
-    parts += ["## How to load", "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-              f"model = AutoModelForCausalLM.from_pretrained(\"{out.name}\"{remote})\n"
-              f"tokenizer = AutoTokenizer.from_pretrained(\"{out.name}\")\n```"]
-    if not plan.uniform:
-        parts.append("The layers differ in shape, so the checkpoint carries its own modeling code "
-                     "(`modeling_slim.py`, needs only torch and transformers 5.x).")
-    (out / "README.md").write_text("\n\n".join(parts) + "\n")
+    elif ex:
+        parts.append("Quality (perplexity, KL, top-1 agreement against the source) was not measured.")
+    if onnx:
+        parts += _onnx_section(onnx_report)
+    if bench:
+        parts += ["## Speed", _speed_table(bench)]
+    parts += _load_section(name, plan.uniform, onnx)
+    return "\n\n".join(parts) + "\n"
+
+
+def write_card(out: Path):
+    """(Re)writes README.md from the files slimconv keeps beside the weights."""
+    (out / "README.md").write_text(card_text(out))
