@@ -227,7 +227,7 @@ def _trace(decoder, args, inputs, outputs, axes):
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=False)
     finally:
         for module, leaf, name in slots:
-            delattr(module, leaf)
+            module.__dict__.pop(leaf, None)  # the traced input tensor set by forward, if it ran
             module.register_parameter(leaf, weights[name])
     return onnx.load_from_string(graph.getvalue()), weights
 
