@@ -7,6 +7,7 @@ plain tensors), because ONNX needs the cache as graph inputs rather than a Pytho
 cache tensor has the source's shape. torch's TorchScript exporter is used: the dynamo exporter needs
 hand-written dynamic shapes for the variadic cache and specialises an empty past.
 """
+import io
 import json
 import shutil
 import time
@@ -14,19 +15,22 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import SlimError
-from .source import AUX_FILES
+from .source import AUX_FILES, Checkpoint
 
 OPSET = 17
 
 
-def load_as_slim(directory: Path):
-    """Loads any slimconv output as the slim model class (stock blocks-only outputs are converted in memory)."""
-    from safetensors.torch import load_file
+def load_as_slim(directory: Path, dtype: torch.dtype = torch.float32):
+    """Loads any slimconv output as the slim model class (stock blocks-only outputs are converted in memory),
+    with its weights in ``dtype``. The model is built on the meta device and the weights are read tensor by
+    tensor, so memory holds one copy of the weights, not a random init plus the loaded copy."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from .convert import slim_layers_config
     from .modeling.configuration_slim import SlimConfig
@@ -38,21 +42,26 @@ def load_as_slim(directory: Path):
         config = slim_layers_config(source_plan(config), config)
     for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
         config.pop(k, None)
-    model = SlimForCausalLM(SlimConfig(**config)).float().eval()
-    state = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(f))
+    with torch.device("meta"):
+        model = SlimForCausalLM(SlimConfig(**config)).eval()
+    # Its buffers (inverse frequencies) are computed from the config, not stored in the checkpoint.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
     expected = model.state_dict()
-    for name, t in state.items():
-        if name in expected and expected[name].shape != t.shape:  # stock q/k norms: one gain per layer
-            state[name] = t.expand(expected[name].shape).contiguous()
+    state = {}
+    ckpt = Checkpoint(directory)
+    for name in expected:
+        if name in ckpt:
+            t = ckpt.get(name).to(dtype)
+            if expected[name].shape != t.shape:  # stock q/k norms: one gain per layer
+                t = t.expand(expected[name].shape).contiguous()
+            state[name] = t
     if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = set(expected) - set(state)
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    missing = sorted(k for k in expected if state.get(k) is None)
     if missing:
-        raise SlimError(f"{directory}: weights missing for {sorted(missing)[:3]}...")
-    # assign=True adopts the loaded tensors instead of copying them: one copy of the weights in memory.
-    model.load_state_dict({k: v.float() for k, v in state.items() if k in expected}, assign=True)
+        raise SlimError(f"{directory}: weights missing for {missing[:3]}...")
+    # assign=True adopts the loaded tensors instead of copying them into the (meta) parameters.
+    model.load_state_dict(state, assign=True)
     if config.get("tie_word_embeddings"):
         model.lm_head.weight = model.model.embed_tokens.weight  # one initializer in the graph, not two
     return model
@@ -132,33 +141,157 @@ def _dummy(decoder: CacheDecoder, batch=2, seq=3, past=2):
     ids = torch.ones(batch, seq, dtype=torch.long)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq)[None].expand(batch, -1)
-    cache = [torch.zeros(batch, decoder.kv_heads, past, cfg.head_dim) for _ in range(2 * decoder.num_pairs)]
+    dtype = decoder.model.lm_head.weight.dtype
+    cache = [torch.zeros(batch, decoder.kv_heads, past, cfg.head_dim, dtype=dtype) for _ in range(2 * decoder.num_pairs)]
     return (ids, mask, pos, *cache)
 
 
-def export_onnx(slim_dir: Path, out: Path) -> dict:
-    """Writes model.onnx (float32) and the files consumers read into ``out`` (an empty directory)."""
-    decoder = CacheDecoder(load_as_slim(slim_dir))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16}
+_NUMPY_VIEW = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.int16}
+# Largest model whose weights fit inside model.onnx: protobuf messages are limited to 2 GiB, minus room
+# for the graph itself.
+INLINE_LIMIT = 2**31 - 2**26
+DATA_FILE = "model.onnx.data"
+
+
+def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "auto") -> dict:
+    """Writes model.onnx (weights and compute in ``dtype``) and the files consumers read into ``out``.
+
+    ``external_data``: "always" puts the weights in model.onnx.data beside the graph, "never" inside it,
+    "auto" outside only when they would not fit in one protobuf (over 2 GB)."""
+    decoder = CacheDecoder(load_as_slim(slim_dir, DTYPES[dtype]))
     inputs, outputs = io_names(decoder.num_pairs)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "total_sequence"}, "logits": {0: "batch", 1: "sequence"}}
     axes.update({n: {0: "batch", 2: "past_sequence"} for n in inputs[3:]})
     axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
+    nbytes = sum(t.numel() * t.element_size() for t in decoder.parameters())
+    external = external_data == "always" or (external_data == "auto" and nbytes > INLINE_LIMIT)
+    if not external and nbytes > INLINE_LIMIT:
+        raise SlimError(f"{nbytes / 1e9:.1f} GB of weights do not fit inside one ONNX file (2 GB protobuf limit)",
+                        "use external data (the default)")
     start = time.time()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(decoder, _dummy(decoder), str(out / "model.onnx"), input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                          external_data=_needs_external_data(decoder), do_constant_folding=False)
+    proto, weights = _trace(decoder, _dummy(decoder), inputs, outputs, axes)
+    _write_with_weights(proto, weights, out, external)
     cfg = json.loads((slim_dir / "config.json").read_text())
     # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
     cfg["num_cache_pairs"] = decoder.num_pairs
+    cfg["onnx_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, decoder), indent=2))
     for name in AUX_FILES:
         if (slim_dir / name).is_file():
             shutil.copy2(slim_dir / name, out / name)
-    return dict(seconds=time.time() - start, cache_pairs=decoder.num_pairs, opset=OPSET, dtype="float32")
+    return dict(seconds=time.time() - start, cache_pairs=decoder.num_pairs, opset=OPSET, dtype=dtype,
+                external_data=external, weight_bytes=nbytes)
+
+
+class _WeightsAsInputs(nn.Module):
+    """Runs ``decoder`` with its weights taken from the trailing arguments instead of its parameters."""
+
+    def __init__(self, decoder, slots, names, n_io):
+        super().__init__()
+        # Held outside the module tree: the tracer must not see the decoder's tensors as module state.
+        self.decoder = [decoder]
+        self.slots, self.names, self.n_io = slots, names, n_io
+
+    def forward(self, *args):
+        given = dict(zip(self.names, args[self.n_io:]))
+        for module, leaf, name in self.slots:
+            setattr(module, leaf, given[name])
+        return self.decoder[0](*args[: self.n_io])
+
+
+def _trace(decoder, args, inputs, outputs, axes):
+    """The graph with every weight as a named graph input, and the weights by name.
+
+    Weights traced as parameters cost two extra copies in memory: the exporter's shape inference keeps
+    computed values of ops on constant inputs (the transposed weight of every linear layer), and it
+    serialises a protobuf holding all of them. As plain inputs they are never constants; the caller turns
+    them into initializers, written one tensor at a time from the model's own tensors."""
+    weights = dict(decoder.named_parameters())
+    name_of = {id(p): n for n, p in weights.items()}
+    # Every (module, attribute) holding a parameter; a tied weight has two slots and one name.
+    slots = [(m, leaf, name_of[id(p)]) for m in decoder.modules() for leaf, p in m._parameters.items()
+             if p is not None]
+    for module, leaf, _ in slots:
+        del module._parameters[leaf]
+    graph = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(_WeightsAsInputs(decoder, slots, list(weights), len(args)), (*args, *weights.values()),
+                              graph, input_names=inputs + list(weights), output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=False)
+    finally:
+        for module, leaf, name in slots:
+            module.__dict__.pop(leaf, None)  # the traced input tensor set by forward, if it ran
+            module.register_parameter(leaf, weights[name])
+    return onnx.load_from_string(graph.getvalue()), weights
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (numpy has no bfloat16, so bf16 is viewed as int16)."""
+    return memoryview(t.detach().contiguous().view(_NUMPY_VIEW[t.dtype]).numpy()).cast("B")
+
+
+def _write_with_weights(proto, weights: dict, out: Path, external: bool):
+    """Turns the weight inputs of a traced graph into initializers and writes it to ``out``."""
+    graph = proto.graph
+    used = [i.name for i in graph.input if i.name in weights]
+    kept = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(kept)
+
+    def tensor(name):
+        t = weights[name]
+        return onnx.TensorProto(name=name, dims=list(t.shape), data_type=_ONNX_TYPES[t.dtype])
+
+    if external:
+        with open(out / DATA_FILE, "wb") as f:
+            for name in used:
+                if f.tell() % 65536 and weights[name].numel() * weights[name].element_size() >= 2**20:
+                    f.write(bytes(65536 - f.tell() % 65536))  # aligned, so ONNX Runtime can map it
+                init, offset = tensor(name), f.tell()
+                f.write(_raw(weights[name]))
+                for key, value in (("location", DATA_FILE), ("offset", offset), ("length", f.tell() - offset)):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                graph.initializer.append(init)
+        onnx.save(proto, out / "model.onnx")
+        return
+    with open(out / "model.onnx", "wb") as f:
+        f.write(proto.SerializeToString())
+        for name in used:
+            # A message field that occurs again in the serialised bytes is merged into the first (repeated
+            # fields append), so each initializer can be appended on its own as ModelProto.graph.initializer,
+            # framed by hand so that its bytes go straight from the model's tensor to the file.
+            header, raw = tensor(name).SerializeToString(), _raw(weights[name])
+            raw_field = _key(_RAW_DATA, len(raw))
+            tensor_len = len(header) + len(raw_field) + len(raw)
+            initializer = _key(_INITIALIZER, tensor_len)
+            f.write(_key(_GRAPH, len(initializer) + tensor_len) + initializer + header + raw_field)
+            f.write(raw)
+
+
+# Protobuf field numbers of ModelProto.graph, GraphProto.initializer and TensorProto.raw_data.
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _key(field: int, length: int) -> bytes:
+    """Key and length prefix of a length-delimited protobuf field (wire type 2)."""
+    out = bytearray()
+    for value in (field << 3 | 2, length):
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
 
 
 def genai_config(cfg: dict, decoder: CacheDecoder) -> dict:
@@ -190,10 +323,6 @@ def genai_config(cfg: dict, decoder: CacheDecoder) -> dict:
     }
 
 
-def _needs_external_data(decoder) -> bool:
-    return sum(p.numel() * p.element_size() for p in decoder.parameters()) > 2**31 - 2**26
-
-
 def providers(requested: str) -> list[str]:
     import onnxruntime as ort
 
@@ -208,15 +337,33 @@ def providers(requested: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# Pass criteria of the ONNX check by graph dtype (the reference is always the float32 PyTorch model):
+# logits error <= abs + rel * max |reference logit|, and at least ``greedy`` of the teacher-forced greedy
+# tokens equal. float32 differs from PyTorch only by summation order. Half precision rounds every
+# activation, so its error scales with the logits, and a greedy token may flip where the two best logits
+# are closer than that error. Measured on CPU (README): float16 errors up to 3.0e-3 of the logit scale on
+# SmolLM2 and 1.0e-3 on tiny models, 98/99 greedy tokens at worst.
+CRITERIA = {
+    "float32": dict(abs=2e-4, rel=0.0, greedy=1.0),
+    "float16": dict(abs=0.0, rel=1e-2, greedy=0.9),
+}
+
+
+def _cache_dtype(session):
+    """numpy dtype of the graph's cache inputs (float32 or float16; numpy has no bfloat16)."""
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[session.get_inputs()[3].type]
+
+
 def _positions(mask: torch.Tensor, t: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
 
 
 @torch.no_grad()
 def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], steps: int = 16,
-                  provider: str = "auto", tolerance: float = 2e-4) -> dict:
-    """ONNX Runtime vs the slim PyTorch model: prefill and ``steps`` cached decode steps, teacher-forced
-    with PyTorch's greedy tokens; batch 1 and a left-padded batch of several prompts."""
+                  provider: str = "auto") -> dict:
+    """ONNX Runtime vs the slim PyTorch model in float32: prefill and ``steps`` cached decode steps,
+    teacher-forced with PyTorch's greedy tokens; batch 1 and a left-padded batch of several prompts.
+    Pass criteria by the graph's dtype: ``CRITERIA``."""
     import onnxruntime as ort
     from transformers import DynamicCache
 
@@ -224,6 +371,9 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
 
     session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
     used = session.get_providers()[0]
+    cache_dtype = _cache_dtype(session)
+    dtype = json.loads((onnx_dir / "config.json").read_text())["onnx_dtype"]
+    criterion = CRITERIA[dtype]
     model = load_model(slim_dir)
     pairs = json.loads((onnx_dir / "config.json").read_text())["num_cache_pairs"]
     cfg = model.config
@@ -238,8 +388,8 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
         for r, p in enumerate(batch):
             ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
         cache = DynamicCache()
-        past = [np.zeros((len(batch), kv, 0, hd), np.float32) for _ in range(2 * pairs)]
-        err, agree, total, step_ids = 0.0, 0, 0, ids
+        past = [np.zeros((len(batch), kv, 0, hd), cache_dtype) for _ in range(2 * pairs)]
+        err, scale, agree, total, step_ids = 0.0, 0.0, 0, 0, ids
         for step in range(steps + 1):
             t = step_ids.shape[1]
             pos = _positions(mask, t)
@@ -248,14 +398,19 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
             feed = dict(zip(names, [step_ids.numpy(), mask.numpy(), pos.numpy(), *past]))
             got, *past = session.run(None, feed)
             real = mask[:, -t:].bool().numpy()  # padding positions' logits are meaningless
+            got = got.astype(np.float32)
             err = max(err, float(np.abs(got - want.numpy())[real].max()))
+            scale = max(scale, float(want.abs().numpy()[real].max()))
             nxt = want[:, -1].argmax(-1)
             agree += int((torch.from_numpy(got[:, -1]).argmax(-1) == nxt).sum())
             total += len(batch)
             step_ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones(len(batch), 1, dtype=torch.long)], 1)
-        results[label] = dict(max_abs_error=err, greedy_agreement=f"{agree}/{total}", passed=err <= tolerance and agree == total)
-    return dict(provider=used, tolerance=tolerance, steps=steps, cases=results,
+        tolerance = criterion["abs"] + criterion["rel"] * scale
+        results[label] = dict(max_abs_error=err, max_abs_logit=scale, tolerance=tolerance,
+                              greedy_agreement=f"{agree}/{total}",
+                              passed=err <= tolerance and agree >= criterion["greedy"] * total)
+    return dict(provider=used, dtype=dtype, criterion=criterion, steps=steps, cases=results,
                 passed=all(r["passed"] for r in results.values()))
 
 
@@ -274,7 +429,8 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
     return [chunk[: 32 - 9 * i] for i in range(count)]
 
 
-def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False) -> dict:
+def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
+               external_data: str = "auto") -> dict:
     from .convert import AtomicDir
     from .report import console
 
@@ -282,11 +438,20 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False) 
     if not (slim_dir / "config.json").is_file() or not any(slim_dir.glob("*.safetensors")):
         raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
                         "give the output.dir that `slimconv convert` wrote")
+    if dtype == "bfloat16":
+        # The export itself works (export_onnx); running and checking the graph does not, yet.
+        if providers(provider)[0] != "CUDAExecutionProvider":
+            raise SlimError("--dtype bf16 needs the CUDA provider: ONNX Runtime's CPU provider has no bfloat16 "
+                            "kernels (MatMul among others), so the graph could neither be checked nor run here",
+                            "use --dtype fp16 (runs on CPU) or fp32; bf16 needs onnxruntime-gpu and a GPU")
+        raise SlimError("checking a bfloat16 graph on CUDA is not implemented yet (numpy has no bfloat16 for "
+                        "the cache and logits; no GPU was available to build and test it)", "use --dtype fp16")
     target = AtomicDir(Path(out) if out else slim_dir / "onnx", force)
-    console.print(f"exporting {slim_dir} to ONNX (float32, opset {OPSET}) -> {target.target}")
+    console.print(f"exporting {slim_dir} to ONNX ({dtype}, opset {OPSET}) -> {target.target}")
     with target as tmp:
-        info = export_onnx(slim_dir, tmp)
-        console.print(f"exported in {info['seconds']:.1f} s; {info['cache_pairs']} past/present pairs")
+        info = export_onnx(slim_dir, tmp, dtype, external_data)
+        where = f"weights in {DATA_FILE}" if info["external_data"] else "weights inside model.onnx"
+        console.print(f"exported in {info['seconds']:.1f} s; {info['cache_pairs']} past/present pairs; {where}")
         vocab = json.loads((slim_dir / "config.json").read_text())["vocab_size"]
         report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=provider)
         report["export"] = info
@@ -294,8 +459,9 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False) 
     console.print(f"ONNX Runtime ran on [bold]{report['provider']}[/]")
     for label, r in report["cases"].items():
         mark = "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]"
-        console.print(f"  {label}: max |logit error| {r['max_abs_error']:.2e} (tolerance {report['tolerance']:.0e}), "
-                      f"greedy agreement {r['greedy_agreement']} over prefill + {report['steps']} decode steps {mark}")
+        console.print(f"  {label}: max |logit error| {r['max_abs_error']:.2e} (tolerance {r['tolerance']:.1e}), "
+                      f"greedy agreement {r['greedy_agreement']} over prefill + {report['steps']} decode steps "
+                      f"(at least {report['criterion']['greedy']:.0%}) {mark}")
     report["dir"] = str(target.target)
     return report
 
@@ -319,7 +485,7 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
     kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     ids = tok(prompt, return_tensors="np").input_ids.astype(np.int64)
-    past = [np.zeros((1, kv, 0, hd), np.float32) for _ in range(2 * cfg["num_cache_pairs"])]
+    past = [np.zeros((1, kv, 0, hd), _cache_dtype(session)) for _ in range(2 * cfg["num_cache_pairs"])]
     eos = cfg.get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos])
     rng = np.random.default_rng(seed)
@@ -347,7 +513,7 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
 def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    z = (logits - logits.max()) / temperature
+    z = (logits.astype(np.float32) - logits.max()) / temperature
     p = np.exp(z) / np.exp(z).sum()
     order = np.argsort(-p)
     keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]

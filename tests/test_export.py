@@ -116,3 +116,44 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_pat
         theirs.append(int(gen.get_next_tokens()[0]))
     eos = json.loads((tmp_path / "onnx" / "config.json").read_text())["eos_token_id"]
     assert [t for t in theirs if t != eos] == ours
+
+
+def test_fp16_with_external_data_loads_and_matches(tiny_models, tmp_path, capsys):
+    """float16 graph, weights forced into model.onnx.data: ONNX Runtime loads it, the check against the
+    float32 PyTorch model passes with the float16 criterion (its cache is fed in float16)."""
+    convert(tiny_models["llama-tied"], tmp_path / "slim", parallel={"groups": [[1, 2]]}, remove={"attention": [4]})
+    assert main(["export", str(tmp_path / "slim"), "--dtype", "fp16", "--external-data", "always",
+                 "--provider", "cpu"]) == 0
+    onnx_dir = tmp_path / "slim" / "onnx"
+    report = json.loads((onnx_dir / "slimconv_onnx_report.json").read_text())
+    assert report["passed"] and report["dtype"] == "float16" and report["export"]["external_data"]
+    for case in report["cases"].values():  # measured ~5e-4 of a logit scale ~1
+        assert 0 < case["max_abs_error"] <= 0.01 * case["max_abs_logit"]
+    assert json.loads((onnx_dir / "config.json").read_text())["onnx_dtype"] == "float16"
+    data = onnx_dir / "model.onnx.data"
+    assert data.stat().st_size > 100_000 > (onnx_dir / "model.onnx").stat().st_size
+    model = onnx.load(str(onnx_dir / "model.onnx"))  # resolves every external reference
+    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in
+               onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.initializer)
+
+
+def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch, capsys):
+    import slimconv.export as export
+
+    convert(tiny_models["qwen2"], tmp_path / "slim", remove={"mlp": [1]})
+    monkeypatch.setattr(export, "INLINE_LIMIT", 1000)  # as if the tiny model were over 2 GB
+    (tmp_path / "auto").mkdir()
+    assert export_onnx(tmp_path / "slim", tmp_path / "auto")["external_data"]
+    assert (tmp_path / "auto" / "model.onnx.data").is_file()
+    assert main(["export", str(tmp_path / "slim"), "--external-data", "never", "--provider", "cpu"]) == 2
+    assert "2 GB" in capsys.readouterr().err
+    monkeypatch.undo()
+    # bfloat16: the graph is written, but ONNX Runtime's CPU provider cannot run it, so the CLI refuses.
+    (tmp_path / "bf16").mkdir()
+    assert export_onnx(tmp_path / "slim", tmp_path / "bf16", "bfloat16")["dtype"] == "bfloat16"
+    model = onnx.load(str(tmp_path / "bf16" / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    assert main(["export", str(tmp_path / "slim"), "--dtype", "bf16", "--provider", "cpu"]) == 2
+    assert "needs the CUDA provider" in capsys.readouterr().err
