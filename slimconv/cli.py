@@ -163,7 +163,7 @@ def _cmd_recipe(args):
     from .suggest import load_metrics, write_recipe
 
     m = load_metrics(args.analysis)
-    command = "slimconv recipe " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["recipe"] else "slimconv recipe"
+    command = "slimconv " + " ".join(args.argv)
     data = write_recipe(m, args.method, args.out, args.output_dir, args.force, command, blocks=args.remove_blocks,
                         attention=args.remove_attention, mlp=args.remove_mlp, pairs=args.pairs, by=args.by)
     console.print(f"[green]wrote[/] {args.out}: {data['description']}")
@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # a written recipe records the command that chose it
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its notices about remote code and config classes are not for users here
