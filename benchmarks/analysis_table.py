@@ -10,7 +10,22 @@ import tempfile
 from pathlib import Path
 
 from slimconv.analyse import verify_recipe
+from slimconv.source import resolve_source
 from slimconv.suggest import load_metrics, write_recipe
+from slimconv.validate import load_model
+
+
+class Memo:
+    """The source model's outputs computed once and replayed for every recipe (same windows each time)."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, {}
+
+    def __call__(self, input_ids, **kwargs):
+        key = input_ids.numpy().tobytes()
+        if key not in self.seen:
+            self.seen[key] = self.model(input_ids=input_ids, **kwargs)
+        return self.seen[key]
 
 
 def rows(m: dict) -> list[tuple[str, str, str, dict]]:
@@ -38,11 +53,12 @@ def main():
     args = p.parse_args()
     m = load_metrics(args.analysis)
     results = []
+    source = Memo(load_model(resolve_source(m["settings"]["model"])))
     with tempfile.TemporaryDirectory() as tmp:
         for budget, method, by, counts in rows(m):
             path = Path(tmp) / f"{method}-{len(results)}.yaml"
             recipe = write_recipe(m, method, path, None, False, "benchmarks/analysis_table.py", **counts)
-            q = verify_recipe(path, args.samples, args.seq_len)
+            q = verify_recipe(path, args.samples, args.seq_len, source=source)
             chosen = recipe.get("remove", recipe.get("parallel"))
             results.append(dict(budget=budget, method=method + (f" by {by}" if by else ""), chosen=chosen,
                                 ppl=q["ppl_slim"], kl=q["kl"], top1=q["top1"], ppl_source=q["ppl_source"]))

@@ -263,12 +263,9 @@ def plot(m: dict, out: Path) -> list[str]:
     return files
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def report_markdown(m: dict, plots: list[str]) -> str:
+    from .report import md_table
+
     s = m["settings"]
     n = m["num_layers"]
     parts = [f"# Layer analysis of {s['model']}",
@@ -282,24 +279,24 @@ def report_markdown(m: dict, plots: list[str]) -> str:
     for i in range(n):
         rows.append([i, f"{m['block_influence'][i]:.4f}", f"{m['attention_importance'][i]:.4f}",
                      f"{m['mlp_importance'][i]:.4f}", f"{removal[str(i)]:.2f}" if str(i) in removal else "-"])
-    parts += ["## Per layer", _table(["layer", "block influence", "attention", "MLP", "ppl without this block"], rows)]
+    parts += ["## Per layer", md_table(["layer", "block influence", "attention", "MLP", "ppl without this block"], rows)]
     ad = m["angular_distance"]
     parts += ["## Angular distance (Gromov et al.)",
               "Best start layer l for removing n consecutive layers l..l+n-1 (smallest distance between the "
               "inputs of l and l+n):",
-              _table(["n", "best start", "distance"],
+              md_table(["n", "best start", "distance"],
                      [[w, ad["best_start"][str(w)], f"{min(row):.4f}"] for w, row in zip(ad["windows"], ad["matrix"])])]
     groups = sorted(m["parallel_groups"], key=lambda g: g.get("ppl", g["rel_error"]))
     parts += ["## Layer-parallel groups",
               "Relative error = ||parallel - sequential|| / ||sequential - input||, over the calibration tokens; "
               "perplexity with only that group made parallel. Best first:",
-              _table(["layers", "relative error", "calibration ppl"],
+              md_table(["layers", "relative error", "calibration ppl"],
                      [[g["layers"], f"{g['rel_error']:.4f}", f"{g['ppl']:.2f}" if "ppl" in g else "-"]
                       for g in groups[:15]])]
     if "sleb" in m:
         parts += ["## SLEB", "Each step removes the block whose removal gives the lowest calibration perplexity "
                   "given the blocks already removed:",
-                  _table(["step", "removed layer", "calibration ppl", "seconds"],
+                  md_table(["step", "removed layer", "calibration ppl", "seconds"],
                          [[k + 1, st["removed"], f"{st['ppl']:.2f}", f"{st['seconds']:.1f}"]
                           for k, st in enumerate(m["sleb"]["steps"])])]
     if "sleb_naive_check" in m:
@@ -329,9 +326,10 @@ def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
     return m
 
 
-def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str = "wikitext2") -> dict:
+def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str = "wikitext2", source=None) -> dict:
     """Perplexity, KL and top-1 agreement of a recipe vs its source on held-out text, with the plan applied
-    at run time to the source model (nothing converted; the model must fit in memory)."""
+    at run time to the source model (nothing converted; the model must fit in memory). ``source`` may be
+    given to reuse one loaded source model across recipes."""
     from transformers import AutoTokenizer
 
     from .convert import prepare
@@ -344,6 +342,6 @@ def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str 
     src_dir, _, plan, _ = prepare(recipe)
     chunks = token_chunks(AutoTokenizer.from_pretrained(str(src_dir)), load_text(data, "test"), samples, seq_len)
     settings = Quality(data=data, samples=samples, seq_len=seq_len)
-    result = quality(load_model(src_dir), load_reference(src_dir, plan, None), chunks, settings)
+    result = quality(source or load_model(src_dir), load_reference(src_dir, plan, None), chunks, settings)
     print_validation({"quality": result})
     return result

@@ -86,9 +86,9 @@ def print_validation(report: dict):
         console.print(t)
 
 
-def _md_table(header, rows) -> str:
+def md_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 BENCH_FILE = "slimconv_bench.json"
@@ -127,7 +127,7 @@ def _cell(v) -> str:
 
 def _speed_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    return _md_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    return md_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
 
 
 def _onnx_section(report: dict) -> list[str]:
@@ -206,8 +206,8 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
         f"({plan.num_source_layers} source layers -> {len(plan.layers)} output layers)."
         + (f" {recipe.description}" if recipe.description else ""),
         "## Recipe", f"```yaml\n{recipe_text}```",
-        "## Plan", _md_table(PLAN_HEADER, plan_rows(plan)),
-        _md_table(["", "source", "slim", "source/slim"], cost_rows(meta["costs"]["source"], meta["costs"]["slim"])),
+        "## Plan", md_table(PLAN_HEADER, plan_rows(plan)),
+        md_table(["", "source", "slim", "source/slim"], cost_rows(meta["costs"]["source"], meta["costs"]["slim"])),
         "## Validation",
     ]
     ex, q = report.get("exactness"), report.get("quality")
@@ -222,7 +222,7 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
         parts.append(f"Quality against the source model on {q['samples']} x {q['seq_len']} held-out tokens of "
                      f"`{recipe.validation.quality.data}` (test split): "
                      f"**{'pass' if q['passed'] else 'FAIL: ' + '; '.join(q['failures'])}**.")
-        parts.append(_md_table(["perplexity source", "perplexity slim", "ratio", "KL", "top-1 agreement"],
+        parts.append(md_table(["perplexity source", "perplexity slim", "ratio", "KL", "top-1 agreement"],
                                [[f"{q['ppl_source']:.3f}", f"{q['ppl_slim']:.3f}", f"{q['ppl_ratio']:.3f}",
                                  f"{q['kl']:.4f}", f"{q['top1']:.3f}"]]))
     elif ex:

@@ -173,6 +173,9 @@ def test_analyze_then_recipe_then_convert(tmp_path, smollm2_dir, capsys, monkeyp
                  "-o", "r/pos.yaml"]) == 0
     assert yaml.safe_load((tmp_path / "r" / "pos.yaml").read_text())["remove"]["attention"] == "4-6"
     capsys.readouterr()
+    assert main(["recipe", "an", "--method", "last", "--remove-blocks", "1", "-o", "r/v.yaml", "--verify",
+                 "--eval-samples", "1", "--eval-seq-len", "16"]) == 0
+    assert "ppl" in capsys.readouterr().out.lower()
 
     assert main(["recipe", "an", "--method", "sleb", "--remove-blocks", "4", "-o", "r/x.yaml"]) == 2
     assert "--sleb-blocks 4" in capsys.readouterr().err
