@@ -315,7 +315,7 @@ def _grid(records: dict, classifier: dict, flops: dict, num_layers: int) -> list
     rows = []
     schedules = [(0, 1), (num_layers // 2, 1), (num_layers // 2, 4), (2 * num_layers // 3, 4)]
     for min_layer, every in schedules:
-        for thr in (0.5, 0.7, 0.8, 0.9, 0.95):
+        for thr in (0.3, 0.4, 0.5, 0.6, 0.7, 0.9):  # the classifier's probabilities are low: most layers disagree
             policy = dict(policy="linear", threshold=thr, min_layer=min_layer, every=every, **{
                 k: classifier[k] for k in ("features", "weights", "bias")})
             rows.append(dict(policy="linear", threshold=thr, min_layer=min_layer, every=every,
