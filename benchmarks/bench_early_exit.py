@@ -50,6 +50,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=5, help="items per prompt task")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
@@ -58,7 +59,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.checkpoint, trust_remote_code=True)
     text = load_text("wikitext2", "test")
     prompt = token_chunks(tok, text, 1, 64)[0]
-    items = [x for v in prompt_tasks(tok, text, 5).values() for x in v]
+    items = [x for v in prompt_tasks(tok, text, a.prompts).values() for x in v]
     own = model.config.early_exit
     policies = {"full (every layer)": None, "checkpoint policy": own,
                 "fixed exit after layer 20": dict(policy="gap", threshold=0.0, min_layer=20),
