@@ -147,7 +147,12 @@ def _cmd_analyze(args):
         sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes, group_ppl=not args.no_group_ppl,
         naive_check=args.naive_check, max_memory=parse_size(args.max_memory) if args.max_memory else None,
         batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
-    run_analyse(settings, args.out, args.force)
+    if args.early_exit:
+        from .early_exit import run_analyse_early_exit
+
+        run_analyse_early_exit(settings, args.out, args.force)
+    else:
+        run_analyse(settings, args.out, args.force)
     return 0
 
 
@@ -262,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) source weights")
     s.add_argument("--force", action="store_true", help="overwrite an existing analysis folder")
+    s.add_argument("--early-exit", action="store_true",
+                   help="instead of the layer metrics, train the early-exit (AdaInfer) stop classifier on the "
+                        "logits of every layer; writes early_exit.json (for a recipe's early_exit.classifier) "
+                        "and early_exit.md")
     s.set_defaults(func=_cmd_analyze)
 
     from .suggest import METHODS

@@ -241,6 +241,8 @@ def slim_layers_config(plan: Plan, src: dict) -> dict:
         qk_norm=arch.qk_norm,
         slim_layers=[s.model_dump() for s in plan.layers],
     )
+    if plan.early_exit is not None:
+        cfg["early_exit"] = plan.early_exit
     return cfg
 
 

@@ -42,6 +42,7 @@ def load_as_slim(directory: Path, dtype: torch.dtype = torch.float32):
         config = slim_layers_config(source_plan(config), config)
     for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
         config.pop(k, None)
+    config.pop("early_exit", None)  # the graph runs every layer (see run_export): compare it with that
     with torch.device("meta"):
         model = SlimForCausalLM(SlimConfig(**config)).eval()
     # Its buffers (inverse frequencies) are computed from the config, not stored in the checkpoint.
@@ -179,6 +180,7 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
     # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
     cfg["num_cache_pairs"] = decoder.num_pairs
     cfg["onnx_dtype"] = dtype
+    cfg.pop("early_exit", None)  # not in the graph: the folder must not claim it
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, decoder), indent=2))
     for name in AUX_FILES:
@@ -375,6 +377,7 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
     dtype = json.loads((onnx_dir / "config.json").read_text())["onnx_dtype"]
     criterion = CRITERIA[dtype]
     model = load_model(slim_dir)
+    model.config.early_exit_enabled = False  # the graph runs every layer (see run_export)
     pairs = json.loads((onnx_dir / "config.json").read_text())["num_cache_pairs"]
     cfg = model.config
     kv, hd = cfg.num_key_value_heads, cfg.head_dim
@@ -447,6 +450,11 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         raise SlimError("checking a bfloat16 graph on CUDA is not implemented yet (numpy has no bfloat16 for "
                         "the cache and logits; no GPU was available to build and test it)", "use --dtype fp16")
     target = AtomicDir(Path(out) if out else slim_dir / "onnx", force)
+    early_exit = json.loads((slim_dir / "config.json").read_text()).get("early_exit")
+    if early_exit is not None:
+        console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "
+                      "stop per token needs control flow in the graph, not done yet); the policy stays in the "
+                      "PyTorch checkpoint, and is recorded as not exported in slimconv_onnx_report.json")
     console.print(f"exporting {slim_dir} to ONNX ({dtype}, opset {OPSET}) -> {target.target}")
     with target as tmp:
         info = export_onnx(slim_dir, tmp, dtype, external_data)
@@ -455,6 +463,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         vocab = json.loads((slim_dir / "config.json").read_text())["vocab_size"]
         report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=provider)
         report["export"] = info
+        report["early_exit"] = "not exported: the graph runs every layer" if early_exit is not None else None
         (tmp / "slimconv_onnx_report.json").write_text(json.dumps(report, indent=2))
     console.print(f"ONNX Runtime ran on [bold]{report['provider']}[/]")
     for label, r in report["cases"].items():

@@ -30,11 +30,13 @@ class Plan(BaseModel):
     layers: list[LayerSpec]
     norm: str
     notes: list[str]
+    early_exit: dict | None = None  # the run-time stop policy stored in the slim config (early_exit.py)
 
     @property
     def uniform(self) -> bool:
-        """True when only whole blocks were removed: a stock config of the source architecture fits."""
-        return all(
+        """True when only whole blocks were removed and no early exit: a stock config of the source
+        architecture fits."""
+        return self.early_exit is None and all(
             len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers
         )
 
@@ -112,8 +114,13 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
             if attn else None,
             mlp=MlpSpec(sources=mlp, intermediate_size=d["inter"] * len(mlp)) if mlp else None,
         ))
+    early_exit = None
+    if recipe.early_exit is not None:
+        from .early_exit import resolve_policy
+
+        early_exit = resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
-                norm=recipe.parallel.norm, notes=notes)
+                norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)
 
 
 def source_plan(config: dict) -> Plan:

@@ -38,6 +38,23 @@ class Parallel(_Strict):
     )
 
 
+class EarlyExit(_Strict):
+    """AdaInfer: stop after a layer when a policy on that layer's logits is confident (weights unchanged)."""
+
+    policy: Literal["linear", "gap"] = Field(
+        "linear", description="linear: logistic classifier on the logits' features; gap: top-1 minus top-2 probability")
+    classifier: str | None = Field(
+        None, description="early_exit.json written by `slimconv analyze MODEL --early-exit -o DIR` (policy linear)")
+    weights: dict[str, float] | None = Field(
+        None, description="linear weights by feature (top1_prob, gap, layer_frac), instead of a classifier file")
+    bias: float | None = Field(None, description="linear bias (with weights)")
+    threshold: float = Field(0.9, ge=0, le=1, description="exit when the classifier's probability (or the gap) "
+                             "reaches this: the knob trading layers saved against agreement")
+    min_layer: int = Field(0, ge=0, description="first OUTPUT layer (0-based) after which an exit may happen")
+    every: int = Field(1, ge=1, description="evaluate the policy after every k-th layer from min_layer "
+                       "(each check costs one LM head)")
+
+
 class Output(_Strict):
     dir: str = Field(description="output directory of the slim checkpoint")
     dtype: Literal["source", "float32", "float16", "bfloat16"] = Field("source", description="weight dtype")
@@ -89,6 +106,7 @@ class Recipe(_Strict):
     remove: Remove = Remove()
     parallel: Parallel = Parallel()
     output: Output
+    early_exit: EarlyExit | None = Field(None, description="adaptive early exit at run time (AdaInfer)")
     validation: Validate = Field(Validate(), alias="validate")
     stages: list[Literal[STAGES]] = Field(["convert", "validate"],
                                           description="stages `slimconv run` runs, in order (export: ONNX into output.dir/onnx; "

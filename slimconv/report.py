@@ -84,6 +84,31 @@ def print_validation(report: dict):
         t.add_row(f"{q['ppl_source']:.3f}", f"{q['ppl_slim']:.3f}", f"{q['ppl_ratio']:.3f}", f"{q['kl']:.4f}",
                   f"{q['top1']:.3f}", "[green]PASS[/]" if q["passed"] else "[red]FAIL: " + "; ".join(q["failures"]))
         console.print(t)
+    if report.get("early_exit"):
+        t = Table(title="early exit vs the same model without it", header_style="bold")
+        for h in ("run", "items", "avg layers", "layers saved", "compute saved", "top-1 agreement", "ppl / accuracy"):
+            t.add_column(h, justify="right")
+        for row in early_exit_rows(report["early_exit"]):
+            t.add_row(*row)
+        console.print(t)
+
+
+EARLY_EXIT_HEADER = ["run", "items", "avg layers", "layers saved", "compute saved", "top-1 agreement",
+                     "ppl / accuracy (exit vs full)"]
+
+
+def early_exit_rows(ee: dict) -> list[list[str]]:
+    """Rows for the early-exit results: simulated per-token text, real decoding, real prompt tasks."""
+    def common(r):
+        return [f"{r['avg_layers']:.2f}", f"{r['layers_saved']:.1%}", f"{r['compute_saved']:.1%}", f"{r['top1_agreement']:.3f}"]
+
+    s, d = ee["simulated"], ee["decode"]
+    rows = [["text, simulated per token", str(s["tokens"]), *common(s), f"{s['ppl_exit']:.2f} vs {s['ppl_full']:.2f}"],
+            ["text, real cached decoding", str(d["tokens"]), *common(d), f"{d['ppl_exit']:.2f} vs {d['ppl_full']:.2f}"]]
+    for name, p in ee["prompts"].items():
+        rows.append([f"prompt task {name}", str(p["prompts"]), *common(p),
+                     f"{p['accuracy_exit']:.3f} vs {p['accuracy_full']:.3f}"])
+    return rows
 
 
 def md_table(header, rows) -> str:
@@ -227,6 +252,10 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
                                  f"{q['kl']:.4f}", f"{q['top1']:.3f}"]]))
     elif ex:
         parts.append("Quality (perplexity, KL, top-1 agreement against the source) was not measured.")
+    if report.get("early_exit"):
+        parts.append(f"Early exit (policy `{json.dumps(report['early_exit']['policy'])}`), against the same "
+                     "checkpoint with every layer run:")
+        parts.append(md_table(EARLY_EXIT_HEADER, early_exit_rows(report["early_exit"])))
     if onnx:
         parts += _onnx_section(onnx_report)
     if bench:

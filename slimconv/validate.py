@@ -108,6 +108,10 @@ def run_validate(out, skip_quality: bool = False) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     report = {}
     slim = load_model(out)
+    early_exit = getattr(slim.config, "early_exit", None)
+    # Questions 1 and 3 are about the converted weights: compare them with every layer run; the early
+    # exit's own cost is reported separately below.
+    slim.config.early_exit_enabled = False
     if v.exactness.enabled:
         console.print("exactness: slim checkpoint vs source with the plan applied at run time (float32)")
         text = load_text(v.quality.data, "test")
@@ -120,6 +124,11 @@ def run_validate(out, skip_quality: bool = False) -> dict:
         console.print(f"quality: {v.quality.samples} x {v.quality.seq_len} tokens of {v.quality.data} (test split)")
         chunks = token_chunks(tokenizer, load_text(v.quality.data, "test"), v.quality.samples, v.quality.seq_len)
         report["quality"] = quality(load_model(src_dir), slim, chunks, v.quality)
+        if early_exit is not None:
+            from .early_exit import evaluate
+
+            console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
+            report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
     report["passed"] = all(r["passed"] for r in report.values())
     (out / "slimconv_report.json").write_text(json.dumps(report, indent=2))
     write_card(out)

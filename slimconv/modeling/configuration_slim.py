@@ -12,6 +12,10 @@ class SlimConfig(LlamaConfig):
     "num_heads": H, "num_key_value_heads": KV, "sliding_window": None | W}, "mlp": None | {"sources":
     [...], "intermediate_size": I}}``. ``num_attention_heads``/``num_key_value_heads`` keep the source's
     per-layer values because RoPE and the head size derive from them.
+
+    ``early_exit`` (optional) is the AdaInfer stop policy that the modeling code evaluates after each
+    layer: ``{"policy": "linear" | "gap", "features": [...], "weights": [...], "bias": b, "threshold": t,
+    "min_layer": m, "every": k}``. ``early_exit_enabled = False`` runs every layer (exactness checks).
     """
 
     model_type = "slimconv"
@@ -19,3 +23,5 @@ class SlimConfig(LlamaConfig):
     projection_bias: dict | None = None
     qk_norm: bool = False
     source_model_type: str | None = None
+    early_exit: dict | None = None
+    early_exit_enabled: bool = True

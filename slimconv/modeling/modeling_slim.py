@@ -6,7 +6,18 @@ It depends on torch and transformers 5.x only.
 
 A wide layer (layer parallelism) is an ordinary layer with more heads and a wider MLP: the members'
 norm gains were folded into the projections at conversion time, so nothing here is specific to it.
+
+Early exit (AdaInfer), only when the config carries ``early_exit`` and ``early_exit_enabled`` is true:
+after each eligible layer the final norm and LM head read the hidden state of the last position, and
+the stop policy (a linear classifier on features of those logits, or a threshold on the top-1/top-2 gap)
+decides whether to stop. One decision per forward call: the prompt stops as a whole, every generated
+token decides for itself, and a batch stops only when every row is confident. A call that stops at
+layer e still fills the KV cache of the layers it skipped, from its exit hidden state (CALM's state
+propagation): later tokens attend to keys/values computed as if the exited state had passed unchanged
+through the skipped layers, which is exactly what a model that copies exited states forward computes.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
 
 try:
     from .configuration_slim import SlimConfig
@@ -35,6 +46,12 @@ class SlimRMSNorm(nn.Module):
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
+
+
+def _rope(x, position_embeddings):
+    """RoPE on (batch, heads, seq, head_dim), as transformers' apply_rotary_pos_emb."""
+    cos, sin = position_embeddings
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 class SlimAttention(nn.Module):
@@ -58,16 +75,25 @@ class SlimAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def _keys_values(self, x, position_embeddings):
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return _rope(k.transpose(1, 2), position_embeddings), v.transpose(1, 2)
+
+    def fill_cache(self, x, position_embeddings, past_key_values):
+        """Stores this layer's keys/values for ``x`` (already normed) without computing attention."""
+        past_key_values.update(*self._keys_values(x, position_embeddings), self.cache_index)
+
     def forward(self, x, position_embeddings, masks, past_key_values):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = self.q_norm(q)
+        q = _rope(q.transpose(1, 2), position_embeddings)
+        k, v = self._keys_values(x, position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.cache_index)
         out = F.scaled_dot_product_attention(
@@ -104,12 +130,56 @@ class SlimDecoderLayer(nn.Module):
         else:
             self.post_attention_layernorm = self.mlp = None
 
+    def fill_cache(self, x, position_embeddings, past_key_values):
+        if self.self_attn is not None:
+            self.self_attn.fill_cache(self.input_layernorm(x), position_embeddings, past_key_values)
+
     def forward(self, x, position_embeddings, masks, past_key_values):
         if self.self_attn is not None:
             x = x + self.self_attn(self.input_layernorm(x), position_embeddings, masks, past_key_values)
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
+
+
+EXIT_FEATURES = ("top1_prob", "gap", "layer_frac")
+
+
+def exit_features(logits, layer, num_layers):
+    """AdaInfer's features of one layer's logits (..., vocab): top-1 probability, top-1 minus top-2
+    probability, and the layer's depth (layer + 1) / num_layers. Returns (..., 3) in EXIT_FEATURES order."""
+    top = torch.softmax(logits.float(), -1).topk(2, dim=-1).values
+    depth = torch.full_like(top[..., 0], (layer + 1) / num_layers)
+    return torch.stack([top[..., 0], top[..., 0] - top[..., 1], depth], -1)
+
+
+def exit_score(features, policy):
+    """The policy's confidence from features (..., 3): the gap itself, or the linear classifier's probability."""
+    if policy["policy"] == "gap":
+        return features[..., EXIT_FEATURES.index("gap")]
+    idx = [EXIT_FEATURES.index(f) for f in policy["features"]]
+    w = torch.tensor(policy["weights"], dtype=features.dtype, device=features.device)
+    return torch.sigmoid(features[..., idx] @ w + policy["bias"])
+
+
+def may_exit(layer, num_layers, policy):
+    """Layers after which the policy is evaluated: from min_layer on, every ``every``-th, never the last."""
+    first, every = policy.get("min_layer", 0), policy.get("every", 1)
+    return first <= layer < num_layers - 1 and (layer - first) % every == 0
+
+
+@dataclass
+class SlimModelOutput(BaseModelOutputWithPast):
+    """``exit_layer``: index of the layer after which the call stopped (None: ran every layer);
+    ``exit_logits``: the last position's logits at that layer, already computed by the policy."""
+
+    exit_layer: int | None = None
+    exit_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class SlimCausalLMOutput(CausalLMOutputWithPast):
+    exit_layer: int | None = None
 
 
 class SlimPreTrainedModel(PreTrainedModel):
@@ -169,7 +239,8 @@ class SlimModel(SlimPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, exit_head=None, **kwargs):
+        """``exit_head`` (the LM head) turns on the config's early-exit policy; None runs every layer."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -182,9 +253,19 @@ class SlimModel(SlimPreTrainedModel):
         masks = _mask_factory(attention_mask, past, t, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
         position_embeddings = self.rotary_emb(x, position_ids=position_ids)
-        for layer in self.layers:
+        policy, n = self.config.early_exit, len(self.layers)
+        for i, layer in enumerate(self.layers):
             x = layer(x, position_embeddings, masks, past_key_values if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+            if exit_head is None or not may_exit(i, n, policy):
+                continue
+            logits = exit_head(self.norm(x[:, -1]))
+            if (exit_score(exit_features(logits, i, n), policy) >= policy["threshold"]).all():
+                if use_cache:
+                    for skipped in self.layers[i + 1:]:
+                        skipped.fill_cache(x, position_embeddings, past_key_values)
+                return SlimModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values,
+                                       exit_layer=i, exit_logits=logits)
+        return SlimModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values)
 
 
 class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
@@ -204,9 +285,15 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
+        exit_on = self.config.early_exit is not None and self.config.early_exit_enabled
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         exit_head=self.lm_head if exit_on else None)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(h), past_key_values=out.past_key_values)
+        if out.exit_logits is not None and h.shape[1] == 1:
+            logits = out.exit_logits[:, None]  # the policy already paid for the LM head on this position
+        else:
+            logits = self.lm_head(h)
+        return SlimCausalLMOutput(logits=logits, past_key_values=out.past_key_values, exit_layer=out.exit_layer)
