@@ -131,13 +131,14 @@ def _speed_table(rows: list[dict]) -> str:
 
 
 def _onnx_section(report: dict) -> list[str]:
-    cases = "; ".join(f"{label}: max |logit error| {r['max_abs_error']:.2e}, greedy {r['greedy_agreement']}"
-                      for label, r in report["cases"].items())
+    # The tolerance is per case since float16 graphs are checked relative to the logit scale.
+    cases = "; ".join(f"{label}: max |logit error| {r['max_abs_error']:.2e} (tolerance {r['tolerance']:.1e}), "
+                      f"greedy {r['greedy_agreement']}" for label, r in report["cases"].items())
     return ["## ONNX",
-            f"`onnx/model.onnx`: one float32 decoder graph with the KV cache as inputs/outputs "
-            f"({report['export']['cache_pairs']} past/present pairs). Checked against the "
-            f"PyTorch checkpoint on {report['provider']} over prefill + {report['steps']} cached decode steps "
-            f"(tolerance {report['tolerance']:.0e}): {cases}: **{'pass' if report['passed'] else 'FAIL'}**."]
+            f"`onnx/model.onnx`: one {report.get('dtype', 'float32')} decoder graph with the KV cache as "
+            f"inputs/outputs ({report['export']['cache_pairs']} past/present pairs). Checked against the "
+            f"PyTorch checkpoint on {report['provider']} over prefill + {report['steps']} cached decode steps: "
+            f"{cases}: **{'pass' if report['passed'] else 'FAIL'}**."]
 
 
 def _load_section(name: str, uniform: bool, onnx: bool) -> list[str]:
