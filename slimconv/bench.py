@@ -227,22 +227,29 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
     config = json.loads((src_dir / "config.json").read_text())
+    if config.get("num_hidden_layers") != plan.num_source_layers or config.get("model_type") != plan.model_type:
+        raise SlimError(f"{source} ({config.get('model_type')}, {config.get('num_hidden_layers')} layers) is not the "
+                        f"source of {out} ({plan.model_type}, {plan.num_source_layers} layers)",
+                        f"give the model the recipe names: {meta['model']}")
     threads = settings.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     device = _device(settings.device)
-    ort_provider = "cuda" if device == "cuda" else "cpu"
+    # auto lets ONNX Runtime fall back to the CPU where torch has CUDA but onnxruntime-gpu is missing.
+    ort_provider = "auto" if settings.device == "auto" else device
 
     cases = [(b, p) for b in settings.batch for p in settings.prompt_lens]
     console.print(f"bench {src_dir} (source) vs {out} (slim): runtimes {', '.join(runtimes)} on {device}, "
                   f"{threads} threads; batch {settings.batch} x prompt {settings.prompt_lens} tokens, "
                   f"{settings.new_tokens} new tokens; {settings.repeats} interleaved repeats after 1 warm-up")
+    if "onnx" in runtimes:  # exports first, so that their messages do not cut through the progress bar
+        slim_dir = slim_onnx(out)
+        dtype = json.loads((slim_dir / "config.json").read_text()).get("onnx_dtype", "float32")
+        src_onnx = source_onnx(src_dir, dtype)
     rows = []
     bar = tqdm(total=len(runtimes) * len(cases) * settings.repeats * 2, desc="bench", unit="run")
     for runtime in runtimes:
         if runtime == "onnx":
-            slim_dir = slim_onnx(out)
-            dtype = json.loads((slim_dir / "config.json").read_text()).get("onnx_dtype", "float32")
-            runners = {"source": OrtRunner(source_onnx(src_dir, dtype), threads, ort_provider),
+            runners = {"source": OrtRunner(src_onnx, threads, ort_provider),
                        "slim": OrtRunner(slim_dir, threads, ort_provider)}
             label = f"onnxruntime {runners['slim'].provider.removesuffix('ExecutionProvider').lower()}"
             width = 2 if dtype == "float16" else 4

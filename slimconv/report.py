@@ -87,22 +87,24 @@ def print_validation(report: dict):
 
 
 def print_bench(rows: list[dict], repeats: int):
-    """Two tables (prefill, decode) so that each fits a terminal; the JSON and the card have every column."""
-    phases = (("prefill", [("prefill ms source", "ms source"), ("prefill ms slim", "ms slim")]),
-              ("decode", [("decode tok/s source", "tok/s source"), ("decode tok/s slim", "tok/s slim"),
-                          ("weights+KV MB source", "MB source"), ("weights+KV MB slim", "MB slim")]))
-    for phase, measured in phases:
-        t = Table(title=f"{phase}, medians of {repeats} interleaved repeats", header_style="bold")
-        columns = [("runtime", "runtime"), ("batch", "batch"), ("prompt", "prompt"), *measured,
-                   (f"{phase} speedup", "speedup"), (f"{phase} ideal", "ideal"),
-                   (f"{phase} measured/ideal", "measured/ideal")]
-        for _, title in columns:
-            t.add_column(title, justify="left" if title == "runtime" else "right")
+    """Three tables (prefill, decode, memory) so that each fits a terminal; the JSON and the card have
+    every column in one table."""
+    key = [("runtime", "runtime"), ("batch", "batch"), ("prompt", "prompt")]
+    ratios = lambda phase: [(f"{phase} speedup", "speedup"), (f"{phase} ideal", "ideal"),
+                            (f"{phase} measured/ideal", "measured/ideal")]
+    tables = ((f"prefill, medians of {repeats} interleaved repeats",
+               [("prefill ms source", "ms source"), ("prefill ms slim", "ms slim"), *ratios("prefill")]),
+              (f"decode, medians of {repeats} interleaved repeats (tokens/s of the whole batch)",
+               [("decode tok/s source", "tok/s source"), ("decode tok/s slim", "tok/s slim"), *ratios("decode")]),
+              ("memory: weights + KV cache at the end of the run, computed from the plan (not measured)",
+               [("weights+KV MB source", "MB source"), ("weights+KV MB slim", "MB slim")]))
+    for title, columns in tables:
+        t = Table(title=title, header_style="bold")
+        for _, header in key + columns:
+            t.add_column(header, justify="left" if header == "runtime" else "right")
         for r in rows:
-            t.add_row(*[f"{r[k]:.3f}" if k.endswith(("speedup", "ideal")) else _cell(r[k]) for k, _ in columns])
+            t.add_row(*[f"{r[k]:.3f}" if k.endswith(("speedup", "ideal")) else _cell(r[k]) for k, _ in key + columns])
         console.print(t)
-    console.print("decode tok/s counts every sequence of the batch; MB: weights + KV cache at the end of the run, "
-                  "computed from the plan (not measured)")
 
 
 def _md_table(header, rows) -> str:

@@ -58,9 +58,11 @@ def test_bench_bad_inputs(slim, tiny_models, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_bench_needs_an_output(tiny_models, tmp_path, capsys):
+def test_bench_needs_an_output_and_its_source(slim, tiny_models, tmp_path, capsys):
     assert main(["bench", str(tiny_models["llama-tied"]), str(tmp_path)]) == 2
     assert "no slimconv_plan.json" in capsys.readouterr().err
+    assert main(["bench", str(tiny_models["qwen3"]), str(slim)]) == 2
+    assert "is not the source of" in capsys.readouterr().err
 
 
 def test_recipe_bench_section():
@@ -76,3 +78,16 @@ def test_recipe_bench_section():
         parse_recipe({**base, "stages": ["bench"], "bench": {"runtimes": ["tensorflow"]}})
     with pytest.raises(SlimError, match="stages do not include bench"):
         parse_recipe({**base, "bench": {}})
+
+
+def test_run_with_bench_stage(tiny_models, tmp_path):
+    import yaml
+
+    out = tmp_path / "slim"
+    recipe = {"model": str(tiny_models["qwen2"]), "output": {"dir": str(out)}, "remove": {"blocks": [5]},
+              "stages": ["convert", "bench"],
+              "bench": {"runtimes": ["torch"], "prompt_lens": [8], "new_tokens": 2, "repeats": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    assert [r["runtime"] for r in json.loads((out / "slimconv_bench.json").read_text())] == ["torch cpu"]
+    assert "## Speed" in (out / "README.md").read_text()
