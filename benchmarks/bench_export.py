@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,9 @@ def child_main(kind: str, src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if kind == "ort":  # load the exported folder ``out`` and run one short prefill
-        Runner(out, 2).run(16, 1)
+        from slimconv.bench import OrtRunner
+
+        OrtRunner(out, 2, "cpu").run(1, 16, 1)
     elif kind == "slimconv":
         from slimconv.export import export_onnx
 
@@ -80,41 +81,6 @@ def import_baseline_mb() -> float:
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout)
-
-
-class Runner:
-    """One ONNX Runtime session on the CPU, batch 1, with its KV cache."""
-
-    def __init__(self, onnx_dir: Path, threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        cfg = json.loads((onnx_dir / "config.json").read_text())
-        self.pairs = cfg["num_cache_pairs"]
-        self.kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        self.hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, prompt_len: int, decode_tokens: int) -> tuple[float, float]:
-        """(prefill seconds, decode tokens/s)."""
-        import numpy as np
-
-        ids = (np.arange(prompt_len, dtype=np.int64) % 1000 + 100)[None]
-        past = [np.zeros((1, self.kv, 0, self.hd), np.float32) for _ in range(2 * self.pairs)]
-        total = prompt_len
-        start = time.perf_counter()
-        logits, *past = self.session.run(None, dict(zip(self.names, [
-            ids, np.ones((1, total), np.int64), np.arange(total, dtype=np.int64)[None], *past])))
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            nxt = np.array([[int(logits[0, -1].argmax())]], np.int64)
-            total += 1
-            logits, *past = self.session.run(None, dict(zip(self.names, [
-                nxt, np.ones((1, total), np.int64), np.array([[total - 1]], np.int64), *past])))
-        return prefill, decode_tokens / (time.perf_counter() - start)
 
 
 def synthetic(size_gb: float, work: Path) -> None:
@@ -164,6 +130,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.synthetic_gb:
         return synthetic(args.synthetic_gb, work)
+    from slimconv.bench import OrtRunner, measure
     from slimconv.convert import prepare, run_convert
     from slimconv.recipe import load_recipe
     from slimconv.report import console
@@ -194,23 +161,15 @@ def main(argv=None) -> None:
         folders[name] = work / name / "onnx"
         if not (folders[name] / "model.onnx").is_file():
             run_child("slimconv", work / name, folders[name])
-    runners = {name: Runner(d, args.threads) for name, d in folders.items()}
-    times = {name: ([], []) for name in runners}
-    for name, runner in runners.items():  # warm-up: ONNX Runtime plans memory on the first runs
-        runner.run(args.prompt_len, 4)
-    for _ in range(args.repeats):
-        for name, runner in runners.items():
-            prefill, tps = runner.run(args.prompt_len, args.decode_tokens)
-            times[name][0].append(prefill)
-            times[name][1].append(tps)
+    runners = {name: OrtRunner(d, args.threads, "cpu") for name, d in folders.items()}
+    medians = measure(runners, 1, args.prompt_len, args.decode_tokens, args.repeats)
 
     print(f"\n## ONNX Runtime {__import__('onnxruntime').__version__}, CPUExecutionProvider, "
           f"{args.threads} intra-op threads, batch 1, float32; medians of {args.repeats} interleaved rounds\n")
     print(f"| model | prefill {args.prompt_len} tokens (ms) | speedup | ideal | decode (tokens/s) | speedup | ideal |")
     print("|---|---|---|---|---|---|---|")
-    ref_prefill, ref_tps = (statistics.median(v) for v in times["unslimmed"])
-    for name, (prefill, tps) in times.items():
-        p, t = statistics.median(prefill), statistics.median(tps)
+    ref_prefill, ref_tps = medians["unslimmed"]
+    for name, (p, t) in medians.items():
         i = ideal.get(name, dict(prefill=1.0, decode=1.0))
         print(f"| {name} | {p * 1000:.1f} | {ref_prefill / p:.3f}x | {i['prefill']:.3f}x | {t:.1f} | "
               f"{t / ref_tps:.3f}x | {i['decode']:.3f}x |")

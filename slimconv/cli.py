@@ -18,6 +18,8 @@ measure what it costs in quality.
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
+  slimconv bench    SOURCE OUTPUT_DIR
+                                   speed of source and slim (PyTorch, ONNX Runtime) beside the plan's ideal
   slimconv push     OUTPUT_DIR --repo-id NAMESPACE/NAME
                                    upload a validated output to the Hugging Face Hub (--dry-run: list, change nothing)
   slimconv run      RECIPE.yaml    every stage the recipe names (default: convert, validate; add export, push)
@@ -84,6 +86,7 @@ def _cmd_run(args):
     from .convert import run_convert
     from .export import run_export
     from .hub import push
+    from .recipe import Bench
     from .report import console
     from .validate import run_validate
 
@@ -102,6 +105,12 @@ def _cmd_run(args):
             code = _exported(run_export(out or recipe.output.dir, provider="auto", force=args.force))
             if code:
                 return code
+        elif stage == "bench":
+            from .bench import BenchSettings, run_bench
+
+            b = recipe.bench or Bench()
+            run_bench(recipe.model, out or recipe.output.dir,
+                      BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats))
         elif stage == "push":
             push(out or recipe.output.dir, recipe.push.repo_id, recipe.push.private, recipe.push.include_onnx)
     return 0
@@ -129,6 +138,16 @@ def _cmd_generate(args):
                           f"{piece['prefill_s'] * 1000:.0f} ms, decode {piece['decode_tokens_per_s']:.1f} tokens/s[/]")
         else:
             print(piece, end="", flush=True)
+    return 0
+
+
+def _cmd_bench(args):
+    from .bench import BenchSettings, parse_list, parse_runtimes, run_bench
+
+    settings = BenchSettings(parse_runtimes(args.runtime), parse_list(args.prompt_lens, "--prompt-lens"),
+                             args.new_tokens, parse_list(args.batch, "--batch"), args.repeats, args.threads,
+                             args.device)
+    run_bench(args.source, args.output, settings, args.out_json, args.plot)
     return 0
 
 
@@ -230,6 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime execution provider for the check (auto: CUDA when available)")
     s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder")
     s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("bench", help="measure prefill and decode speed of source and slim, beside the plan's ideal",
+                       description="Runs the source and the slim model interleaved (source, slim, source, ...) after "
+                       "a warm-up, and prints median prefill latency and decode tokens/s, the measured speedup, the "
+                       "ideal speedup from the plan (FLOPs for prefill; bytes of weights plus KV cache read per "
+                       "step for decode) and their ratio. Writes OUTPUT_DIR/slimconv_bench.json (shown in the "
+                       "model card). The onnx runtime exports the source once into the cache ($SLIMCONV_CACHE) "
+                       "and the slim model into OUTPUT_DIR/onnx when it is missing.")
+    s.add_argument("source", help='the unslimmed model: "default", a local HF dir, a .gguf file, or a Hub id')
+    s.add_argument("output", help="output directory written by `slimconv convert`")
+    s.add_argument("--runtime", default="torch,onnx", help="comma-separated: torch, onnx (default both)")
+    s.add_argument("--prompt-lens", default="128", help="prompt lengths in tokens, comma-separated (default 128)")
+    s.add_argument("--new-tokens", type=int, default=32, help="cached decode steps after the prefill (default 32)")
+    s.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    s.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the table shows medians (default 3)")
+    s.add_argument("--threads", type=int, help="intra-op threads of both runtimes (default: torch's default)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="torch device and ONNX Runtime provider (auto: CUDA when available)")
+    s.add_argument("--out-json", help="write the rows here instead of OUTPUT_DIR/slimconv_bench.json "
+                   "(the model card is then left as it is)")
+    s.add_argument("--plot", help="also write a PNG of measured vs ideal speedups")
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("generate", help="generate text from an exported ONNX folder with ONNX Runtime")
     s.add_argument("onnx_dir", help="folder written by `slimconv export`")

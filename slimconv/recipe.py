@@ -2,7 +2,7 @@
 import difflib
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -12,7 +12,7 @@ from .errors import SlimError
 # Layer indices are 0-based source indices; "a-b" is an inclusive range.
 Indices = int | str | list[int | str]
 
-STAGES = ("convert", "validate", "export", "push")
+STAGES = ("convert", "validate", "export", "bench", "push")
 
 
 class _Strict(BaseModel):
@@ -99,6 +99,17 @@ class Push(_Strict):
         return v
 
 
+class Bench(_Strict):
+    """Speed measurement of the `bench` stage of `slimconv run` (the same as `slimconv bench`)."""
+
+    runtimes: list[Literal["torch", "onnx"]] = Field(["torch", "onnx"], min_length=1,
+                                                     description="torch and/or onnx (ONNX Runtime)")
+    prompt_lens: list[Annotated[int, Field(ge=1)]] = Field([128], min_length=1, description="prompt lengths in tokens")
+    new_tokens: int = Field(32, ge=1, description="cached decode steps after the prefill")
+    batch: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1, description="batch sizes")
+    repeats: int = Field(3, ge=1, description="interleaved repeats (source, slim, ...); medians are reported")
+
+
 class Recipe(_Strict):
     model: str = Field(description='"default", a local HF directory, a .gguf file, or a Hub id')
     description: str | None = None
@@ -110,8 +121,10 @@ class Recipe(_Strict):
     validation: Validate = Field(Validate(), alias="validate")
     stages: list[Literal[STAGES]] = Field(["convert", "validate"],
                                           description="stages `slimconv run` runs, in order (export: ONNX into output.dir/onnx; "
+                                          "bench: speed against the source, into the report; "
                                           "push: upload to the Hub as the push section says)")
     push: Push | None = Field(None, description="Hub upload of the push stage")
+    bench: Bench | None = Field(None, description="settings of the bench stage (default: Bench's defaults)")
 
 
 def json_schema() -> dict:
@@ -170,6 +183,9 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if "push" in recipe.stages and recipe.push is None:
         raise SlimError(f"{source}: stages include push, but there is no push section",
                         "add `push: {repo_id: NAMESPACE/NAME}`, or remove push from stages")
+    if recipe.bench is not None and "bench" not in recipe.stages:
+        raise SlimError(f"{source}: there is a bench section, but stages do not include bench",
+                        "add bench to stages (after export), or remove the bench section")
     return recipe
 
 

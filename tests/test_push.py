@@ -57,8 +57,8 @@ def fake_onnx(out, passed=True):
     (out / "onnx").mkdir()
     (out / "onnx" / "model.onnx").write_bytes(b"\0" * 1000)
     (out / "onnx" / "slimconv_onnx_report.json").write_text(json.dumps(dict(
-        provider="CPUExecutionProvider", tolerance=2e-4, steps=16, passed=passed, export={"cache_pairs": 5},
-        cases={"batch 1": dict(max_abs_error=3e-7, greedy_agreement="17/17", passed=passed)})))
+        provider="CPUExecutionProvider", dtype="float32", steps=16, passed=passed, export={"cache_pairs": 5},
+        cases={"batch 1": dict(max_abs_error=3e-7, tolerance=2e-4, greedy_agreement="17/17", passed=passed)})))
 
 
 @pytest.fixture
