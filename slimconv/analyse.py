@@ -10,6 +10,7 @@ person reads (metrics.json, report.md, plots) and `slimconv recipe` turns into a
 Everything runs layer by layer (``layerwise``), so the model never has to fit in memory.
 """
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -319,6 +320,9 @@ def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
     src_dir = resolve_source(s.model, s.allow_pickle)
     m = analyse(s, src_dir)
     with target as tmp:
+        for name in ("early_exit.json", "early_exit.md"):  # `analyze --early-exit` shares the folder
+            if (target.target / name).is_file():
+                shutil.copy2(target.target / name, tmp / name)
         (tmp / "metrics.json").write_text(json.dumps(m, indent=2))
         plots = plot(m, tmp)
         (tmp / "report.md").write_text(report_markdown(m, plots))

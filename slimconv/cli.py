@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing analysis folder")
     s.add_argument("--early-exit", action="store_true",
                    help="instead of the layer metrics, train the early-exit (AdaInfer) stop classifier on the "
-                        "logits of every layer; writes early_exit.json (for a recipe's early_exit.classifier) "
-                        "and early_exit.md")
+                        "logits of every layer; adds early_exit.json (for a recipe's early_exit.classifier) "
+                        "and early_exit.md to the folder, keeping a layer analysis already there")
     s.set_defaults(func=_cmd_analyze)
 
     from .suggest import METHODS

@@ -375,20 +375,26 @@ def report_markdown(m: dict) -> str:
 
 
 def run_analyse_early_exit(settings, out: Path, force: bool = False) -> dict:
-    from .convert import AtomicDir
+    """Writes early_exit.json and early_exit.md into ``out``, beside any layer analysis already there
+    (the issue's commands put both in one analysis folder, so this must not replace the folder)."""
+    from .errors import SlimError
     from .report import console
     from .source import resolve_source
 
-    target = AtomicDir(Path(out), force)
+    out = Path(out)
+    if (out / "early_exit.json").exists() and not force:
+        raise SlimError(f"{out / 'early_exit.json'} already exists", "pass --force to overwrite it, or choose another -o")
     src_dir = resolve_source(settings.model, settings.allow_pickle)
     console.print(f"early-exit classifier for {settings.model}: {settings.samples} x {settings.seq_len} calibration "
                   f"tokens of {settings.calib} (valid), logits at every layer")
     m = analyse_early_exit(settings, src_dir)
-    with target as tmp:
-        (tmp / "early_exit.json").write_text(json.dumps(m, indent=2))
-        (tmp / "early_exit.md").write_text(report_markdown(m))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("early_exit.json", json.dumps(m, indent=2)), ("early_exit.md", report_markdown(m))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)  # a complete file or none, never a half-written one
     c = m["classifier"]
-    console.print(f"[green]wrote[/] {target.target}/early_exit.json: weights "
+    console.print(f"[green]wrote[/] {out}/early_exit.json: weights "
                   + ", ".join(f"{f} {w:.3f}" for f, w in zip(c["features"], c["weights"]))
                   + f", bias {c['bias']:.3f} (train accuracy {c['train_accuracy']:.3f}); trade-off in early_exit.md")
     return m

@@ -156,6 +156,11 @@ def test_analyze_then_recipe_then_convert(tmp_path, smollm2_dir, capsys, monkeyp
                 "parallel_groups.png"):
         assert (tmp_path / "an" / png).stat().st_size > 1000
     assert "## SLEB" in (tmp_path / "an" / "report.md").read_text()
+    # The early-exit classifier and the layer analysis share the folder; neither run removes the other's files.
+    assert main(["analyze", str(src), "-o", "an", "--early-exit", "--samples", "2", "--seq-len", "32"]) == 0
+    assert main(args + ["--force"]) == 0
+    assert (tmp_path / "an" / "early_exit.json").is_file() and (tmp_path / "an" / "metrics.json").is_file()
+    m = json.loads((tmp_path / "an" / "metrics.json").read_text())
 
     assert main(["recipe", "an", "--method", "sleb", "--remove-blocks", "2", "-o", "r/sleb.yaml"]) == 0
     text = (tmp_path / "r" / "sleb.yaml").read_text()
@@ -175,7 +180,7 @@ def test_analyze_then_recipe_then_convert(tmp_path, smollm2_dir, capsys, monkeyp
     capsys.readouterr()
     assert main(["recipe", "an", "--method", "last", "--remove-blocks", "1", "-o", "r/v.yaml", "--verify",
                  "--eval-samples", "1", "--eval-seq-len", "16"]) == 0
-    assert "ppl" in capsys.readouterr().out.lower()
+    assert "perplexity" in capsys.readouterr().out
 
     assert main(["recipe", "an", "--method", "sleb", "--remove-blocks", "4", "-o", "r/x.yaml"]) == 2
     assert "--sleb-blocks 4" in capsys.readouterr().err
