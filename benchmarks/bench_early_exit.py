@@ -18,18 +18,19 @@ from transformers.cache_utils import DynamicCache
 
 from slimconv.data import load_text, token_chunks
 from slimconv.early_exit import prompt_tasks
+from slimconv.modeling.modeling_slim import CACHE_NAME
 from slimconv.validate import load_model
 
 
 @torch.no_grad()
 def decode(model, prompt: torch.Tensor, steps: int):
-    cache, ids, layers = DynamicCache(), prompt[None], []
+    cache, ids, layers = {CACHE_NAME: DynamicCache()}, prompt[None], []
     n = len(model.model.layers)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **cache)
     start = time.perf_counter()
     for _ in range(steps):
         ids = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
-        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, -1:], use_cache=True, **cache)
         layers.append(n if out.exit_layer is None else out.exit_layer + 1)
     return (time.perf_counter() - start) / steps, ids[0, len(prompt):], sum(layers) / len(layers)
 

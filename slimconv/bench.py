@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimError
+from .export import empty_past
 
 RUNTIMES = ("torch", "onnx")
 
@@ -48,18 +49,14 @@ class OrtRunner:
             opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
         self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=providers(provider))
         self.provider = self.session.get_providers()[0]
-        cfg = json.loads((onnx_dir / "config.json").read_text())
-        self.pairs = cfg["num_cache_pairs"]
-        self.kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        self.hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.vocab = cfg["vocab_size"]
-        self.cache_dtype = np.float16 if cfg.get("onnx_dtype") == "float16" else np.float32
+        self.cfg = json.loads((onnx_dir / "config.json").read_text())
+        self.vocab = self.cfg["vocab_size"]
         self.names = [i.name for i in self.session.get_inputs()]
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
         """(prefill seconds, decode tokens/s over the batch) for ``new_tokens`` cached greedy steps."""
         ids = _prompt(batch, prompt_len, self.vocab)
-        past = [np.zeros((batch, self.kv, 0, self.hd), self.cache_dtype) for _ in range(2 * self.pairs)]
+        past = empty_past(self.session, self.cfg, batch)
         total = prompt_len
         positions = np.broadcast_to(np.arange(total, dtype=np.int64), (batch, total))
         start = time.perf_counter()
@@ -93,18 +90,23 @@ class TorchRunner:
             self.torch.cuda.synchronize()
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+        from transformers import DynamicCache
+
+        from .modeling.modeling_slim import CACHE_NAME
+
         torch = self.torch
         ids = torch.from_numpy(_prompt(batch, prompt_len, self.vocab)).to(self.device)
         with torch.no_grad():
             self._sync()
             start = time.perf_counter()
-            out = self.model(input_ids=ids, use_cache=True)
+            cache = {CACHE_NAME: DynamicCache()}  # updated in place by every call
+            out = self.model(input_ids=ids, use_cache=True, **cache)
             self._sync()
             prefill = time.perf_counter() - start
             start = time.perf_counter()
             for _ in range(new_tokens):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=nxt, use_cache=True, **cache)
             self._sync()
         return prefill, batch * new_tokens / (time.perf_counter() - start)
 
@@ -146,17 +148,6 @@ def memory_mb(plan, config: dict, bytes_per_value: int, tokens: int) -> float:
 
     c = costs(plan, config, tokens, bytes_per_value)
     return (c["params"] * bytes_per_value + c["kv_bytes_per_token"] * tokens) / 2**20
-
-
-def parse_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise SlimError(f"{flag} {text!r} is not a comma-separated list of positive integers",
-                        f"write it like {flag} 128,512")
-    return values
 
 
 def parse_runtimes(text: str | list[str]) -> list[str]:

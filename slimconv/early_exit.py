@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
 from .errors import SlimError
-from .modeling.modeling_slim import EXIT_FEATURES, _mask_factory, exit_features, exit_score, may_exit
+from .modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, _mask_factory, exit_features, exit_score, may_exit
 from .recipe import EarlyExit
 
 ROWS = 512  # tokens whose full-vocabulary logits are held at once
@@ -55,10 +56,6 @@ def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
 
 # ---------------------------------------------------------------- per-layer records
 
-def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
-
-
 @torch.no_grad()
 def layer_records(states, logits_of, ids: torch.Tensor) -> dict:
     """Per layer and per predicted token: the exit features, the top-1 token and the NLL of the true next token.
@@ -91,15 +88,13 @@ def source_records(runner, config: dict) -> dict:
     """Records of the source model, run layer by layer by the analysis engine (``layerwise.Runner``)."""
     from .plan import source_plan
 
-    bank = runner.bank
-
     def states():
         x = runner.embed()
         for spec in source_plan(config).layers:
             x = runner.apply(spec, x)
             yield x
 
-    return layer_records(states(), lambda h: _rms(h, bank.final_norm, bank.eps) @ bank.head.T, runner.ids)
+    return layer_records(states(), runner.logits, runner.ids)
 
 
 def model_records(model, ids: torch.Tensor, batch_size: int = 4) -> dict:
@@ -154,15 +149,14 @@ def train_classifier(records: dict, features=EXIT_FEATURES, l2: float = 1e-4) ->
 
 # ---------------------------------------------------------------- costs and simulation
 
-def layer_flops(model) -> dict:
-    """Weight FLOPs per token (2 per multiply-add) of each layer, of one LM head (one exit check), and of
-    the key/value projections that fill a skipped layer's cache. Attention scores are left out: they
+def layer_flops(layers, head: torch.Tensor) -> dict:
+    """Weight FLOPs per token (2 per multiply-add) of each decoder layer, of one LM head (one exit check),
+    and of the key/value projections that fill a skipped layer's cache. Attention scores are left out: they
     grow with the context and are the same for every layer."""
-    layers = model.model.layers
     per_layer = [2 * sum(p.numel() for p in layer.parameters()) for layer in layers]
     fill = [2 * (layer.self_attn.k_proj.weight.numel() + layer.self_attn.v_proj.weight.numel())
             if layer.self_attn is not None else 0 for layer in layers]
-    return dict(layers=per_layer, head=2 * model.lm_head.weight.numel(), kv_fill=fill)
+    return dict(layers=per_layer, head=2 * head.numel(), kv_fill=fill)
 
 
 def exit_layers(records: dict, policy: dict) -> torch.Tensor:
@@ -214,8 +208,6 @@ def _set_exit(model, enabled: bool):
 def teacher_forced(model, ids: torch.Tensor, flops: dict) -> dict:
     """Real per-token exit: each window fed one token per forward call with the KV cache (and its fill),
     compared with the same model without early exit. Batch 1."""
-    from transformers.cache_utils import DynamicCache
-
     policy = model.config.early_exit
     n = len(model.model.layers)
     exits, agree, nll_exit, nll_full = [], [], [], []
@@ -223,9 +215,9 @@ def teacher_forced(model, ids: torch.Tensor, flops: dict) -> dict:
         _set_exit(model, False)
         full = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
         _set_exit(model, True)
-        cache = DynamicCache()
+        cache = {CACHE_NAME: DynamicCache()}
         for t in range(len(row) - 1):
-            out = model(input_ids=row[None, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=row[None, t:t + 1], use_cache=True, **cache)
             logits = out.logits[0, -1].float()
             exits.append(n - 1 if out.exit_layer is None else out.exit_layer)
             agree.append(bool(logits.argmax() == full[t].argmax()))
@@ -299,7 +291,7 @@ def evaluate(model, tokenizer, chunks: torch.Tensor, text: str, samples: int = 4
     chunks (the LM head at every layer costs several layers' worth on small models, hence not all of
     them), real teacher-forced decoding on the first ``decode_tokens`` of the first chunk, and the prompt tasks."""
     policy = model.config.early_exit
-    flops = layer_flops(model)
+    flops = layer_flops(model.model.layers, model.lm_head.weight)
     records = model_records(model, chunks[:samples])
     result = dict(policy=policy, simulated=simulate(records, policy, flops),
                   decode=teacher_forced(model, chunks[:1, :decode_tokens + 1], flops),
@@ -340,10 +332,8 @@ def analyse_early_exit(settings, src_dir: Path) -> dict:
     records = source_records(Runner(bank, ids, settings.batch_size), ckpt.config)
     classifier = train_classifier(records)
     two = train_classifier(records, features=("top1_prob", "gap"))
-    layers = [bank.layer(spec) for spec in source_plan(ckpt.config).layers]
-    flops = dict(layers=[2 * sum(p.numel() for p in l.parameters()) for l in layers], head=2 * bank.head.numel(),
-                 kv_fill=[2 * (l.self_attn.k_proj.weight.numel() + l.self_attn.v_proj.weight.numel()) for l in layers])
-    n = len(layers)
+    flops = layer_flops([bank.layer(spec) for spec in source_plan(ckpt.config).layers], bank.head)
+    n = len(flops["layers"])
     agree = (records["pred"] == records["pred"][-1]).double().mean(1).tolist()
     return dict(settings=settings.model_dump(), source_dir=str(src_dir), num_layers=n, calibration_tokens=ids.numel(),
                 classifier=classifier, classifier_without_depth=two, layer_agreement=agree, flops=flops,

@@ -32,19 +32,13 @@ def load_as_slim(directory: Path, dtype: torch.dtype = torch.float32):
     tensor, so memory holds one copy of the weights, not a random init plus the loaded copy."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from .convert import slim_layers_config
-    from .modeling.configuration_slim import SlimConfig
+    from .convert import as_slim_config
     from .modeling.modeling_slim import SlimForCausalLM
-    from .plan import source_plan
 
     config = json.loads((directory / "config.json").read_text())
-    if config.get("model_type") != "slimconv":
-        config = slim_layers_config(source_plan(config), config)
-    for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
-        config.pop(k, None)
     config.pop("early_exit", None)  # the graph runs every layer (see run_export): compare it with that
     with torch.device("meta"):
-        model = SlimForCausalLM(SlimConfig(**config)).eval()
+        model = SlimForCausalLM(as_slim_config(config)).eval()
     # Its buffers (inverse frequencies) are computed from the config, not stored in the checkpoint.
     model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
     expected = model.state_dict()
@@ -356,6 +350,14 @@ def _cache_dtype(session):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[session.get_inputs()[3].type]
 
 
+def empty_past(session, cfg: dict, batch: int) -> list[np.ndarray]:
+    """The zero-length cache of a first (prefill) call: a key and a value per cache pair of the export's
+    ``config.json``, in the graph's cache dtype."""
+    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return [np.zeros((batch, kv, 0, hd), _cache_dtype(session)) for _ in range(2 * cfg["num_cache_pairs"])]
+
+
 def _positions(mask: torch.Tensor, t: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
 
@@ -369,18 +371,16 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
     import onnxruntime as ort
     from transformers import DynamicCache
 
+    from .modeling.modeling_slim import CACHE_NAME
     from .validate import load_model
 
     session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
     used = session.get_providers()[0]
-    cache_dtype = _cache_dtype(session)
-    dtype = json.loads((onnx_dir / "config.json").read_text())["onnx_dtype"]
+    onnx_cfg = json.loads((onnx_dir / "config.json").read_text())
+    dtype = onnx_cfg["onnx_dtype"]
     criterion = CRITERIA[dtype]
     model = load_model(slim_dir)
     model.config.early_exit_enabled = False  # the graph runs every layer (see run_export)
-    pairs = json.loads((onnx_dir / "config.json").read_text())["num_cache_pairs"]
-    cfg = model.config
-    kv, hd = cfg.num_key_value_heads, cfg.head_dim
     names = [i.name for i in session.get_inputs()]
     cases = {"batch 1": prompts[:1], f"batch {len(prompts)}, left-padded": prompts}
     results = {}
@@ -391,13 +391,13 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
         for r, p in enumerate(batch):
             ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
         cache = DynamicCache()
-        past = [np.zeros((len(batch), kv, 0, hd), cache_dtype) for _ in range(2 * pairs)]
+        past = empty_past(session, onnx_cfg, len(batch))
         err, scale, agree, total, step_ids = 0.0, 0.0, 0, 0, ids
         for step in range(steps + 1):
             t = step_ids.shape[1]
             pos = _positions(mask, t)
-            want = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True).logits
+            want = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{CACHE_NAME: cache}).logits
             feed = dict(zip(names, [step_ids.numpy(), mask.numpy(), pos.numpy(), *past]))
             got, *past = session.run(None, feed)
             real = mask[:, -t:].bool().numpy()  # padding positions' logits are meaningless
@@ -491,10 +491,8 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
     tok = AutoTokenizer.from_pretrained(str(onnx_dir), trust_remote_code=True)
     session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
     names = [i.name for i in session.get_inputs()]
-    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     ids = tok(prompt, return_tensors="np").input_ids.astype(np.int64)
-    past = [np.zeros((1, kv, 0, hd), _cache_dtype(session)) for _ in range(2 * cfg["num_cache_pairs"])]
+    past = empty_past(session, cfg, 1)
     eos = cfg.get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos])
     rng = np.random.default_rng(seed)

@@ -27,8 +27,10 @@ class RuntimeLayer(nn.Module):
         self.mean_norm = norm == "mean" and len(self.mlp) > 1
 
     def forward(self, hidden_states, **kwargs):
-        kwargs.pop("use_cache", None)
-        kwargs["past_key_values"] = None
+        # No cache reaches the source layers, under whichever name this transformers passes it: the
+        # reference recomputes every step.
+        for name in ("use_cache", "cache", "past_key_values", "cache_params"):
+            kwargs.pop(name, None)
         x = hidden_states
         if len(self.attn):
             x = x + sum(l.self_attn(hidden_states=l.input_layernorm(hidden_states), **kwargs)[0] for l in self.attn)

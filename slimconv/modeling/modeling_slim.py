@@ -2,7 +2,12 @@
 
 slimconv copies this file beside the weights, so that
 ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` works without slimconv installed.
-It depends on torch and transformers 5.x only.
+It depends on torch and transformers only, and is proven on the transformers versions named in
+``configuration_slim.PROVEN_TRANSFORMERS`` (oldest and newest, by slimconv's compatibility matrix).
+transformers has renamed how the KV cache travels (``past_key_values`` until 5.23, ``cache`` from
+5.24), so this file reads the cache under every name, returns it under the name the installed
+version's output classes use, and creates the cache itself: it relies only on the public Cache API
+(``update``, ``get_seq_length``) and on ``generate()`` accepting a cache object.
 
 A wide layer (layer parallelism) is an ordinary layer with more heads and a wider MLP: the members'
 norm gains were folded into the projections at conversion time, so nothing here is specific to it.
@@ -16,21 +21,51 @@ layer e still fills the KV cache of the layers it skipped, from its exit hidden 
 propagation): later tokens attend to keys/values computed as if the exited state had passed unchanged
 through the skipped layers, which is exactly what a model that copies exited states forward computes.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 try:
     from .configuration_slim import SlimConfig
 except ImportError:  # imported as a plain module (slimconv's own tests)
     from configuration_slim import SlimConfig
+
+# The name under which this transformers version passes the cache to ``forward`` and reads it back from
+# the output: the output dataclass's own field says it, whatever the version.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+# Every name a version in or before the proven range has used for the cache argument.
+_CACHE_ALIASES = ("cache", "past_key_values", "cache_params")
+
+
+def _take_cache(kwargs):
+    """Removes and returns the one cache passed in ``kwargs``, whatever its name.
+
+    A Cache under a name this file does not know means transformers renamed it again: ignoring it would
+    silently decode every step without context, so it is an error that names the fix.
+    """
+    given = {k: kwargs.pop(k) for k in _CACHE_ALIASES if kwargs.get(k) is not None}
+    unknown = [k for k, v in kwargs.items() if isinstance(v, Cache)]
+    if unknown or len(given) > 1:
+        import transformers
+
+        raise TypeError(
+            f"modeling_slim.py got the KV cache as {sorted(given) + unknown}; transformers "
+            f"{transformers.__version__} passes it in a way this file was not proven with. Install a transformers "
+            f"version in the range named in configuration_slim.PROVEN_TRANSFORMERS."
+        )
+    return next(iter(given.values()), None)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class SlimRMSNorm(nn.Module):
@@ -51,7 +86,7 @@ class SlimRMSNorm(nn.Module):
 def _rope(x, position_embeddings):
     """RoPE on (batch, heads, seq, head_dim), as transformers' apply_rotary_pos_emb."""
     cos, sin = position_embeddings
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
 class SlimAttention(nn.Module):
@@ -83,19 +118,19 @@ class SlimAttention(nn.Module):
             k = self.k_norm(k)
         return _rope(k.transpose(1, 2), position_embeddings), v.transpose(1, 2)
 
-    def fill_cache(self, x, position_embeddings, past_key_values):
+    def fill_cache(self, x, position_embeddings, cache):
         """Stores this layer's keys/values for ``x`` (already normed) without computing attention."""
-        past_key_values.update(*self._keys_values(x, position_embeddings), self.cache_index)
+        cache.update(*self._keys_values(x, position_embeddings), self.cache_index)
 
-    def forward(self, x, position_embeddings, masks, past_key_values):
+    def forward(self, x, position_embeddings, masks, cache):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = _rope(q.transpose(1, 2), position_embeddings)
         k, v = self._keys_values(x, position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.cache_index)
+        if cache is not None:
+            k, v = cache.update(k, v, self.cache_index)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=masks(self.sliding_window), scale=self.scaling, enable_gqa=True
         )
@@ -130,13 +165,13 @@ class SlimDecoderLayer(nn.Module):
         else:
             self.post_attention_layernorm = self.mlp = None
 
-    def fill_cache(self, x, position_embeddings, past_key_values):
+    def fill_cache(self, x, position_embeddings, cache):
         if self.self_attn is not None:
-            self.self_attn.fill_cache(self.input_layernorm(x), position_embeddings, past_key_values)
+            self.self_attn.fill_cache(self.input_layernorm(x), position_embeddings, cache)
 
-    def forward(self, x, position_embeddings, masks, past_key_values):
+    def forward(self, x, position_embeddings, masks, cache):
         if self.self_attn is not None:
-            x = x + self.self_attn(self.input_layernorm(x), position_embeddings, masks, past_key_values)
+            x = x + self.self_attn(self.input_layernorm(x), position_embeddings, masks, cache)
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
@@ -238,15 +273,17 @@ class SlimModel(SlimPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, exit_head=None, **kwargs):
-        """``exit_head`` (the LM head) turns on the config's early-exit policy; None runs every layer."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                exit_head=None, **kwargs):
+        """``exit_head`` (the LM head) turns on the config's early-exit policy; None runs every layer.
+        The cache comes in ``kwargs`` under any name transformers uses (see ``CACHE_NAME``)."""
+        cache = _take_cache(kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         t = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
@@ -255,17 +292,17 @@ class SlimModel(SlimPreTrainedModel):
         position_embeddings = self.rotary_emb(x, position_ids=position_ids)
         policy, n = self.config.early_exit, len(self.layers)
         for i, layer in enumerate(self.layers):
-            x = layer(x, position_embeddings, masks, past_key_values if use_cache else None)
+            x = layer(x, position_embeddings, masks, cache if use_cache else None)
             if exit_head is None or not may_exit(i, n, policy):
                 continue
             logits = exit_head(self.norm(x[:, -1]))
             if (exit_score(exit_features(logits, i, n), policy) >= policy["threshold"]).all():
                 if use_cache:
                     for skipped in self.layers[i + 1:]:
-                        skipped.fill_cache(x, position_embeddings, past_key_values)
-                return SlimModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values,
-                                       exit_layer=i, exit_logits=logits)
-        return SlimModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+                        skipped.fill_cache(x, position_embeddings, cache)
+                return SlimModelOutput(last_hidden_state=self.norm(x), exit_layer=i, exit_logits=logits,
+                                       **{CACHE_NAME: cache})
+        return SlimModelOutput(last_hidden_state=self.norm(x), **{CACHE_NAME: cache})
 
 
 class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
@@ -283,12 +320,20 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def generate(self, *args, **kwargs):
+        """``generate()`` with a cache this model created: a cache built by transformers from the config would
+        be laid out per source layer (and cropped to the sliding window), not per kept attention."""
+        if not any(kwargs.get(k) is not None for k in _CACHE_ALIASES):
+            kwargs[CACHE_NAME] = DynamicCache()
+        return super().generate(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
         exit_on = self.config.early_exit is not None and self.config.early_exit_enabled
+        cache = _take_cache(kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         exit_head=self.lm_head if exit_on else None)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         exit_head=self.lm_head if exit_on else None, **{CACHE_NAME: cache})
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -296,4 +341,4 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
             logits = out.exit_logits[:, None]  # the policy already paid for the LM head on this position
         else:
             logits = self.lm_head(h)
-        return SlimCausalLMOutput(logits=logits, past_key_values=out.past_key_values, exit_layer=out.exit_layer)
+        return SlimCausalLMOutput(logits=logits, exit_layer=out.exit_layer, **{CACHE_NAME: getattr(out, CACHE_NAME)})
