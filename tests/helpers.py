@@ -9,6 +9,49 @@ from slimconv.reference import apply_plan, greedy_no_cache
 from slimconv.source import Checkpoint
 from slimconv.validate import load_model
 
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+# Every supported family, with the variations the converter must handle (tied/untied embeddings,
+# attention and MLP biases, per-head q/k norms, sliding windows).
+ARCH_CONFIGS = {
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama-bias-untied": ("LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=8, head_dim=16)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
+}
+
+
+def make_tiny(directory: Path, name: str, seed: int = 0) -> Path:
+    import transformers
+
+    cls, extra = ARCH_CONFIGS[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls)(**TINY, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:  # norms and biases away from their init so folding errors would show
+                p.copy_((1.0 if "norm" in n else 0.0) + 0.3 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory
+
+
+def with_word_tokenizer(model: Path, dest: Path, words: int) -> Path:
+    """A copy of a tiny model with a word-level tokenizer over "w0".."w{words-1}", so commands that read
+    text can run on it."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(model, dest)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)} | {"[UNK]": words}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(dest)
+    return dest
+
 
 def convert(src: Path, out: Path, dtype="source", shard="5GB", **recipe):
     ckpt = Checkpoint(src)

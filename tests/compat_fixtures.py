@@ -1,0 +1,48 @@
+"""Slim outputs of every kind, for every supported architecture, with the reference's expected answers:
+the input of ``compat_check.py`` (see there)."""
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from compat_check import EXPECT
+from helpers import ARCH_CONFIGS, convert, make_tiny
+from slimconv.reference import apply_plan, greedy_no_cache
+from slimconv.validate import load_model
+
+# One output per kind the converter writes: a stock config (blocks only), the slim format with
+# sublayers removed, wide layers (a pair and a group of 3, both norm modes), and an early-exit policy.
+KINDS = {
+    "stock": dict(remove={"blocks": [1, 4]}),
+    "sublayers": dict(remove={"attention": [2, 5], "mlp": [0]}),
+    "parallel": dict(parallel={"groups": [[0, 1], "3-5"]}),
+    "parallel-mean": dict(remove={"attention": [3]}, parallel={"groups": ["2-4"], "norm": "mean"}),
+    "early-exit": dict(remove={"mlp": [1]}, parallel={"groups": [[3, 4]]},
+                       early_exit={"policy": "gap", "threshold": 0.001, "min_layer": 1}),
+}
+PROMPT = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+NEW_TOKENS = 10
+
+
+@torch.no_grad()
+def build(root: Path) -> list[Path]:
+    """Writes ``root/ARCH-KIND/`` for every architecture and kind; returns the output folders."""
+    outputs = []
+    for arch in ARCH_CONFIGS:
+        src = root / "sources" / arch
+        if not src.exists():
+            make_tiny(src, arch)
+        for kind, recipe in KINDS.items():
+            out = root / f"{arch}-{kind}"
+            if (out / EXPECT).exists():
+                outputs.append(out)
+                continue
+            shutil.rmtree(out, ignore_errors=True)  # an earlier run stopped before writing its answers
+            plan = convert(src, out, **recipe)
+            reference = apply_plan(load_model(src), plan)
+            greedy = greedy_no_cache(reference, PROMPT, NEW_TOKENS)
+            save_file({"ids": PROMPT.contiguous(), "greedy": greedy.contiguous(),
+                       "logits": reference(input_ids=greedy).logits.contiguous()}, str(out / EXPECT))
+            outputs.append(out)
+    return outputs
