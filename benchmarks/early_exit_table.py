@@ -43,7 +43,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.checkpoint, trust_remote_code=True)
     text = load_text("wikitext2", "test")
     chunks = token_chunks(tok, text, a.samples, a.seq_len)
-    flops = layer_flops(model)
+    flops = layer_flops(model.model.layers, model.lm_head.weight)
     t = time.time()
     if a.records and Path(a.records).is_file():
         records = torch.load(a.records)

@@ -142,10 +142,10 @@ def _cmd_generate(args):
 
 
 def _cmd_bench(args):
-    from .bench import BenchSettings, parse_list, parse_runtimes, run_bench
+    from .bench import BenchSettings, parse_runtimes, run_bench
 
-    settings = BenchSettings(parse_runtimes(args.runtime), parse_list(args.prompt_lens, "--prompt-lens"),
-                             args.new_tokens, parse_list(args.batch, "--batch"), args.repeats, args.threads,
+    settings = BenchSettings(parse_runtimes(args.runtime), _int_list(args.prompt_lens, "--prompt-lens"),
+                             args.new_tokens, _int_list(args.batch, "--batch"), args.repeats, args.threads,
                              args.device)
     run_bench(args.source, args.output, settings, args.out_json, args.plot)
     return 0
@@ -160,7 +160,7 @@ def _cmd_analyze(args):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu")
-    sizes = _int_list(args.group_sizes, "--group-sizes")
+    sizes = _int_list(args.group_sizes, "--group-sizes", "2,3")
     settings = AnalysisSettings(
         model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes, group_ppl=not args.no_group_ppl,
@@ -175,11 +175,15 @@ def _cmd_analyze(args):
     return 0
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, example: str = "128,512") -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SlimError(f"{flag} {text!r} is not a comma-separated list of integers", f"write it like {flag} 2,3") from None
+        values = []
+    if not values or min(values) < 1:
+        raise SlimError(f"{flag} {text!r} is not a comma-separated list of positive integers",
+                        f"write it like {flag} {example}")
+    return values
 
 
 def _cmd_recipe(args):

@@ -30,6 +30,8 @@ _ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch
        torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 _FROM_ST = {v: k for k, v in _ST.items()}
 # Source config keys that describe per-layer attention types; the slim config carries them per layer.
+# Keys of a written config that SlimConfig(**config) must not receive (class-level or loader metadata).
+_RUNTIME_DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
 _SLIM_DROP_KEYS = ("architectures", "auto_map", "model_type", "layer_types", "sliding_window",
                    "use_sliding_window", "max_window_layers", "transformers_version", "quantization_config")
 
@@ -244,6 +246,17 @@ def slim_layers_config(plan: Plan, src: dict) -> dict:
     if plan.early_exit is not None:
         cfg["early_exit"] = plan.early_exit
     return cfg
+
+
+def as_slim_config(config: dict):
+    """The SlimConfig object that runs ``config``: a slimconv config as written, or a stock one as every
+    layer kept (slimconv's own code runs both through the slim modeling classes)."""
+    from .modeling.configuration_slim import SlimConfig
+    from .plan import source_plan
+
+    if config.get("model_type") != "slimconv":
+        config = slim_layers_config(source_plan(config), config)
+    return SlimConfig(**{k: v for k, v in config.items() if k not in _RUNTIME_DROP_KEYS})
 
 
 def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str) -> dict:

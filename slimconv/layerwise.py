@@ -17,16 +17,6 @@ from .plan import AttentionSpec, LayerSpec, MlpSpec, source_plan
 from .source import Checkpoint
 
 
-def _slim_config(config: dict):
-    from .convert import slim_layers_config
-    from .modeling.configuration_slim import SlimConfig
-
-    cfg = slim_layers_config(source_plan(config), config)
-    for k in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
-        cfg.pop(k, None)
-    return SlimConfig(**cfg)
-
-
 def group_spec(config: dict, members: list[int], attention: bool = True, mlp: bool = True) -> LayerSpec:
     """The layer spec of source layers ``members`` evaluated as one (wide) layer, optionally without a sublayer."""
     base = source_plan(config).layers
@@ -48,7 +38,9 @@ class LayerBank:
     def __init__(self, ckpt: Checkpoint, norm: str = "per_layer", budget: int | None = None, device: str = "cpu"):
         self.ckpt = ckpt
         self.device = torch.device(device)
-        self.config = _slim_config(ckpt.config)
+        from .convert import as_slim_config
+
+        self.config = as_slim_config(ckpt.config)
         self.arch = A.get_arch(ckpt.config)
         self.norm = norm
         self.budget = budget
@@ -74,10 +66,6 @@ class LayerBank:
         prefix = A.LAYER.format(i=0)
         state = {j.name[len(prefix):]: j.compute().float() for j in _layer_jobs(spec, 0, self.ckpt, self.arch,
                                                                                self.norm, "float32")}
-        if module.self_attn is not None and module.self_attn.q_norm is not None:
-            for p in "qk":  # stored per head in the slim layout
-                name = f"self_attn.{p}_norm.weight"
-                state[name] = state[name].expand(getattr(module.self_attn, f"{p}_norm").weight.shape).contiguous()
         module.load_state_dict(state, assign=True)
         module.to(self.device).eval()
         self.loads += 1
@@ -135,10 +123,13 @@ class Runner:
         target = self.ids[:, 1:].reshape(-1)
         total = 0.0
         for i in range(0, len(h), rows):
-            part = h[i:i + rows]
-            part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + self.bank.eps) * self.bank.final_norm
-            total += F.cross_entropy(part @ self.bank.head.T, target[i:i + rows], reduction="sum").item()
+            total += F.cross_entropy(self.logits(h[i:i + rows]), target[i:i + rows], reduction="sum").item()
         return total / len(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and LM head of hidden states ``h`` (rows, hidden)."""
+        b = self.bank
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + b.eps) * b.final_norm) @ b.head.T
 
 
 def ppl(nll: float) -> float:

@@ -193,9 +193,14 @@ def _load_section(name: str, uniform: bool, onnx: bool) -> list[str]:
                         "loads it, no remote code.")
         remote = ""
     else:
+        from .modeling.configuration_slim import PROVEN_TRANSFORMERS
+
+        oldest, newest = PROVEN_TRANSFORMERS
         transformers = ("The layers differ in shape, so the checkpoint carries its own modeling code "
-                        "(`modeling_slim.py`, needs only torch and transformers 5.x); load it with "
-                        "`trust_remote_code=True` after reading that file.")
+                        f"(`modeling_slim.py`, needs only torch and transformers; proven with transformers "
+                        f"{oldest} to {newest}, and it warns when loaded under another version); load it with "
+                        f"`trust_remote_code=True` after reading that file: "
+                        f"`pip install 'transformers>={oldest},<={newest}'`.")
         remote = ", trust_remote_code=True"
     parts = ["## How to load", transformers,
              "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -274,6 +279,10 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
                                  f"{q['kl']:.4f}", f"{q['top1']:.3f}"]]))
     elif ex:
         parts.append("Quality (perplexity, KL, top-1 agreement against the source) was not measured.")
+    if report.get("environment"):
+        env = report["environment"]
+        parts.append(f"Validated with slimconv {env['slimconv']}, transformers {env['transformers']}, "
+                     f"torch {env['torch']}.")
     if report.get("early_exit"):
         parts.append(f"Early exit (policy `{json.dumps(report['early_exit']['policy'])}`), against the same "
                      "checkpoint with every layer run:")

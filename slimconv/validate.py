@@ -15,6 +15,15 @@ from .reference import apply_plan, greedy_no_cache
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
 
 
+def environment() -> dict:
+    """The versions a validation ran under: the bundled modeling code's behaviour depends on them."""
+    import transformers
+
+    from . import __version__
+
+    return {"slimconv": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
 def load_model(directory, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -130,6 +139,7 @@ def run_validate(out, skip_quality: bool = False) -> dict:
             console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
     report["passed"] = all(r["passed"] for r in report.values())
+    report["environment"] = environment()
     (out / "slimconv_report.json").write_text(json.dumps(report, indent=2))
     write_card(out)
     print_validation(report)

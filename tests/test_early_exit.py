@@ -2,7 +2,6 @@
 truncated at k; cached generation with the KV fill equals an uncached recomputation of the same policy;
 the classifier, the policy's checks, and the recipe -> convert -> validate/export path."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 import yaml
 from transformers.cache_utils import DynamicCache
 
-from helpers import convert
+from helpers import convert, with_word_tokenizer
 from slimconv.early_exit import exit_layers, resolve_policy, train_classifier
 from slimconv.errors import SlimError
 from slimconv.modeling.modeling_slim import exit_features, exit_score, may_exit
@@ -167,16 +166,9 @@ def test_analyze_convert_validate_export_and_load_without_slimconv(tiny_models, 
     """A user's path on a tiny model: analyze --early-exit -> recipe with the classifier (blocks removed too,
     so the config would be stock without early exit) -> run (validate) -> export says it is not exported ->
     the checkpoint loads and generates with remote code and no slimconv installed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from slimconv.cli import main
 
-    src = tmp_path / "src"
-    shutil.copytree(tiny_models["llama-tied"], src)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)} | {"[UNK]": 120}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(src)
+    src = with_word_tokenizer(tiny_models["llama-tied"], tmp_path / "src", 120)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(i * 7) % 120}" for i in range(3000)))
     analysis = tmp_path / "analysis"

@@ -8,6 +8,7 @@ import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+from helpers import with_word_tokenizer
 from slimconv import hub
 from slimconv.cli import main
 from slimconv.errors import SlimError
@@ -21,16 +22,10 @@ http = sys.modules[hub._TRANSPORT_ERROR.__module__]
 @pytest.fixture(scope="module")
 def validated(tiny_models, tmp_path_factory):
     """A converted, exactness-validated tiny output (a non-uniform one: remote code)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from slimconv.validate import run_validate
 
     root = tmp_path_factory.mktemp("push")
-    src = shutil.copytree(tiny_models["llama-tied"], root / "src")
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(50)} | {"[UNK]": 50}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(src)
+    src = with_word_tokenizer(tiny_models["llama-tied"], root / "src", 50)
     text = root / "text.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(2000)))
     out = root / "slim-llama"

@@ -1,8 +1,26 @@
 """Configuration of a slimmed decoder: the source's shared settings plus one spec per output layer.
 
-Copied beside the weights by slimconv; needs only transformers 5.x.
+Copied beside the weights by slimconv; needs only transformers, in the range it was proven with.
 """
+import warnings
+
+import transformers
+from packaging.version import Version
 from transformers import LlamaConfig
+
+# The oldest and newest transformers on which slimconv's compatibility matrix proved this file and
+# modeling_slim.py (conversion exact, generate() equal to the uncached loop). pyproject's range and the
+# model card read it from here; moving it is a deliberate change that reruns the matrix.
+PROVEN_TRANSFORMERS = ("5.0.0", "5.24.0")
+
+if not Version(PROVEN_TRANSFORMERS[0]) <= Version(transformers.__version__) <= Version(PROVEN_TRANSFORMERS[1]):
+    warnings.warn(
+        f"this slimconv model's code was proven with transformers {PROVEN_TRANSFORMERS[0]} to "
+        f"{PROVEN_TRANSFORMERS[1]}; transformers {transformers.__version__} is installed. If generation looks "
+        f"wrong, install a version in that range (pip install 'transformers>={PROVEN_TRANSFORMERS[0]},"
+        f"<={PROVEN_TRANSFORMERS[1]}').",
+        stacklevel=2,
+    )
 
 
 class SlimConfig(LlamaConfig):
