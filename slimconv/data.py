@@ -1,28 +1,33 @@
-"""Held-out text for validation: WikiText-2 from ../shared/data, a local file, or a Hub dataset."""
+"""Held-out text for validation: WikiText-2 (shipped with slimconv), a local file, or a Hub dataset."""
+import gzip
 import os
 from pathlib import Path
 
 from .errors import SlimError
 
 
-def wikitext_dir() -> Path | None:
-    candidates = [os.environ.get("SLIMCONV_DATA_DIR")]
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        candidates += [base / "shared" / "data", base.parent / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "wikitext-2" / "test.txt").is_file():
-            return Path(c) / "wikitext-2"
-    return None
+def wikitext(split: str) -> str:
+    """WikiText-2's ``split``: from ``$SLIMCONV_DATA_DIR/wikitext-2/{split}.txt`` when set, else the packaged copy."""
+    override = os.environ.get("SLIMCONV_DATA_DIR")
+    if override:
+        path = Path(override) / "wikitext-2" / f"{split}.txt"
+        if not path.is_file():
+            raise SlimError(f"SLIMCONV_DATA_DIR is set but {path} does not exist",
+                            "point SLIMCONV_DATA_DIR at a folder holding wikitext-2/valid.txt and test.txt, "
+                            "or unset it to use the copy shipped with slimconv")
+        return path.read_text(encoding="utf-8")
+    path = Path(__file__).resolve().parent / "data" / "wikitext-2" / f"{split}.txt.gz"
+    if not path.is_file():
+        raise SlimError(f"the WikiText-2 copy shipped with slimconv is missing ({path})",
+                        "reinstall slimconv, or set SLIMCONV_DATA_DIR to a folder holding wikitext-2/")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()
 
 
 def load_text(spec: str, split: str = "test") -> str:
     """``wikitext2`` (split valid or test), ``hf:NAME[:CONFIG]`` (needs network and `datasets`), or a file."""
     if spec == "wikitext2":
-        d = wikitext_dir()
-        if d is None:
-            raise SlimError("WikiText-2 was not found (looked for shared/data/wikitext-2 beside the project)",
-                            "set SLIMCONV_DATA_DIR to the folder holding wikitext-2/, or name a text file as data")
-        return (d / f"{split}.txt").read_text(encoding="utf-8")
+        return wikitext(split)
     if spec.startswith("hf:"):
         try:
             import datasets
