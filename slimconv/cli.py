@@ -375,7 +375,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was left half-written", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ def test_help_lists_the_stages(capsys):
 
 def test_bad_recipe_is_exit_2_without_traceback(tmp_path):
     r = write_recipe(tmp_path / "r.yaml", model="default", remov={"blocks": [1]}, output={"dir": str(tmp_path / "o")})
-    p = subprocess.run([sys.executable, "-m", "slimconv.cli", "plan", str(r)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "slimconv", "plan", str(r)], capture_output=True, text=True)
     assert p.returncode == 2
     assert "did you mean 'remove'" in p.stderr and "Traceback" not in p.stderr
 
