@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from slimconv.analyse import calibration_ids, sleb
+from slimconv.analyse import sleb
+from slimconv.data import calibration_ids
 from slimconv.layerwise import LayerBank, Runner
 from slimconv.source import Checkpoint, resolve_source
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from .data import calibration_ids
 from .errors import SlimError
 from .layerwise import LayerBank, Runner, candidate_nlls, group_spec, ppl
 from .plan import source_plan
@@ -45,26 +46,6 @@ class AnalysisSettings(BaseModel):
     norm: str = "per_layer"
     device: str = "cpu"
     allow_pickle: bool = False
-
-
-def calibration_ids(src_dir: Path, calib: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``samples`` windows of ``seq_len`` tokens at seeded random offsets of the calibration text
-    (the valid split for WikiText-2), as SLEB samples its calibration set."""
-    from transformers import AutoTokenizer
-
-    from .data import load_text
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src_dir))
-    except (OSError, ValueError) as e:
-        raise SlimError(f"no tokenizer in {src_dir}: {e}", "analyse a checkpoint that ships its tokenizer files") from None
-    ids = tok(load_text(calib, "valid"), return_tensors="pt").input_ids[0]
-    if len(ids) < seq_len + 1:
-        raise SlimError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}",
-                        "use a longer text or a smaller --seq-len")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

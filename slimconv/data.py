@@ -56,3 +56,22 @@ def token_chunks(tokenizer, text: str, samples: int, seq_len: int):
         raise SlimError(f"the text has only {len(ids)} tokens, fewer than one sequence of {seq_len}",
                         "use longer text or a smaller seq_len")
     return ids[: n * seq_len].view(n, seq_len).to(torch.long)
+
+
+def calibration_ids(src_dir: Path, calib: str, samples: int, seq_len: int, seed: int):
+    """``samples`` windows of ``seq_len`` tokens (a samples x seq_len tensor) at seeded random offsets of
+    the calibration text (the valid split for WikiText-2), as SLEB samples its calibration set."""
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src_dir))
+    except (OSError, ValueError) as e:
+        raise SlimError(f"no tokenizer in {src_dir}: {e}", "analyse a checkpoint that ships its tokenizer files") from None
+    ids = tok(load_text(calib, "valid"), return_tensors="pt").input_ids[0]
+    if len(ids) < seq_len + 1:
+        raise SlimError(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}",
+                        "use a longer text or a smaller --seq-len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -23,35 +23,8 @@ from transformers.cache_utils import DynamicCache
 
 from .errors import SlimError
 from .modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, _mask_factory, exit_features, exit_score, may_exit
-from .recipe import EarlyExit
 
 ROWS = 512  # tokens whose full-vocabulary logits are held at once
-
-
-def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
-    """The recipe's ``early_exit`` section as the config's policy dict (what modeling_slim evaluates)."""
-    if ee.min_layer >= num_layers - 1:
-        raise SlimError(f"early_exit.min_layer {ee.min_layer}: the slim model has {num_layers} layers, so an exit "
-                        f"must come after layer {num_layers - 2} or earlier", "lower early_exit.min_layer")
-    policy = dict(policy=ee.policy, threshold=ee.threshold, min_layer=ee.min_layer, every=ee.every)
-    if ee.policy == "gap":
-        return policy
-    if ee.weights is not None:
-        unknown = set(ee.weights) - set(EXIT_FEATURES)
-        if unknown or ee.bias is None:
-            raise SlimError(f"early_exit.weights: unknown features {sorted(unknown)}" if unknown
-                            else "early_exit.weights needs early_exit.bias", f"features are {', '.join(EXIT_FEATURES)}")
-        return dict(policy, features=list(ee.weights), weights=list(ee.weights.values()), bias=ee.bias)
-    if ee.classifier is None:
-        raise SlimError("early_exit.policy linear needs a classifier (or weights and bias)",
-                        "run `slimconv analyze MODEL --early-exit -o DIR` and set early_exit.classifier: "
-                        "DIR/early_exit.json, or use policy: gap")
-    path = Path(ee.classifier)
-    if not path.is_file():
-        raise SlimError(f"early_exit.classifier {str(path)!r} does not exist",
-                        "run `slimconv analyze MODEL --early-exit -o DIR` first (it writes DIR/early_exit.json)")
-    c = json.loads(path.read_text())["classifier"]
-    return dict(policy, features=c["features"], weights=c["weights"], bias=c["bias"])
 
 
 # ---------------------------------------------------------------- per-layer records
@@ -321,7 +294,7 @@ def _grid(records: dict, classifier: dict, flops: dict, num_layers: int) -> list
 
 def analyse_early_exit(settings, src_dir: Path) -> dict:
     """Trains the stop classifier on the calibration set of ``settings`` (analyse.AnalysisSettings)."""
-    from .analyse import calibration_ids
+    from .data import calibration_ids
     from .layerwise import LayerBank, Runner
     from .plan import source_plan
     from .source import Checkpoint
@@ -367,7 +340,6 @@ def report_markdown(m: dict) -> str:
 def run_analyse_early_exit(settings, out: Path, force: bool = False) -> dict:
     """Writes early_exit.json and early_exit.md into ``out``, beside any layer analysis already there
     (the issue's commands put both in one analysis folder, so this must not replace the folder)."""
-    from .errors import SlimError
     from .report import console
     from .source import resolve_source
 

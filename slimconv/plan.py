@@ -1,9 +1,12 @@
 """The plan: the recipe resolved against the source config into one spec per output layer, with costs."""
+import json
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from .arch import get_arch
 from .errors import SlimError
-from .recipe import Recipe, parse_indices
+from .recipe import EarlyExit, Recipe, parse_indices
 
 
 class AttentionSpec(BaseModel):
@@ -114,13 +117,38 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
             if attn else None,
             mlp=MlpSpec(sources=mlp, intermediate_size=d["inter"] * len(mlp)) if mlp else None,
         ))
-    early_exit = None
-    if recipe.early_exit is not None:
-        from .early_exit import resolve_policy
-
-        early_exit = resolve_policy(recipe.early_exit, len(layers))
+    early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)
+
+
+def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
+    """The recipe's ``early_exit`` section as the config's policy dict (what modeling_slim evaluates)."""
+    # Imported here: the modeling file pulls in torch and transformers, which planning alone does not need.
+    from .modeling.modeling_slim import EXIT_FEATURES
+
+    if ee.min_layer >= num_layers - 1:
+        raise SlimError(f"early_exit.min_layer {ee.min_layer}: the slim model has {num_layers} layers, so an exit "
+                        f"must come after layer {num_layers - 2} or earlier", "lower early_exit.min_layer")
+    policy = dict(policy=ee.policy, threshold=ee.threshold, min_layer=ee.min_layer, every=ee.every)
+    if ee.policy == "gap":
+        return policy
+    if ee.weights is not None:
+        unknown = set(ee.weights) - set(EXIT_FEATURES)
+        if unknown or ee.bias is None:
+            raise SlimError(f"early_exit.weights: unknown features {sorted(unknown)}" if unknown
+                            else "early_exit.weights needs early_exit.bias", f"features are {', '.join(EXIT_FEATURES)}")
+        return dict(policy, features=list(ee.weights), weights=list(ee.weights.values()), bias=ee.bias)
+    if ee.classifier is None:
+        raise SlimError("early_exit.policy linear needs a classifier (or weights and bias)",
+                        "run `slimconv analyze MODEL --early-exit -o DIR` and set early_exit.classifier: "
+                        "DIR/early_exit.json, or use policy: gap")
+    path = Path(ee.classifier)
+    if not path.is_file():
+        raise SlimError(f"early_exit.classifier {str(path)!r} does not exist",
+                        "run `slimconv analyze MODEL --early-exit -o DIR` first (it writes DIR/early_exit.json)")
+    c = json.loads(path.read_text())["classifier"]
+    return dict(policy, features=c["features"], weights=c["weights"], bias=c["bias"])
 
 
 def source_plan(config: dict) -> Plan:
