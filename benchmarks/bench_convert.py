@@ -212,7 +212,8 @@ def child_copy(src: Path, out: Path, fsync: bool) -> dict:
 
 
 def child_convert(src: Path, out: Path, recipe: dict, fsync: bool) -> dict:
-    from slimconv.convert import tensor_jobs, write_checkpoint
+    from slimconv.convert import write_checkpoint
+    from slimconv.layout import tensor_jobs
     from slimconv.plan import build_plan
     from slimconv.recipe import parse_recipe
     from slimconv.source import Checkpoint

@@ -23,6 +23,15 @@ QK_NORM = "self_attn.{p}_norm.weight"
 MLP = "mlp.{p}_proj.{kind}"
 
 
+# Configs leave these out when they equal the defaults: no grouped-query attention, head_dim = hidden / heads.
+def kv_heads(config: dict) -> int:
+    return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 @dataclass(frozen=True)
 class Arch:
     model_type: str

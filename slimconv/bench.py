@@ -159,21 +159,21 @@ def parse_runtimes(text: str | list[str]) -> list[str]:
 
 
 def _weights_key(src_dir: Path) -> str:
-    from .source import _cache_key
+    from .source import cache_key
 
-    return _cache_key(sorted(src_dir.glob("*.safetensors"))[0])
+    return cache_key(sorted(src_dir.glob("*.safetensors"))[0])
 
 
 def source_onnx(src_dir: Path, dtype: str) -> Path:
     """The unslimmed source exported once (unchecked: it is the reference only for speed) into the cache."""
     from .export import export_onnx
     from .report import console
-    from .source import _cached, cache_root
+    from .source import cache_root, cached
 
     key = f"onnx-{dtype}-{_weights_key(src_dir)}"
     if not (cache_root() / key / "config.json").is_file():
         console.print(f"exporting the source {src_dir} to ONNX ({dtype}) once, into {cache_root() / key}")
-    return _cached(key, lambda tmp: export_onnx(src_dir, tmp, dtype))
+    return cached(key, lambda tmp: export_onnx(src_dir, tmp, dtype))
 
 
 def slim_onnx(out: Path) -> Path:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from .errors import SlimError
-from .modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, _mask_factory, exit_features, exit_score, may_exit
+from .modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, exit_features, exit_score, mask_factory, may_exit
 
 ROWS = 512  # tokens whose full-vocabulary logits are held at once
 
@@ -75,7 +75,7 @@ def model_records(model, ids: torch.Tensor, batch_size: int = 4) -> dict:
     m = model.model
     t = ids.shape[1]
     rope = m.rotary_emb(torch.zeros(1, t, 1), torch.arange(t)[None])
-    masks = _mask_factory(None, 0, t, torch.float32, ids.device)
+    masks = mask_factory(None, 0, t, torch.float32, ids.device)
     parts = []
     for b in range(0, len(ids), batch_size):
         rows = ids[b:b + batch_size]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SlimError
+from .layout import DTYPES, as_slim_config
 from .source import AUX_FILES, Checkpoint
 
 OPSET = 17
@@ -32,7 +33,6 @@ def load_as_slim(directory: Path, dtype: torch.dtype = torch.float32):
     tensor, so memory holds one copy of the weights, not a random init plus the loaded copy."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from .convert import as_slim_config
     from .modeling.modeling_slim import SlimForCausalLM
 
     config = json.loads((directory / "config.json").read_text())
@@ -141,7 +141,6 @@ def _dummy(decoder: CacheDecoder, batch=2, seq=3, past=2):
     return (ids, mask, pos, *cache)
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
                torch.bfloat16: onnx.TensorProto.BFLOAT16}
 _NUMPY_VIEW = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.int16}

@@ -2,7 +2,7 @@
 
 Analysis pushes the whole calibration set through one layer, then the next, so only one layer's
 weights (plus the activations) need to be in memory: models larger than RAM can be analysed. Layers
-are built by the converter's own weight rewrite (``convert._layer_jobs``) into the slim modeling
+are built by the converter's own weight rewrite (``layout.layer_jobs``) into the slim modeling
 code's layer class, so a candidate (a removed sublayer, a wide parallel layer) is evaluated exactly as
 the converted checkpoint would compute it.
 """
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import arch as A
+from .layout import as_slim_config, layer_jobs
 from .plan import AttentionSpec, LayerSpec, MlpSpec, source_plan
 from .source import Checkpoint
 
@@ -38,8 +39,6 @@ class LayerBank:
     def __init__(self, ckpt: Checkpoint, norm: str = "per_layer", budget: int | None = None, device: str = "cpu"):
         self.ckpt = ckpt
         self.device = torch.device(device)
-        from .convert import as_slim_config
-
         self.config = as_slim_config(ckpt.config)
         self.arch = A.get_arch(ckpt.config)
         self.norm = norm
@@ -54,7 +53,6 @@ class LayerBank:
         self.eps = ckpt.config.get("rms_norm_eps", 1e-6)
 
     def layer(self, spec: LayerSpec) -> torch.nn.Module:
-        from .convert import _layer_jobs
         from .modeling.modeling_slim import SlimDecoderLayer
 
         key = spec.model_dump_json()
@@ -64,8 +62,8 @@ class LayerBank:
         with torch.device("meta"):  # the weights come from the checkpoint: skip random initialisation
             module = SlimDecoderLayer(self.config, spec.model_dump(), 0)
         prefix = A.LAYER.format(i=0)
-        state = {j.name[len(prefix):]: j.compute().float() for j in _layer_jobs(spec, 0, self.ckpt, self.arch,
-                                                                               self.norm, "float32")}
+        state = {j.name[len(prefix):]: j.compute().float() for j in layer_jobs(spec, 0, self.ckpt, self.arch,
+                                                                              self.norm, "float32")}
         module.load_state_dict(state, assign=True)
         module.to(self.device).eval()
         self.loads += 1
@@ -82,14 +80,14 @@ class Runner:
     """The calibration set's activations pushed through layers, in sample batches."""
 
     def __init__(self, bank: LayerBank, ids: torch.Tensor, batch_size: int = 8):
-        from .modeling.modeling_slim import _mask_factory
+        from .modeling.modeling_slim import mask_factory
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.bank, self.ids, self.batch_size = bank, ids.to(bank.device), batch_size
         t = ids.shape[1]
         rope = LlamaRotaryEmbedding(config=bank.config).to(bank.device)
         self.rope = rope(torch.zeros(1, t, 1, device=bank.device), torch.arange(t, device=bank.device)[None])
-        self.masks = _mask_factory(None, 0, t, torch.float32, bank.device)
+        self.masks = mask_factory(None, 0, t, torch.float32, bank.device)
 
     def embed(self) -> torch.Tensor:
         return F.embedding(self.ids, self.bank.embed)

@@ -44,12 +44,12 @@ def default_gguf() -> Path:
     return path
 
 
-def _cache_key(path: Path) -> str:
+def cache_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _cached(key: str, build) -> Path:
+def cached(key: str, build) -> Path:
     """Builds a cache entry in a temporary directory and renames it into place when complete."""
     target = cache_root() / key
     if (target / "config.json").is_file():
@@ -91,7 +91,7 @@ def gguf_to_safetensors(path: Path) -> Path:
         except (OSError, ValueError):
             pass  # the GGUF carries no generation settings
 
-    return _cached("gguf-" + _cache_key(path), build)
+    return cached("gguf-" + cache_key(path), build)
 
 
 def pickle_to_safetensors(src: Path) -> Path:
@@ -114,7 +114,7 @@ def pickle_to_safetensors(src: Path) -> Path:
             (out / "model.safetensors.index.json").write_text(json.dumps(data, indent=2))
             idx.unlink()
 
-    return _cached("bin-" + _cache_key(src / "config.json"), build)
+    return cached("bin-" + cache_key(src / "config.json"), build)
 
 
 def _from_hub(repo_id: str, allow_pickle: bool, config_only: bool = False) -> Path:

@@ -44,9 +44,9 @@ def test_off_is_the_exact_model_and_exit_at_k_is_the_truncated_model(tiny_models
     on = model(input_ids=IDS, use_cache=False)
     m = model.model
     x, rope = m.embed_tokens(IDS), m.rotary_emb(torch.zeros(1), torch.arange(IDS.shape[1])[None])
-    from slimconv.modeling.modeling_slim import _mask_factory
+    from slimconv.modeling.modeling_slim import mask_factory
 
-    masks = _mask_factory(None, 0, IDS.shape[1], torch.float32, "cpu")
+    masks = mask_factory(None, 0, IDS.shape[1], torch.float32, "cpu")
     for layer in m.layers[:3]:
         x = layer(x, rope, masks, None)
     assert on.exit_layer == 2
@@ -58,7 +58,7 @@ def _uncached_greedy(model, prompt, steps):
     """Greedy tokens and exit layers, recomputing the whole sequence each step without a cache: a token
     that exited at e keeps its layer-e hidden state through the later layers (its keys/values there come
     from that state), which is what the cached run's KV fill must reproduce."""
-    from slimconv.modeling.modeling_slim import _mask_factory
+    from slimconv.modeling.modeling_slim import mask_factory
 
     m, policy = model.model, model.config.early_exit
     n = len(m.layers)
@@ -66,7 +66,7 @@ def _uncached_greedy(model, prompt, steps):
     for _ in range(steps + 1):
         t = ids.shape[1]
         x = m.embed_tokens(ids)
-        rope, masks = m.rotary_emb(x, torch.arange(t)[None]), _mask_factory(None, 0, t, torch.float32, "cpu")
+        rope, masks = m.rotary_emb(x, torch.arange(t)[None]), mask_factory(None, 0, t, torch.float32, "cpu")
         done = torch.tensor(exits + [n] * (t - len(exits)))  # exit layer per position; n: still running
         decided = None
         for i, layer in enumerate(m.layers):
@@ -106,14 +106,14 @@ def test_cached_generation_with_kv_fill_matches_uncached_recomputation(tiny_mode
 
 @torch.no_grad()
 def test_batch_exits_at_the_first_check_where_every_row_is_confident(tiny_models, tmp_path):
-    from slimconv.modeling.modeling_slim import _mask_factory
+    from slimconv.modeling.modeling_slim import mask_factory
 
     convert(tiny_models["qwen2"], tmp_path / "out", remove={"mlp": [0]}, early_exit=dict(VARIED, threshold=0.0005))
     model = load_model(tmp_path / "out")
     rows = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(3))
     m, policy = model.model, model.config.early_exit
     n = len(m.layers)
-    x, masks = m.embed_tokens(rows), _mask_factory(None, 0, 6, torch.float32, "cpu")
+    x, masks = m.embed_tokens(rows), mask_factory(None, 0, 6, torch.float32, "cpu")
     rope = m.rotary_emb(x, torch.arange(6)[None])
     confident = []
     for i, layer in enumerate(m.layers):

@@ -225,7 +225,7 @@ class SlimPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
 
-def _mask_factory(attention_mask, past, t, dtype, device):
+def mask_factory(attention_mask, past, t, dtype, device):
     """Returns window -> additive mask (B or 1, 1, t, past+t), built once per distinct window.
 
     Keys are every cached position (the cache is never cropped), so causality and sliding windows are
@@ -287,7 +287,7 @@ class SlimModel(SlimPreTrainedModel):
         t = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
-        masks = _mask_factory(attention_mask, past, t, inputs_embeds.dtype, inputs_embeds.device)
+        masks = mask_factory(attention_mask, past, t, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
         position_embeddings = self.rotary_emb(x, position_ids=position_ids)
         policy, n = self.config.early_exit, len(self.layers)
