@@ -14,22 +14,13 @@ import torch.nn.functional as F
 
 from . import arch as A
 from .layout import as_slim_config, layer_jobs
-from .plan import AttentionSpec, LayerSpec, MlpSpec, source_plan
+from .plan import LayerSpec, layer_spec
 from .source import Checkpoint
 
 
 def group_spec(config: dict, members: list[int], attention: bool = True, mlp: bool = True) -> LayerSpec:
     """The layer spec of source layers ``members`` evaluated as one (wide) layer, optionally without a sublayer."""
-    base = source_plan(config).layers
-    a, m = base[members[0]].attention, base[members[0]].mlp
-    k = len(members)
-    return LayerSpec(
-        source_layers=list(members),
-        attention=AttentionSpec(sources=list(members), num_heads=a.num_heads * k,
-                                num_key_value_heads=a.num_key_value_heads * k,
-                                sliding_window=a.sliding_window) if attention else None,
-        mlp=MlpSpec(sources=list(members), intermediate_size=m.intermediate_size * k) if mlp else None,
-    )
+    return layer_spec(config, members, members if attention else [], members if mlp else [])
 
 
 class LayerBank:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .arch import get_arch
+from .arch import get_arch, head_dim, kv_heads
 from .errors import SlimError
 from .recipe import EarlyExit, Recipe, parse_indices
 
@@ -45,21 +45,33 @@ class Plan(BaseModel):
 
 
 def _dims(config: dict) -> dict:
-    heads = config["num_attention_heads"]
     return dict(
         hidden=config["hidden_size"],
-        heads=heads,
-        kv=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        heads=config["num_attention_heads"],
+        kv=kv_heads(config),
+        head_dim=head_dim(config),
         inter=config["intermediate_size"],
-        layers=config["num_hidden_layers"],
+    )
+
+
+def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int]) -> LayerSpec:
+    """Source layers ``members`` evaluated as one output layer (a wide one when several) with the
+    attention of ``attention`` and the MLP of ``mlp`` (subsets of ``members``; empty: that sublayer is
+    removed). The attention's sliding window is its first member's."""
+    d = _dims(config)
+    window = get_arch(config).layer_windows(config)[attention[0]] if attention else None
+    return LayerSpec(
+        source_layers=list(members),
+        attention=AttentionSpec(sources=list(attention), num_heads=d["heads"] * len(attention),
+                                num_key_value_heads=d["kv"] * len(attention), sliding_window=window)
+        if attention else None,
+        mlp=MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None,
     )
 
 
 def build_plan(recipe: Recipe, config: dict) -> Plan:
     arch = get_arch(config)
-    d = _dims(config)
-    n = d["layers"]
+    n = config["num_hidden_layers"]
     blocks = set(parse_indices(recipe.remove.blocks, "remove.blocks", n))
     no_attn = set(parse_indices(recipe.remove.attention, "remove.attention", n))
     no_mlp = set(parse_indices(recipe.remove.mlp, "remove.mlp", n))
@@ -110,13 +122,7 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
         if len({windows[m] for m in attn}) > 1:
             raise SlimError(f"parallel group {members} mixes sliding-window and full attention layers",
                             "group only layers of the same attention type")
-        layers.append(LayerSpec(
-            source_layers=members,
-            attention=AttentionSpec(sources=attn, num_heads=d["heads"] * len(attn),
-                                    num_key_value_heads=d["kv"] * len(attn), sliding_window=windows[attn[0]])
-            if attn else None,
-            mlp=MlpSpec(sources=mlp, intermediate_size=d["inter"] * len(mlp)) if mlp else None,
-        ))
+        layers.append(layer_spec(config, members, attn, mlp))
     early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)
@@ -152,14 +158,9 @@ def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
 
 
 def source_plan(config: dict) -> Plan:
-    d = _dims(config)
-    windows = get_arch(config).layer_windows(config)
-    return Plan(model_type=config["model_type"], num_source_layers=d["layers"], norm="per_layer", notes=[], layers=[
-        LayerSpec(source_layers=[i],
-                  attention=AttentionSpec(sources=[i], num_heads=d["heads"], num_key_value_heads=d["kv"],
-                                          sliding_window=windows[i]),
-                  mlp=MlpSpec(sources=[i], intermediate_size=d["inter"]))
-        for i in range(d["layers"])])
+    n = config["num_hidden_layers"]
+    return Plan(model_type=config["model_type"], num_source_layers=n, norm="per_layer", notes=[],
+                layers=[layer_spec(config, [i], [i], [i]) for i in range(n)])
 
 
 def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2) -> dict:
