@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from slimconv.data import load_text, token_chunks
 from slimconv.early_exit import prompt_tasks
 from slimconv.modeling.modeling_slim import CACHE_NAME
-from slimconv.validate import load_model
+from slimconv.runtime import load_model
 
 
 @torch.no_grad()

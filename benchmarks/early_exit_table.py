@@ -15,7 +15,7 @@ import torch
 
 from slimconv.data import load_text, token_chunks
 from slimconv.early_exit import layer_flops, model_records, prompt_tasks, run_prompt_tasks, simulate, teacher_forced
-from slimconv.validate import load_model
+from slimconv.runtime import load_model
 
 
 def settings(base: dict) -> list[dict]:

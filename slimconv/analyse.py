@@ -321,7 +321,8 @@ def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str 
     from .data import load_text, token_chunks
     from .recipe import Quality, load_recipe
     from .report import print_validation
-    from .validate import load_model, load_reference, quality
+    from .runtime import load_model
+    from .validate import load_reference, quality
 
     recipe = load_recipe(recipe_path)
     src_dir, _, plan, _ = prepare(recipe)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimError
-from .export import empty_past
 
 RUNTIMES = ("torch", "onnx")
 
@@ -36,39 +35,25 @@ def _prompt(batch: int, length: int, vocab: int) -> np.ndarray:
 
 
 class OrtRunner:
-    """One ONNX Runtime session of a slimconv export, driven with its KV cache as numpy arrays."""
+    """A slimconv export in ONNX Runtime, greedy steps with its KV cache."""
 
     def __init__(self, onnx_dir: Path, threads: int, provider: str, profile_prefix: str | None = None):
-        import onnxruntime as ort
+        from .runtime import Decoder
 
-        from .export import providers
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        if profile_prefix:
-            opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-        self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=providers(provider))
-        self.provider = self.session.get_providers()[0]
-        self.cfg = json.loads((onnx_dir / "config.json").read_text())
-        self.vocab = self.cfg["vocab_size"]
-        self.names = [i.name for i in self.session.get_inputs()]
+        self.decoder = Decoder(onnx_dir, provider, threads, profile_prefix)
+        self.provider = self.decoder.provider
+        self.vocab = self.decoder.config["vocab_size"]
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
         """(prefill seconds, decode tokens/s over the batch) for ``new_tokens`` cached greedy steps."""
         ids = _prompt(batch, prompt_len, self.vocab)
-        past = empty_past(self.session, self.cfg, batch)
-        total = prompt_len
-        positions = np.broadcast_to(np.arange(total, dtype=np.int64), (batch, total))
+        self.decoder.reset(batch)
         start = time.perf_counter()
-        logits, *past = self.session.run(None, dict(zip(self.names, [
-            ids, np.ones((batch, total), np.int64), positions, *past])))
+        logits = self.decoder(ids)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(new_tokens):
-            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            total += 1
-            logits, *past = self.session.run(None, dict(zip(self.names, [
-                nxt, np.ones((batch, total), np.int64), np.full((batch, 1), total - 1, np.int64), *past])))
+            logits = self.decoder(logits[:, -1].argmax(-1)[:, None].astype(np.int64))
         return prefill, batch * new_tokens / (time.perf_counter() - start)
 
 
@@ -78,7 +63,7 @@ class TorchRunner:
     def __init__(self, directory: Path, device: str):
         import torch
 
-        from .validate import load_model
+        from .runtime import load_model
 
         self.torch = torch
         self.device = device
@@ -203,6 +188,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     import torch
     from tqdm import tqdm
 
+    from .layout import DTYPES
     from .plan import Plan, source_plan
     from .report import BENCH_FILE, console, print_bench, read_json, write_card
     from .source import resolve_source
@@ -243,10 +229,10 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
             runners = {"source": OrtRunner(src_onnx, threads, ort_provider),
                        "slim": OrtRunner(slim_dir, threads, ort_provider)}
             label = f"onnxruntime {runners['slim'].provider.removesuffix('ExecutionProvider').lower()}"
-            width = 2 if dtype == "float16" else 4
+            width = DTYPES[dtype].itemsize
         else:
             runners = {"source": TorchRunner(src_dir, device), "slim": TorchRunner(out, device)}
-            label, width = f"torch {device}", 4
+            label, width = f"torch {device}", DTYPES["float32"].itemsize  # TorchRunner loads float32
         for batch, prompt_len in cases:
             med = measure(runners, batch, prompt_len, settings.new_tokens, settings.repeats, bar.update)
             ideal = ideal_speedups(plan, config, prompt_len, settings.new_tokens, batch)

@@ -127,7 +127,7 @@ def _cmd_export(args):
 
 
 def _cmd_generate(args):
-    from .export import generate
+    from .runtime import generate
     from .report import console
 
     for piece in generate(args.onnx_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_p,

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import SlimError
 from .layout import DTYPES, as_slim_config
+from .runtime import Decoder, load_model, providers
 from .source import AUX_FILES, Checkpoint
 
 OPSET = 17
@@ -318,20 +319,6 @@ def genai_config(cfg: dict, decoder: CacheDecoder) -> dict:
     }
 
 
-def providers(requested: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if requested == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise SlimError("the CUDA execution provider is not available here",
-                            "install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --provider cpu")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if requested == "auto" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 # Pass criteria of the ONNX check by graph dtype (the reference is always the float32 PyTorch model):
 # logits error <= abs + rel * max |reference logit|, and at least ``greedy`` of the teacher-forced greedy
 # tokens equal. float32 differs from PyTorch only by summation order. Half precision rounds every
@@ -344,19 +331,6 @@ CRITERIA = {
 }
 
 
-def _cache_dtype(session):
-    """numpy dtype of the graph's cache inputs (float32 or float16; numpy has no bfloat16)."""
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}[session.get_inputs()[3].type]
-
-
-def empty_past(session, cfg: dict, batch: int) -> list[np.ndarray]:
-    """The zero-length cache of a first (prefill) call: a key and a value per cache pair of the export's
-    ``config.json``, in the graph's cache dtype."""
-    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return [np.zeros((batch, kv, 0, hd), _cache_dtype(session)) for _ in range(2 * cfg["num_cache_pairs"])]
-
-
 def _positions(mask: torch.Tensor, t: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
 
@@ -367,20 +341,15 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
     """ONNX Runtime vs the slim PyTorch model in float32: prefill and ``steps`` cached decode steps,
     teacher-forced with PyTorch's greedy tokens; batch 1 and a left-padded batch of several prompts.
     Pass criteria by the graph's dtype: ``CRITERIA``."""
-    import onnxruntime as ort
     from transformers import DynamicCache
 
     from .modeling.modeling_slim import CACHE_NAME
-    from .validate import load_model
 
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
-    used = session.get_providers()[0]
-    onnx_cfg = json.loads((onnx_dir / "config.json").read_text())
-    dtype = onnx_cfg["onnx_dtype"]
+    decoder = Decoder(onnx_dir, provider)
+    dtype = decoder.config["onnx_dtype"]
     criterion = CRITERIA[dtype]
     model = load_model(slim_dir)
     model.config.early_exit_enabled = False  # the graph runs every layer (see run_export)
-    names = [i.name for i in session.get_inputs()]
     cases = {"batch 1": prompts[:1], f"batch {len(prompts)}, left-padded": prompts}
     results = {}
     for label, batch in cases.items():
@@ -390,15 +359,14 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
         for r, p in enumerate(batch):
             ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
         cache = DynamicCache()
-        past = empty_past(session, onnx_cfg, len(batch))
+        decoder.reset(len(batch))
         err, scale, agree, total, step_ids = 0.0, 0.0, 0, 0, ids
         for step in range(steps + 1):
             t = step_ids.shape[1]
             pos = _positions(mask, t)
             want = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{CACHE_NAME: cache}).logits
-            feed = dict(zip(names, [step_ids.numpy(), mask.numpy(), pos.numpy(), *past]))
-            got, *past = session.run(None, feed)
+            got = decoder(step_ids.numpy(), mask.numpy(), pos.numpy())
             real = mask[:, -t:].bool().numpy()  # padding positions' logits are meaningless
             got = got.astype(np.float32)
             err = max(err, float(np.abs(got - want.numpy())[real].max()))
@@ -412,7 +380,7 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
         results[label] = dict(max_abs_error=err, max_abs_logit=scale, tolerance=tolerance,
                               greedy_agreement=f"{agree}/{total}",
                               passed=err <= tolerance and agree >= criterion["greedy"] * total)
-    return dict(provider=used, dtype=dtype, criterion=criterion, steps=steps, cases=results,
+    return dict(provider=decoder.provider, dtype=dtype, criterion=criterion, steps=steps, cases=results,
                 passed=all(r["passed"] for r in results.values()))
 
 
@@ -472,55 +440,3 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
                       f"(at least {report['criterion']['greedy']:.0%}) {mark}")
     report["dir"] = str(target.target)
     return report
-
-
-def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, provider: str = "auto"):
-    """Greedy (temperature 0) or sampled generation through ONNX Runtime with the KV cache.
-
-    Yields decoded text pieces, then a final dict of statistics.
-    """
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
-    onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / "model.onnx").is_file():
-        raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")
-    cfg = json.loads((onnx_dir / "config.json").read_text())
-    tok = AutoTokenizer.from_pretrained(str(onnx_dir), trust_remote_code=True)
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=providers(provider))
-    names = [i.name for i in session.get_inputs()]
-    ids = tok(prompt, return_tensors="np").input_ids.astype(np.int64)
-    past = empty_past(session, cfg, 1)
-    eos = cfg.get("eos_token_id")
-    eos = set(eos if isinstance(eos, list) else [eos])
-    rng = np.random.default_rng(seed)
-    total, out_ids, start, first = ids.shape[1], [], time.time(), None
-    step = ids
-    for _ in range(max_new_tokens):
-        t = step.shape[1]
-        feed = [step, np.ones((1, total), np.int64), np.arange(total - t, total, dtype=np.int64)[None], *past]
-        logits, *past = session.run(None, dict(zip(names, feed)))
-        first = first or time.time()
-        nxt = _pick(logits[0, -1], temperature, top_p, rng)
-        if nxt in eos:
-            break
-        out_ids.append(nxt)
-        yield tok.decode(out_ids[-1:], skip_special_tokens=True)
-        step = np.array([[nxt]], np.int64)
-        total += 1
-    end = time.time()
-    decode = len(out_ids) - 1
-    yield dict(provider=session.get_providers()[0], new_tokens=len(out_ids), prefill_s=first - start,
-               decode_tokens_per_s=decode / (end - first) if decode > 0 and end > first else float("nan"),
-               token_ids=out_ids)
-
-
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    z = (logits.astype(np.float32) - logits.max()) / temperature
-    p = np.exp(z) / np.exp(z).sum()
-    order = np.argsort(-p)
-    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))

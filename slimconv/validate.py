@@ -8,6 +8,7 @@ from tqdm import tqdm
 from .plan import Plan
 from .recipe import Exactness, Quality
 from .reference import apply_plan, greedy_no_cache
+from .runtime import load_model
 
 # Logits tolerance by output dtype. float32 differs from the reference only by summation order
 # (wider matmuls, folded gains); half-precision outputs are compared with the source weights rounded
@@ -22,13 +23,6 @@ def environment() -> dict:
     from . import __version__
 
     return {"slimconv": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
-
-
-def load_model(directory, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=True)
-    return model.eval()
 
 
 def load_reference(source_dir, plan: Plan, round_to: torch.dtype | None):

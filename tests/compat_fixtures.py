@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from compat_check import EXPECT
 from helpers import ARCH_CONFIGS, convert, make_tiny
 from slimconv.reference import apply_plan, greedy_no_cache
-from slimconv.validate import load_model
+from slimconv.runtime import load_model
 
 # One output per kind the converter writes: a stock config (blocks only), the slim format with
 # sublayers removed, wide layers (a pair and a group of 3, both norm modes), and an early-exit policy.

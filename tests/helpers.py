@@ -6,8 +6,8 @@ from slimconv.convert import write_checkpoint
 from slimconv.plan import build_plan
 from slimconv.recipe import parse_recipe
 from slimconv.reference import apply_plan, greedy_no_cache
+from slimconv.runtime import load_model
 from slimconv.source import Checkpoint
-from slimconv.validate import load_model
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)

@@ -18,8 +18,8 @@ from slimconv.layerwise import LayerBank, Runner, candidate_nlls, group_spec
 from slimconv.plan import build_plan, source_plan
 from slimconv.recipe import parse_recipe
 from slimconv.reference import apply_plan
+from slimconv.runtime import load_model
 from slimconv.source import Checkpoint
-from slimconv.validate import load_model
 
 IDS = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(0))
 

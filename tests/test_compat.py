@@ -36,7 +36,7 @@ def test_every_output_kind_under_the_installed_transformers(fixtures):
 def test_a_cache_under_an_unknown_name_is_an_error_not_garbage(fixtures):
     from transformers import DynamicCache
 
-    from slimconv.validate import load_model
+    from slimconv.runtime import load_model
 
     model = load_model(next(p for p in fixtures if p.name.endswith("-sublayers")))
     with pytest.raises(TypeError, match="KV cache"):

@@ -16,7 +16,7 @@ from slimconv.errors import SlimError
 from slimconv.modeling.modeling_slim import exit_features, exit_score, may_exit
 from slimconv.plan import resolve_policy
 from slimconv.recipe import EarlyExit
-from slimconv.validate import load_model
+from slimconv.runtime import load_model
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 # On these random models the top-1/top-2 gap is ~1e-4..1e-3: this threshold makes tokens exit at

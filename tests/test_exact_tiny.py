@@ -44,7 +44,7 @@ def test_only_blocks_gives_stock_config(tiny_models, tmp_path, arch):
 
 def test_left_padded_batch_matches_unpadded(tiny_models, tmp_path):
     """The slim model's masks: a left-padded row gives the same logits and cached greedy tokens."""
-    from slimconv.validate import load_model
+    from slimconv.runtime import load_model
 
     convert(tiny_models["qwen3"], tmp_path / "out", parallel={"groups": [[1, 2]]}, remove={"attention": [4]})
     model = load_model(tmp_path / "out")
@@ -67,7 +67,8 @@ def test_half_precision_output(tiny_models, tmp_path, dtype, tol):
     from safetensors import safe_open
 
     from slimconv.reference import apply_plan
-    from slimconv.validate import load_model, load_reference
+    from slimconv.runtime import load_model
+    from slimconv.validate import load_reference
 
     plan = convert(tiny_models["llama-tied"], tmp_path / "out", dtype=dtype, parallel={"groups": [[1, 2]]})
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:

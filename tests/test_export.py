@@ -52,7 +52,7 @@ def test_export_cli_refuses_non_checkpoint_and_existing(tmp_path, tiny_models, c
 
 @pytest.mark.smollm
 def test_smollm2_export_and_generate(smollm2_dir, tmp_path, capsys):
-    from slimconv.export import generate
+    from slimconv.runtime import generate
     from slimconv.source import AUX_FILES
     import shutil
 
@@ -66,7 +66,7 @@ def test_smollm2_export_and_generate(smollm2_dir, tmp_path, capsys):
     pieces = list(generate(tmp_path / "slim" / "onnx", "The capital of France is", max_new_tokens=8))
     stats = pieces[-1]
     assert stats["new_tokens"] >= 1 and stats["provider"] == "CPUExecutionProvider"
-    from slimconv.validate import load_model
+    from slimconv.runtime import load_model
     model = load_model(tmp_path / "slim")
     from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(str(tmp_path / "slim"))("The capital of France is", return_tensors="pt").input_ids
@@ -92,7 +92,7 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_pat
     import shutil
 
     og = pytest.importorskip("onnxruntime_genai")
-    from slimconv.export import generate
+    from slimconv.runtime import generate
     from slimconv.source import AUX_FILES
 
     convert(smollm2_dir, tmp_path / "slim", parallel={"groups": [[12, 13], "16-18"]}, remove={"attention": [27]})

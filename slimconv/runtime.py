@@ -1,0 +1,127 @@
+"""Running checkpoints: PyTorch through transformers, and ONNX Runtime on the graph `slimconv export` writes.
+
+``load_model`` is how every stage loads a source or slim checkpoint for PyTorch. ``Decoder`` is the one
+driver of the exported decoder graph (prefill and cached steps, the KV cache held as numpy arrays):
+export's check, ``generate`` and bench all step the graph through it.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import arch as A
+from .errors import SlimError
+
+
+def load_model(directory):
+    """A source or slim checkpoint as a float32 transformers causal LM in eval mode (slim layouts through
+    the modeling code copied beside their weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, trust_remote_code=True)
+    return model.eval()
+
+
+def providers(requested: str) -> list[str]:
+    """ONNX Runtime execution providers for ``requested`` (auto | cpu | cuda), CPU always last as fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise SlimError("the CUDA execution provider is not available here",
+                            "install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --provider cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if requested == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Decoder:
+    """An ONNX Runtime session of a slimconv export, stepped with its KV cache.
+
+    ``reset(batch)`` starts an empty cache; each call feeds the next tokens and keeps the cache the graph
+    returns. Without ``mask`` and ``positions`` every position is real and positions continue from the
+    cache's length; a left-padded batch passes both.
+    """
+
+    def __init__(self, onnx_dir, provider: str = "auto", threads: int | None = None,
+                 profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        onnx_dir = Path(onnx_dir)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        if profile_prefix:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+        self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=providers(provider))
+        self.provider = self.session.get_providers()[0]
+        self.config = json.loads((onnx_dir / "config.json").read_text())
+        self.names = [i.name for i in self.session.get_inputs()]
+        # The graph's cache dtype (numpy has no bfloat16, so float32 and float16 graphs only).
+        self.cache_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[self.session.get_inputs()[3].type]
+        self.reset(1)
+
+    def reset(self, batch: int):
+        shape = (batch, A.kv_heads(self.config), 0, A.head_dim(self.config))
+        self.past = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.config["num_cache_pairs"])]
+        self.length = 0
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray | None = None,
+                 positions: np.ndarray | None = None) -> np.ndarray:
+        """Logits (batch, len(ids), vocab) for the int64 token ids ``ids`` (batch, t)."""
+        b, t = ids.shape
+        if mask is None:
+            mask = np.ones((b, self.length + t), np.int64)
+        if positions is None:
+            positions = np.broadcast_to(np.arange(self.length, self.length + t, dtype=np.int64), (b, t))
+        logits, *self.past = self.session.run(None, dict(zip(self.names, [ids, mask, positions, *self.past])))
+        self.length += t
+        return logits
+
+
+def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, provider: str = "auto"):
+    """Greedy (temperature 0) or sampled generation through ONNX Runtime with the KV cache.
+
+    Yields decoded text pieces, then a final dict of statistics.
+    """
+    from transformers import AutoTokenizer
+
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / "model.onnx").is_file():
+        raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")
+    tok = AutoTokenizer.from_pretrained(str(onnx_dir), trust_remote_code=True)
+    decoder = Decoder(onnx_dir, provider)
+    eos = decoder.config.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    rng = np.random.default_rng(seed)
+    step = tok(prompt, return_tensors="np").input_ids.astype(np.int64)
+    out_ids, start, first = [], time.time(), None
+    for _ in range(max_new_tokens):
+        logits = decoder(step)
+        first = first or time.time()
+        nxt = _pick(logits[0, -1], temperature, top_p, rng)
+        if nxt in eos:
+            break
+        out_ids.append(nxt)
+        yield tok.decode(out_ids[-1:], skip_special_tokens=True)
+        step = np.array([[nxt]], np.int64)
+    end = time.time()
+    decode = len(out_ids) - 1
+    yield dict(provider=decoder.provider, new_tokens=len(out_ids), prefill_s=first - start,
+               decode_tokens_per_s=decode / (end - first) if decode > 0 and end > first else float("nan"),
+               token_ids=out_ids)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = (logits.astype(np.float32) - logits.max()) / temperature
+    p = np.exp(z) / np.exp(z).sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
