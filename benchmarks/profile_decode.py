@@ -25,7 +25,7 @@ def profile_decode(onnx_dir: Path, threads: int, prompt_len: int, new_tokens: in
     ``new_tokens`` decode steps."""
     runner = OrtRunner(onnx_dir, threads, "cpu", profile_prefix=str(workdir / onnx_dir.parent.name))
     runner.run(1, prompt_len, new_tokens)
-    trace = json.loads(Path(runner.session.end_profiling()).read_text())
+    trace = json.loads(Path(runner.decoder.session.end_profiling()).read_text())
     runs = [e for e in trace if e.get("name") == "model_run"]
     decode_start = runs[1]["ts"]  # the first run is the prefill
     per_op: dict[str, float] = {}
