@@ -12,6 +12,7 @@ import time
 import torch
 
 from slimconv.analyse import sleb
+from slimconv.arch import head_dim, kv_heads
 from slimconv.data import calibration_ids
 from slimconv.layerwise import LayerBank, Runner
 from slimconv.source import Checkpoint, resolve_source
@@ -20,8 +21,7 @@ from slimconv.source import Checkpoint, resolve_source
 def expected_speedup(config: dict, steps: int) -> float:
     """FLOP ratio naive/cached over ``steps`` SLEB steps (matmuls of layers and of the LM head)."""
     h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hd = config.get("head_dim") or h // heads
+    heads, kv, hd = config["num_attention_heads"], kv_heads(config), head_dim(config)
     layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter
     head = h * v
     naive = cached = 0
