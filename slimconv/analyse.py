@@ -312,7 +312,7 @@ def report_markdown(m: dict, plots: list[str]) -> str:
 
 
 def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
-    from .convert import AtomicDir
+    from .outdir import AtomicDir
     from .report import console
     from .source import resolve_source
 

@@ -178,9 +178,10 @@ def source_onnx(src_dir: Path, dtype: str) -> Path:
 
 def slim_onnx(out: Path) -> Path:
     from .export import run_export
+    from .outdir import ONNX_DIR
     from .report import console
 
-    onnx_dir = out / "onnx"
+    onnx_dir = out / ONNX_DIR
     if not (onnx_dir / "model.onnx").is_file():
         console.print(f"{onnx_dir} is missing: exporting it now (as `slimconv export {out}` would)")
         if not run_export(out, provider="cpu")["passed"]:
@@ -204,17 +205,15 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     from tqdm import tqdm
 
     from .plan import Plan, source_plan
-    from .report import BENCH_FILE, console, print_bench, read_json, write_card
+    from .outdir import BENCH_FILE, PLAN_FILE, RECIPE_FILE, read_json, require_output, write_json
+    from .report import console, print_bench, write_card
     from .source import resolve_source
 
-    out = Path(out)
-    if not (out / "slimconv_plan.json").is_file():
-        raise SlimError(f"{out} is not a slimconv output (no slimconv_plan.json)",
-                        "give the output.dir that `slimconv convert` wrote")
+    out = require_output(out)
     runtimes = parse_runtimes(settings.runtimes)
     if settings.repeats < 1 or settings.new_tokens < 1:
         raise SlimError("--repeats and --new-tokens must be at least 1")
-    meta = read_json(out / "slimconv_plan.json")
+    meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
     config = json.loads((src_dir / "config.json").read_text())
@@ -268,9 +267,9 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     bar.close()
     print_bench(rows, settings.repeats)
     target = Path(out_json) if out_json else out / BENCH_FILE
-    target.write_text(json.dumps(rows, indent=2))
+    write_json(target, rows)
     console.print(f"wrote {target}")
-    if target == out / BENCH_FILE and (out / "slimconv_recipe.yaml").is_file():
+    if target == out / BENCH_FILE and (out / RECIPE_FILE).is_file():
         write_card(out)
         console.print(f"model card {out / 'README.md'} now shows the speed table")
     if plot:

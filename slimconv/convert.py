@@ -8,7 +8,6 @@ safetensors' own writer needs every tensor of a shard in memory at once, so the 
 is hand-written (the format is an 8-byte header length, a JSON header, then raw little-endian data).
 """
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from . import arch as A
 from .errors import SlimError
+from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, write_json
 from .plan import LayerSpec, Plan
 from .source import Checkpoint
 
@@ -281,42 +281,13 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
     """Writes weights, config, modeling code and tokenizer files into ``out`` (an empty directory)."""
     jobs = tensor_jobs(plan, ckpt, dtype)
     info = write_shards(jobs, out, parse_size(max_shard_size))
-    (out / "config.json").write_text(json.dumps(slim_config(plan, ckpt, dtype), indent=2))
+    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype))
     if not plan.uniform:
         for f in MODELING_FILES:
             shutil.copy2(MODELING_DIR / f, out / f)
     for f in ckpt.aux_files():
         shutil.copy2(f, out / f.name)
     return info
-
-
-class AtomicDir:
-    """A directory built under a hidden temporary name and renamed into place only when complete."""
-
-    def __init__(self, target: Path, force: bool):
-        self.target = Path(target)
-        if self.target.exists() and not force:
-            raise SlimError(f"output {self.target} already exists", "pass --force to overwrite it, or change output.dir")
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        # Leftovers of killed runs (SIGKILL skips cleanup) for this same target.
-        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-        if self.target.exists():
-            self.target.rename(old)
-        self.tmp.rename(self.target)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def _license(src: Path) -> str | None:
@@ -361,12 +332,12 @@ def run_convert(recipe, force: bool = False) -> Path:
     console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")
     with target as tmp:
         info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size)
-        (tmp / "slimconv_recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
         license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)
         meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=license,
                     dtype=_dtype_name(recipe.output.dtype, ckpt), files=info, plan=plan.model_dump(), costs=cost)
-        (tmp / "slimconv_plan.json").write_text(json.dumps(meta, indent=2))
+        write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")
     return target.target
