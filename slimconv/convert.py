@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from . import arch as A
 from .errors import SlimError
-from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, write_json
+from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import LayerSpec, Plan
-from .source import Checkpoint
+from .source import Checkpoint, source_paths
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
@@ -325,8 +325,11 @@ def run_convert(recipe, force: bool = False) -> Path:
     from .recipe import dump_recipe
     from .report import console, print_plan, write_card
 
+    refuse_overlap(recipe.output.dir, source_paths(recipe.model))
     target = AtomicDir(Path(recipe.output.dir), force)
     src_dir, _, plan, cost = prepare(recipe)
+    # Only now is the folder known that a Hub id or GGUF file resolved to.
+    refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
     ckpt = Checkpoint(src_dir)
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")

@@ -435,7 +435,7 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
 
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
                external_data: str = "auto") -> dict:
-    from .outdir import AtomicDir
+    from .outdir import AtomicDir, refuse_overlap
     from .report import console
 
     slim_dir = Path(slim_dir)
@@ -450,7 +450,9 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
                             "use --dtype fp16 (runs on CPU) or fp32; bf16 needs onnxruntime-gpu and a GPU")
         raise SlimError("checking a bfloat16 graph on CUDA is not implemented yet (numpy has no bfloat16 for "
                         "the cache and logits; no GPU was available to build and test it)", "use --dtype fp16")
-    target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force)
+    if out:
+        refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
+    target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")
     early_exit = json.loads((slim_dir / "config.json").read_text()).get("early_exit")
     if early_exit is not None:
         console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "

@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimError
-from .outdir import BENCH_FILE, CARD_FILE, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json
+from .outdir import (BENCH_FILE, CARD_FILE, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json,
+                     write_text)
 from .plan import Plan
 
 console = Console(stderr=False, highlight=False)
@@ -286,4 +287,4 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
 
 def write_card(out: Path):
     """(Re)writes README.md from the files slimconv keeps beside the weights."""
-    (out / CARD_FILE).write_text(card_text(out))
+    write_text(out / CARD_FILE, card_text(out))

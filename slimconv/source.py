@@ -30,6 +30,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("SLIMCONV_CACHE", Path.home() / ".cache" / "slimconv"))
 
 
+def source_paths(model: str, resolved: Path | None = None) -> list[tuple[Path, str]]:
+    """What an output must stay apart from, as (path, what it is): the model as named when it is local, the
+    folder it resolved to, and $SLIMCONV_CACHE when the source is (or will be) a cached copy in it."""
+    cache = (cache_root(), "slimconv cache ($SLIMCONV_CACHE)")
+    named = Path(model).expanduser()
+    paths = [(named, "source model")] if model != "default" and named.exists() else []
+    if model == "default" or named.suffix == ".gguf":
+        paths.append(cache)
+    if resolved is not None:
+        paths.append((resolved, "source model"))
+        if cache_root().resolve() in Path(resolved).resolve().parents:
+            paths.append(cache)
+    return paths
+
+
 def default_gguf() -> Path:
     # find_spec locates the package without importing it (its import pulls heavy dependencies).
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
