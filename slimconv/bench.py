@@ -207,7 +207,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     from .plan import Plan, source_plan
     from .outdir import BENCH_FILE, PLAN_FILE, RECIPE_FILE, read_json, require_output, write_json
     from .report import console, print_bench, write_card
-    from .source import resolve_source
+    from .source import read_config, resolve_source
 
     out = require_output(out)
     runtimes = parse_runtimes(settings.runtimes)
@@ -216,7 +216,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
-    config = json.loads((src_dir / "config.json").read_text())
+    config = read_config(src_dir)
     if config.get("num_hidden_layers") != plan.num_source_layers or config.get("model_type") != plan.model_type:
         raise SlimError(f"{source} ({config.get('model_type')}, {config.get('num_hidden_layers')} layers) is not the "
                         f"source of {out} ({plan.model_type}, {plan.num_source_layers} layers)",

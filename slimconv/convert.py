@@ -8,7 +8,6 @@ safetensors' own writer needs every tensor of a shard in memory at once, so the 
 is hand-written (the format is an 8-byte header length, a JSON header, then raw little-endian data).
 """
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from . import arch as A
 from .errors import SlimError
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import LayerSpec, Plan
+from .recipe import parse_size
 from .source import Checkpoint, source_paths
 
 MODELING_DIR = Path(__file__).parent / "modeling"
@@ -49,15 +49,6 @@ class Job:
         for s in self.shape:
             n *= s
         return n * self.dtype.itemsize
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.I)
-    if not m:
-        raise SlimError(f"output.max_shard_size: {text!r} is not a size", "write it like 500MB or 5GB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
 
 
 def _out_dtype(name: str, ckpt: Checkpoint, dtype: str) -> torch.dtype:
@@ -304,10 +295,10 @@ def prepare(recipe, seq_len: int = 512, config_only: bool = False):
     Returns (source directory, source config, plan, costs).
     """
     from .plan import build_plan, costs, source_plan, speedups
-    from .source import resolve_source
+    from .source import read_config, resolve_source
 
     src_dir = resolve_source(recipe.model, recipe.allow_pickle, config_only)
-    config = json.loads((src_dir / "config.json").read_text())
+    config = read_config(src_dir)
     plan = build_plan(recipe, config)
     dtype = recipe.output.dtype if recipe.output.dtype != "source" else (
         config.get("dtype") or config.get("torch_dtype") or "float32")

@@ -1,6 +1,7 @@
 """Hostile and careless inputs, as a user would give them: each is refused with exit 2 and a message naming
 the problem, before any work, with nothing written, nothing left behind and the source byte for byte as it
 was. Also what happens to an output when runs are killed or overlap (issue 14)."""
+import json
 import os
 import shutil
 import signal
@@ -112,6 +113,115 @@ def test_output_beside_the_source_still_works(env, capsys):
     assert main(["convert", r]) == 0
     assert main(["convert", r, "--force"]) == 0
     assert sorted(p.name for p in env.src.parent.iterdir()) == ["src", "src-slim"]
+
+
+def damaged(file: str, data: bytes | None = None, cut: float | None = None):
+    """A case whose source file is replaced by ``data`` (or cut to a fraction of its size) before convert."""
+
+    def case(e: Env):
+        path = e.src / file
+        path.write_bytes(data if cut is None else path.read_bytes()[: int(path.stat().st_size * cut)])
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def config(**changes):
+    def case(e: Env):
+        cfg = json.loads((e.src / "config.json").read_text())
+        cfg.update(changes)
+        for k in [k for k, v in changes.items() if v is ...]:
+            del cfg[k]
+        (e.src / "config.json").write_text(json.dumps(cfg))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def recipe_bytes(data: bytes):
+    def case(e: Env):
+        (e.root / "r.yaml").write_bytes(data)
+        return ["convert", str(e.root / "r.yaml")]
+
+    return case
+
+
+def index_naming(shard: str):
+    def case(e: Env):
+        names = {"model.embed_tokens.weight": "model.safetensors", "model.norm.weight": shard}
+        (e.src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def mkdir(e: Env) -> str:
+    (e.root / "recipe-folder").mkdir()
+    return str(e.root / "recipe-folder")
+
+
+# (case, words of the message); a case prepares the scratch folder and returns argv.
+INPUTS = {
+    "layer index true": (lambda e: ["convert", e.recipe(remove={"blocks": [True]})], ["remove.blocks", "got [True]"]),
+    "layer index 2.0": (lambda e: ["convert", e.recipe(remove={"blocks": [1, 2.0]})], ["remove.blocks", "2.0"]),
+    "layer index true, not a list": (lambda e: ["convert", e.recipe(remove={"attention": True})],
+                                     ["remove.attention", "got True"]),
+    "parallel group of floats": (lambda e: ["convert", e.recipe(parallel={"groups": [[1.0, 2.0]]})],
+                                 ["parallel.groups", "1.0"]),
+    "duplicate index": (lambda e: ["convert", e.recipe(remove={"blocks": [3, 3]})],
+                        ["remove.blocks", "layer 3 is listed twice"]),
+    "duplicate index inside a range": (lambda e: ["convert", e.recipe(remove={"mlp": [3, "2-4"]})],
+                                       ["remove.mlp", "layer 3 is listed twice"]),
+    "recipe is a directory": (lambda e: ["convert", mkdir(e)], ["is a directory"]),
+    "recipe is not UTF-8": (recipe_bytes(b"model: caf\xe9\noutput: {dir: out}\n"), ["not UTF-8", "byte 10"]),
+    "recipe is empty": (recipe_bytes(b""), ["a recipe is a YAML mapping", "empty file"]),
+    "recipe is a list": (recipe_bytes(b"- model: default\n"), ["a recipe is a YAML mapping"]),
+    "output.dir empty": (lambda e: ["convert", e.recipe(output={"dir": ""})], ["output.dir", "must name a folder"]),
+    "output.dir blank": (lambda e: ["convert", e.recipe(output={"dir": "  "})], ["output.dir", "must name a folder"]),
+    "output.dir a number": (lambda e: ["convert", e.recipe(output={"dir": 5})], ["output.dir", "string"]),
+    "max_shard_size 0": (lambda e: ["convert", e.recipe(output={"dir": str(e.root / "out"), "max_shard_size": "0GB"})],
+                         ["output.max_shard_size", "not a size"]),
+    "model is a file, not a folder or .gguf": (lambda e: ["convert", e.recipe(model=str(e.src / "config.json"))],
+                                               ["not a directory, a .gguf file or a Hub id"]),
+    "config.json not JSON": (damaged("config.json", b"{not json"), ["config.json is not valid JSON"]),
+    "config.json not a mapping": (damaged("config.json", b"[1, 2]"), ["not a JSON object", "list"]),
+    "config.json without hidden_size": (config(hidden_size=...), ["has no 'hidden_size'"]),
+    "num_hidden_layers a string": (config(num_hidden_layers="6"),
+                                   ["'num_hidden_layers' must be a positive integer, got '6'"]),
+    "num_attention_heads 0": (config(num_attention_heads=0), ["'num_attention_heads' must be a positive integer"]),
+    "head_dim true": (config(head_dim=True), ["'head_dim' must be a positive integer, got True"]),
+    "safetensors truncated": (damaged("model.safetensors", cut=0.5),
+                              ["model.safetensors is not a readable safetensors file", "re-download"]),
+    "safetensors zero bytes": (damaged("model.safetensors", b""), ["model.safetensors is not a readable safetensors"]),
+    "safetensors garbage": (damaged("model.safetensors", bytes(range(256)) * 4),
+                            ["model.safetensors is not a readable safetensors"]),
+    "index names a missing shard": (index_naming("model-00002-of-00002.safetensors"),
+                                    ["names model-00002-of-00002.safetensors, which is not in"]),
+    "index not JSON": (damaged("model.safetensors.index.json", b"{"), ["not a safetensors index"]),
+    "generate --max-new-tokens 0": (lambda e: ["generate", str(e.root), "hi", "--max-new-tokens", "0"],
+                                    ["--max-new-tokens 0"]),
+    "generate --temperature -1": (lambda e: ["generate", str(e.root), "hi", "--temperature", "-1"],
+                                  ["--temperature -1.0"]),
+    "generate --top-p 0": (lambda e: ["generate", str(e.root), "hi", "--temperature", "1", "--top-p", "0"],
+                           ["--top-p 0.0"]),
+    "analyze --samples 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--samples", "0"],
+                            ["--samples 0", "greater than or equal to 1"]),
+    "analyze --seq-len 1": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--seq-len", "1"],
+                            ["--seq-len 1"]),
+    "analyze --batch-size 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--batch-size", "0"],
+                               ["--batch-size 0"]),
+    "analyze --max-memory 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--max-memory", "0"],
+                               ["--max-memory", "not a size"]),
+    "validate a missing folder": (lambda e: ["validate", str(e.root / "nope")], ["not a slimconv output (it does not exist)"]),
+    "push a file": (lambda e: ["push", str(e.src / "config.json"), "--repo-id", "me/x", "--dry-run"],
+                    ["not a slimconv output (not a folder)"]),
+}
+
+
+@pytest.mark.parametrize("case", INPUTS)
+def test_bad_input_is_refused_before_any_work(env, case, capsys, monkeypatch):
+    build, words = INPUTS[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
 
 
 HOLD = """
