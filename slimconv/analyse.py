@@ -293,12 +293,15 @@ def report_markdown(m: dict, plots: list[str]) -> str:
 
 
 def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
-    from .convert import AtomicDir
+    from .outdir import AtomicDir, refuse_overlap
     from .report import console
-    from .source import resolve_source
+    from .source import resolve_source, source_paths
 
-    target = AtomicDir(Path(out), force)
+    refuse_overlap(out, source_paths(s.model), "-o")
+    target = AtomicDir(Path(out), force, "-o")
     src_dir = resolve_source(s.model, s.allow_pickle)
+    # Only now is the folder known that a Hub id or GGUF file resolved to.
+    refuse_overlap(out, source_paths(s.model, src_dir), "-o")
     m = analyse(s, src_dir)
     with target as tmp:
         for name in ("early_exit.json", "early_exit.md"):  # `analyze --early-exit` shares the folder

@@ -163,9 +163,10 @@ def source_onnx(src_dir: Path, dtype: str) -> Path:
 
 def slim_onnx(out: Path) -> Path:
     from .export import run_export
+    from .outdir import ONNX_DIR
     from .report import console
 
-    onnx_dir = out / "onnx"
+    onnx_dir = out / ONNX_DIR
     if not (onnx_dir / "model.onnx").is_file():
         console.print(f"{onnx_dir} is missing: exporting it now (as `slimconv export {out}` would)")
         if not run_export(out, provider="cpu")["passed"]:
@@ -190,20 +191,18 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
 
     from .layout import DTYPES
     from .plan import Plan, source_plan
-    from .report import BENCH_FILE, console, print_bench, read_json, write_card
-    from .source import resolve_source
+    from .outdir import BENCH_FILE, PLAN_FILE, RECIPE_FILE, read_json, require_output, write_json
+    from .report import console, print_bench, write_card
+    from .source import read_config, resolve_source
 
-    out = Path(out)
-    if not (out / "slimconv_plan.json").is_file():
-        raise SlimError(f"{out} is not a slimconv output (no slimconv_plan.json)",
-                        "give the output.dir that `slimconv convert` wrote")
+    out = require_output(out)
     runtimes = parse_runtimes(settings.runtimes)
     if settings.repeats < 1 or settings.new_tokens < 1:
         raise SlimError("--repeats and --new-tokens must be at least 1")
-    meta = read_json(out / "slimconv_plan.json")
+    meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
-    config = json.loads((src_dir / "config.json").read_text())
+    config = read_config(src_dir)
     if config.get("num_hidden_layers") != plan.num_source_layers or config.get("model_type") != plan.model_type:
         raise SlimError(f"{source} ({config.get('model_type')}, {config.get('num_hidden_layers')} layers) is not the "
                         f"source of {out} ({plan.model_type}, {plan.num_source_layers} layers)",
@@ -254,9 +253,9 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     bar.close()
     print_bench(rows, settings.repeats)
     target = Path(out_json) if out_json else out / BENCH_FILE
-    target.write_text(json.dumps(rows, indent=2))
+    write_json(target, rows)
     console.print(f"wrote {target}")
-    if target == out / BENCH_FILE and (out / "slimconv_recipe.yaml").is_file():
+    if target == out / BENCH_FILE and (out / RECIPE_FILE).is_file():
         write_card(out)
         console.print(f"model card {out / 'README.md'} now shows the speed table")
     if plot:

@@ -153,19 +153,26 @@ def _cmd_bench(args):
 
 def _cmd_analyze(args):
     import torch
+    from pydantic import ValidationError
 
     from .analyse import AnalysisSettings, run_analyse
-    from .convert import parse_size
+    from .recipe import parse_size
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu")
     sizes = _int_list(args.group_sizes, "--group-sizes", "2,3")
-    settings = AnalysisSettings(
-        model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes, group_ppl=not args.no_group_ppl,
-        naive_check=args.naive_check, max_memory=parse_size(args.max_memory) if args.max_memory else None,
-        batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
+    try:
+        settings = AnalysisSettings(
+            model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes,
+            group_ppl=not args.no_group_ppl, naive_check=args.naive_check,
+            max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
+            batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
+    except ValidationError as e:
+        # The settings' field names are the flags' names with "_" for "-".
+        raise SlimError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}"
+                                  for err in e.errors()), "see `slimconv analyze --help`") from None
     if args.early_exit:
         from .early_exit import run_analyse_early_exit
 

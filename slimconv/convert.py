@@ -8,8 +8,6 @@ safetensors' own writer needs every tensor of a shard in memory at once, so the 
 is hand-written (the format is an 8-byte header length, a JSON header, then raw little-endian data).
 """
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -19,20 +17,15 @@ from tqdm import tqdm
 from . import arch as A
 from .errors import SlimError
 from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layers_config, tensor_dtype, tensor_jobs
+from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
-from .source import Checkpoint
+from .recipe import parse_size
+from .source import Checkpoint, source_paths
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.I)
-    if not m:
-        raise SlimError(f"output.max_shard_size: {text!r} is not a size", "write it like 500MB or 5GB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
 
 
 def write_shards(jobs: list[Job], out: Path, max_shard_bytes: int, desc: str = "writing") -> dict:
@@ -101,42 +94,13 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
     """Writes weights, config, modeling code and tokenizer files into ``out`` (an empty directory)."""
     jobs = tensor_jobs(plan, ckpt, dtype)
     info = write_shards(jobs, out, parse_size(max_shard_size))
-    (out / "config.json").write_text(json.dumps(slim_config(plan, ckpt, dtype), indent=2))
+    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype))
     if not plan.uniform:
         for f in MODELING_FILES:
             shutil.copy2(MODELING_DIR / f, out / f)
     for f in ckpt.aux_files():
         shutil.copy2(f, out / f.name)
     return info
-
-
-class AtomicDir:
-    """A directory built under a hidden temporary name and renamed into place only when complete."""
-
-    def __init__(self, target: Path, force: bool):
-        self.target = Path(target)
-        if self.target.exists() and not force:
-            raise SlimError(f"output {self.target} already exists", "pass --force to overwrite it, or change output.dir")
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        # Leftovers of killed runs (SIGKILL skips cleanup) for this same target.
-        for stale in self.target.parent.glob(f".{self.target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-        if self.target.exists():
-            self.target.rename(old)
-        self.tmp.rename(self.target)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def _license(src: Path) -> str | None:
@@ -153,10 +117,10 @@ def prepare(recipe, seq_len: int = 512, config_only: bool = False):
     Returns (source directory, source config, plan, costs).
     """
     from .plan import build_plan, costs, source_plan, speedups
-    from .source import resolve_source
+    from .source import read_config, resolve_source
 
     src_dir = resolve_source(recipe.model, recipe.allow_pickle, config_only)
-    config = json.loads((src_dir / "config.json").read_text())
+    config = read_config(src_dir)
     plan = build_plan(recipe, config)
     # Only the config is at hand here (config_only: no weights downloaded), so the source dtype is its word.
     source_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
@@ -174,19 +138,22 @@ def run_convert(recipe, force: bool = False) -> Path:
     from .recipe import dump_recipe
     from .report import console, print_plan, write_card
 
+    refuse_overlap(recipe.output.dir, source_paths(recipe.model))
     target = AtomicDir(Path(recipe.output.dir), force)
     src_dir, _, plan, cost = prepare(recipe)
+    # Only now is the folder known that a Hub id or GGUF file resolved to.
+    refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
     ckpt = Checkpoint(src_dir)
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")
     with target as tmp:
         info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size)
-        (tmp / "slimconv_recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
         license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)
         meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=license,
                     dtype=_dtype_name(recipe.output.dtype, ckpt), files=info, plan=plan.model_dump(), costs=cost)
-        (tmp / "slimconv_plan.json").write_text(json.dumps(meta, indent=2))
+        write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")
     return target.target

@@ -340,21 +340,25 @@ def report_markdown(m: dict) -> str:
 def run_analyse_early_exit(settings, out: Path, force: bool = False) -> dict:
     """Writes early_exit.json and early_exit.md into ``out``, beside any layer analysis already there
     (the issue's commands put both in one analysis folder, so this must not replace the folder)."""
+    from .outdir import locked, refuse_overlap, write_text
     from .report import console
-    from .source import resolve_source
+    from .source import resolve_source, source_paths
 
     out = Path(out)
+    refuse_overlap(out, source_paths(settings.model), "-o")
     if (out / "early_exit.json").exists() and not force:
         raise SlimError(f"{out / 'early_exit.json'} already exists", "pass --force to overwrite it, or choose another -o")
     src_dir = resolve_source(settings.model, settings.allow_pickle)
+    # Only now is the folder known that a Hub id or GGUF file resolved to.
+    refuse_overlap(out, source_paths(settings.model, src_dir), "-o")
     console.print(f"early-exit classifier for {settings.model}: {settings.samples} x {settings.seq_len} calibration "
                   f"tokens of {settings.calib} (valid), logits at every layer")
     m = analyse_early_exit(settings, src_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("early_exit.json", json.dumps(m, indent=2)), ("early_exit.md", report_markdown(m))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)  # a complete file or none, never a half-written one
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out, "-o"):  # a layer analysis swapping this folder meanwhile would drop these files
+        out.mkdir(exist_ok=True)
+        for name, text in (("early_exit.json", json.dumps(m, indent=2)), ("early_exit.md", report_markdown(m))):
+            write_text(out / name, text)
     c = m["classifier"]
     console.print(f"[green]wrote[/] {out}/early_exit.json: weights "
                   + ", ".join(f"{f} {w:.3f}" for f, w in zip(c["features"], c["weights"]))

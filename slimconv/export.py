@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import SlimError
 from .layout import DTYPES, as_slim_config
+from .outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
 from .runtime import Decoder, load_model, providers
 from .source import AUX_FILES, Checkpoint
 
@@ -401,7 +402,7 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
 
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
                external_data: str = "auto") -> dict:
-    from .convert import AtomicDir
+    from .outdir import AtomicDir, refuse_overlap
     from .report import console
 
     slim_dir = Path(slim_dir)
@@ -416,7 +417,9 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
                             "use --dtype fp16 (runs on CPU) or fp32; bf16 needs onnxruntime-gpu and a GPU")
         raise SlimError("checking a bfloat16 graph on CUDA is not implemented yet (numpy has no bfloat16 for "
                         "the cache and logits; no GPU was available to build and test it)", "use --dtype fp16")
-    target = AtomicDir(Path(out) if out else slim_dir / "onnx", force)
+    if out:
+        refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
+    target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")
     early_exit = json.loads((slim_dir / "config.json").read_text()).get("early_exit")
     if early_exit is not None:
         console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "
@@ -431,7 +434,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=provider)
         report["export"] = info
         report["early_exit"] = "not exported: the graph runs every layer" if early_exit is not None else None
-        (tmp / "slimconv_onnx_report.json").write_text(json.dumps(report, indent=2))
+        write_json(tmp / ONNX_REPORT_FILE, report)
     console.print(f"ONNX Runtime ran on [bold]{report['provider']}[/]")
     for label, r in report["cases"].items():
         mark = "[green]PASS[/]" if r["passed"] else "[red]FAIL[/]"

@@ -5,7 +5,8 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .errors import SlimError
-from .report import ONNX_REPORT, card_text, console, read_json, write_card
+from .outdir import CARD_FILE, ONNX_DIR, ONNX_REPORT, REPORT_FILE, read_json, require_output
+from .report import card_text, console, write_card
 
 LOGIN_FIX = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN to a token with write access"
 
@@ -23,14 +24,14 @@ def check_repo_id(repo_id: str) -> None:
 def _skipped(rel: Path, include_onnx: bool) -> bool:
     # Hidden names cover the converter's and exporter's in-progress ".NAME.tmp-PID" folders and editor files.
     return (any(p.startswith(".") or p == "__pycache__" for p in rel.parts)
-            or (rel.parts[0] == "onnx" and not include_onnx))
+            or (rel.parts[0] == ONNX_DIR and not include_onnx))
 
 
 def upload_files(out: Path, include_onnx: bool) -> list[str]:
     """Paths (relative, '/'-separated, sorted) of the files a push uploads; README.md is always among them."""
     files = {p.relative_to(out).as_posix() for p in out.rglob("*")
              if p.is_file() and not _skipped(p.relative_to(out), include_onnx)}
-    return sorted(files | {"README.md"})  # the card is regenerated, so it is uploaded even if deleted locally
+    return sorted(files | {CARD_FILE})  # the card is regenerated, so it is uploaded even if deleted locally
 
 
 def _passed(path: Path) -> bool | None:
@@ -40,13 +41,11 @@ def _passed(path: Path) -> bool | None:
 
 def check_publishable(out: Path, include_onnx: bool, force: bool) -> None:
     """Refuses an output whose validation (or, with the ONNX folder, export check) failed or never ran."""
-    if not (out / "slimconv_plan.json").is_file():
-        raise SlimError(f"{out} is not a slimconv output (no slimconv_plan.json)",
-                        "give the output.dir of a recipe that `slimconv convert` has written")
-    if include_onnx and not (out / "onnx" / "model.onnx").is_file():
-        raise SlimError(f"--include-onnx, but {out / 'onnx'} has no model.onnx",
+    require_output(out)
+    if include_onnx and not (out / ONNX_DIR / "model.onnx").is_file():
+        raise SlimError(f"--include-onnx, but {out / ONNX_DIR} has no model.onnx",
                         f"run `slimconv export {out}` first, or push without --include-onnx")
-    checks = [("validation", out / "slimconv_report.json", f"slimconv validate {out}")]
+    checks = [("validation", out / REPORT_FILE, f"slimconv validate {out}")]
     if include_onnx:
         checks.append(("the ONNX export check", out / ONNX_REPORT, f"slimconv export {out} --force"))
     for what, report, command in checks:
@@ -68,7 +67,7 @@ def _size(n: int) -> str:
 def _print_listing(out: Path, files: list[str], card_bytes: int) -> None:
     from rich.table import Table
 
-    sizes = [card_bytes if f == "README.md" else (out / f).stat().st_size for f in files]
+    sizes = [card_bytes if f == CARD_FILE else (out / f).stat().st_size for f in files]
     console.print(f"files to upload from {out}:")
     t = Table(header_style="bold")
     t.add_column("path")
@@ -122,7 +121,7 @@ def push(out, repo_id: str, private: bool = False, include_onnx: bool = False, d
     files = upload_files(out, include_onnx)
     _print_listing(out, files, len(card))
     if dry_run:
-        console.rule("README.md (model card)")
+        console.rule(f"{CARD_FILE} (model card)")
         print(card.decode())
         console.print(f"dry run: nothing was uploaded to {repo_id}")
         return None
@@ -133,7 +132,7 @@ def push(out, repo_id: str, private: bool = False, include_onnx: bool = False, d
     if not token:
         raise SlimError(f"no Hugging Face token found to push to {repo_id}", LOGIN_FIX)
     write_card(out)  # keep the local card as current as the uploaded one
-    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=card if f == "README.md" else str(out / f))
+    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=card if f == CARD_FILE else str(out / f))
            for f in files]
     api = HfApi(token=token)
     with _hub_errors(repo_id):

@@ -88,9 +88,6 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
     for gi, spec in enumerate(recipe.parallel.groups):
         key = f"parallel.groups[{gi}]"
         members = parse_indices(spec, key, n)
-        listed = sum(len(parse_indices(x, key, n)) for x in (spec if isinstance(spec, list) else [spec]))
-        if listed != len(members):
-            raise SlimError(f"{key}: a layer is listed twice in {spec}")
         if len(members) < 2:
             raise SlimError(f"{key}: a parallel group needs at least 2 layers, got {members}")
         if members != list(range(members[0], members[-1] + 1)):

@@ -1,16 +1,18 @@
 """The recipe: a YAML file validated against a typed schema, with errors a person can act on."""
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from .errors import SlimError
 
-# Layer indices are 0-based source indices; "a-b" is an inclusive range.
-Indices = int | str | list[int | str]
+# Layer indices are 0-based source indices; "a-b" is an inclusive range. Strict: lax parsing would read
+# `true` as layer 1 and 2.5 as a refusal but 2.0 as layer 2.
+Indices = StrictInt | StrictStr | list[StrictInt | StrictStr]
 
 STAGES = ("convert", "validate", "export", "bench", "push")
 
@@ -55,8 +57,33 @@ class EarlyExit(_Strict):
                        "(each check costs one LM head)")
 
 
+def parse_size(text: str, what: str = "output.max_shard_size") -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.I)
+    if not m or float(m.group(1)) == 0:
+        raise SlimError(f"{what}: {text!r} is not a size", "write it like 500MB or 5GB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
 class Output(_Strict):
     dir: str = Field(description="output directory of the slim checkpoint")
+
+    @field_validator("dir")
+    @classmethod
+    def _names_a_folder(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a folder, e.g. outputs/my-slim-model")
+        return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _is_a_size(cls, v: str) -> str:
+        try:
+            parse_size(v)
+        except SlimError as e:
+            raise ValueError(f"not a size; {e.fix}") from None
+        return v
     dtype: Literal["source", "float32", "float16", "bfloat16"] = Field("source", description="weight dtype")
     max_shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 500MB, 5GB")
 
@@ -158,7 +185,8 @@ def _explain(err: dict) -> tuple[str, str]:
         loc = tuple(p for p in loc if not isinstance(p, int)) if loc and loc[0] in ("remove", "parallel") else loc
     where = ".".join(str(p) for p in loc) or "(top level)"
     if union:
-        return where, f"{where}: expected a layer index, an inclusive range like '20-29', or a list of them"
+        return where, (f"{where}: expected a layer index (an integer), an inclusive range like '20-29', "
+                       f"or a list of them (got {err.get('input')!r})")
     if err["type"] == "extra_forbidden":
         options = _field_names(_submodel(loc[:-1]))
         close = difflib.get_close_matches(str(loc[-1]), options, n=1)
@@ -166,12 +194,14 @@ def _explain(err: dict) -> tuple[str, str]:
         return where, f"unknown key {where!r}{hint}"
     if err["type"] == "missing":
         return where, f"missing key {where!r}"
-    return where, f"{where}: {err['msg']} (got {err.get('input')!r})"
+    return where, f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
-        raise SlimError(f"{source}: a recipe is a YAML mapping of keys, got {type(data).__name__}")
+        got = "an empty file" if data is None else type(data).__name__
+        raise SlimError(f"{source}: a recipe is a YAML mapping of keys, got {got}",
+                        "see the recipe keys in README.md (or `slimconv schema`)")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -191,10 +221,14 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise SlimError(f"recipe {str(path)!r} is a directory", "give the path of a YAML recipe file")
     if not path.is_file():
         raise SlimError(f"recipe file {str(path)!r} does not exist", "give the path of a YAML recipe")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SlimError(f"{path} is not UTF-8 text (byte {e.start})", "save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         raise SlimError(f"{path} is not valid YAML: {e}") from None
     return parse_recipe(data, str(path))
@@ -205,12 +239,11 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def parse_indices(spec: Indices, key: str, num_layers: int) -> list[int]:
-    """Expands ints, "a-b" (inclusive) strings and lists of both into sorted unique indices."""
+    """Expands ints, "a-b" (inclusive) strings and lists of both into sorted indices; a layer named twice
+    is refused (a typo more often than an intent)."""
     items = spec if isinstance(spec, list) else [spec]
     out = set()
     for item in items:
-        if isinstance(item, bool):
-            raise SlimError(f"{key}: {item!r} is not a layer index")
         if isinstance(item, int):
             lo = hi = item
         else:
@@ -230,5 +263,8 @@ def parse_indices(spec: Indices, key: str, num_layers: int) -> list[int]:
                 raise SlimError(
                     f"{key}: layer {i} is out of range: the source model has {num_layers} layers (0-{num_layers - 1})"
                 )
+        twice = out & set(range(lo, hi + 1))
+        if twice:
+            raise SlimError(f"{key}: layer {min(twice)} is listed twice in {spec!r}", "name each layer once")
         out.update(range(lo, hi + 1))
     return sorted(out)

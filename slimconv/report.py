@@ -6,6 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimError
+from .outdir import (BENCH_FILE, CARD_FILE, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json,
+                     write_text)
 from .plan import Plan
 
 console = Console(stderr=False, highlight=False)
@@ -137,18 +139,6 @@ def md_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-BENCH_FILE = "slimconv_bench.json"
-ONNX_REPORT = Path("onnx") / "slimconv_onnx_report.json"
-
-
-def read_json(path: Path):
-    """A report or metadata file; a damaged one is a user error naming the file, not a traceback."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SlimError(f"{path} cannot be read as JSON ({e})", "re-run the stage that wrote it") from None
-
-
 def load_bench(out: Path) -> list[dict] | None:
     """The speed measurements beside the weights, if `bench` ran: OUTPUT/slimconv_bench.json.
 
@@ -233,11 +223,11 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
 
     from .recipe import load_recipe
 
-    meta = read_json(out / "slimconv_plan.json")
+    meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
-    recipe_text = (out / "slimconv_recipe.yaml").read_text()
-    recipe = load_recipe(out / "slimconv_recipe.yaml")
-    report = read_json(out / "slimconv_report.json") if (out / "slimconv_report.json").is_file() else {}
+    recipe_text = (out / RECIPE_FILE).read_text()
+    recipe = load_recipe(out / RECIPE_FILE)
+    report = read_json(out / REPORT_FILE) if (out / REPORT_FILE).is_file() else {}
     onnx_report = read_json(out / ONNX_REPORT) if (out / ONNX_REPORT).is_file() else None
     onnx = onnx_report is not None and onnx is not False
     bench = load_bench(out)
@@ -297,4 +287,4 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
 
 def write_card(out: Path):
     """(Re)writes README.md from the files slimconv keeps beside the weights."""
-    (out / "README.md").write_text(card_text(out))
+    write_text(out / CARD_FILE, card_text(out))

@@ -91,6 +91,12 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
     """
     from transformers import AutoTokenizer
 
+    if max_new_tokens < 1:
+        raise SlimError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token", "pass --max-new-tokens 32")
+    if temperature < 0:
+        raise SlimError(f"--temperature {temperature}: a temperature is 0 (greedy) or positive", "pass --temperature 0.8")
+    if not 0 < top_p <= 1:
+        raise SlimError(f"--top-p {top_p}: the nucleus mass is in (0, 1]", "pass --top-p 0.9")
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / "model.onnx").is_file():
         raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")

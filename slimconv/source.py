@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import SlimError
 
@@ -24,10 +24,49 @@ AUX_FILES = (
     "generation_config.json", "LICENSE", "LICENSE.txt",
 )
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*"]
+# Config keys the plan, converter and cost model read: each must be a positive integer.
+_CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_CONFIG_OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+_DAMAGED_FIX = "re-download or re-save the model (e.g. save_pretrained); it looks damaged or incomplete"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("SLIMCONV_CACHE", Path.home() / ".cache" / "slimconv"))
+
+
+def source_paths(model: str, resolved: Path | None = None) -> list[tuple[Path, str]]:
+    """What an output must stay apart from, as (path, what it is): the model as named when it is local, the
+    folder it resolved to, and $SLIMCONV_CACHE when the source is (or will be) a cached copy in it."""
+    cache = (cache_root(), "slimconv cache ($SLIMCONV_CACHE)")
+    named = Path(model).expanduser()
+    paths = [(named, "source model")] if model != "default" and named.exists() else []
+    if model == "default" or named.suffix == ".gguf":
+        paths.append(cache)
+    if resolved is not None:
+        paths.append((resolved, "source model"))
+        if cache_root().resolve() in Path(resolved).resolve().parents:
+            paths.append(cache)
+    return paths
+
+
+def read_config(directory: Path) -> dict:
+    """A model folder's config.json, checked for what slimconv reads from it."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise SlimError(f"{path} is not valid JSON ({e})", _DAMAGED_FIX) from None
+    if not isinstance(config, dict):
+        raise SlimError(f"{path} is not a JSON object of settings (got a {type(config).__name__})", _DAMAGED_FIX)
+    for key in _CONFIG_INTS + _CONFIG_OPTIONAL_INTS:
+        value = config.get(key)
+        if value is None and key in _CONFIG_OPTIONAL_INTS:
+            continue
+        if key not in config:
+            raise SlimError(f"{path} has no {key!r}", _DAMAGED_FIX)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SlimError(f"{path}: {key!r} must be a positive integer, got {value!r}", _DAMAGED_FIX)
+    return config
 
 
 def default_gguf() -> Path:
@@ -175,20 +214,33 @@ class Checkpoint:
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
-        self.config = json.loads((self.dir / "config.json").read_text())
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        self.config = read_config(self.dir)
         self.where, self.shapes, self.dtypes = {}, {}, {}
-        for shard in shards:
-            with safe_open(self.dir / shard, framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    self.where[name] = self.dir / shard
-                    self.shapes[name] = tuple(sl.get_shape())
-                    self.dtypes[name] = sl.get_dtype()
+        for shard in self._shards():
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        self.where[name] = shard
+                        self.shapes[name] = tuple(sl.get_shape())
+                        self.dtypes[name] = sl.get_dtype()
+            except SafetensorError as e:
+                raise SlimError(f"{shard} is not a readable safetensors file ({e})", _DAMAGED_FIX) from None
+
+    def _shards(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if not index.is_file():
+            return sorted(self.dir.glob("*.safetensors"))
+        try:
+            names = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SlimError(f"{index} is not a safetensors index with a weight_map ({type(e).__name__}: {e})",
+                            _DAMAGED_FIX) from None
+        missing = [n for n in names if not (self.dir / n).is_file()]
+        if missing:
+            raise SlimError(f"{index} names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                            f"not in {self.dir}", _DAMAGED_FIX)
+        return [self.dir / n for n in names]
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

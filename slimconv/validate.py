@@ -88,23 +88,17 @@ def quality(source, slim, chunks: torch.Tensor, settings: Quality, batch_size: i
 
 def run_validate(out, skip_quality: bool = False) -> dict:
     """Validates a slim output folder against its source; writes slimconv_report.json and the card."""
-    import json
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from .data import load_text, token_chunks
-    from .errors import SlimError
+    from .outdir import PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json, require_output, write_json
     from .recipe import load_recipe
     from .report import console, print_validation, write_card
     from .source import resolve_source
 
-    out = Path(out)
-    if not (out / "slimconv_plan.json").is_file():
-        raise SlimError(f"{out} is not a slimconv output (no slimconv_plan.json)",
-                        "give the output.dir of a recipe that `slimconv convert` has written")
-    recipe = load_recipe(out / "slimconv_recipe.yaml")
-    meta = json.loads((out / "slimconv_plan.json").read_text())
+    out = require_output(out)
+    recipe = load_recipe(out / RECIPE_FILE)
+    meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     v = recipe.validation
@@ -134,7 +128,7 @@ def run_validate(out, skip_quality: bool = False) -> dict:
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
     report["passed"] = all(r["passed"] for r in report.values())
     report["environment"] = environment()
-    (out / "slimconv_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / REPORT_FILE, report)
     write_card(out)
     print_validation(report)
     return report

@@ -1,0 +1,301 @@
+"""Hostile and careless inputs, as a user would give them: each is refused with exit 2 and a message naming
+the problem, before any work, with nothing written, nothing left behind and the source byte for byte as it
+was. Also what happens to an output when runs are killed or overlap (issue 14)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimconv.cli import main
+from slimconv.source import cache_root
+
+
+@dataclass
+class Env:
+    """A scratch folder holding a copy of a tiny model at root/parent/src."""
+
+    root: Path
+
+    @property
+    def src(self) -> Path:
+        return self.root / "parent" / "src"
+
+    def recipe(self, name: str = "r.yaml", **keys) -> str:
+        data = {"model": str(self.src), "output": {"dir": str(self.root / "out")}, **keys}
+        path = self.root / name
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    def slim(self) -> Path:
+        """A converted checkpoint at root/slim (what export reads)."""
+        from helpers import convert
+
+        convert(self.src, self.root / "slim", remove={"blocks": [1]})
+        return self.root / "slim"
+
+
+def tree(root: Path) -> dict:
+    """Every path under root with its bytes (None for folders): equal trees mean nothing was written."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def env(tiny_models, tmp_path, monkeypatch):
+    shutil.copytree(tiny_models["llama-tied"], tmp_path / "parent" / "src")
+    # Every path a case names lies inside tmp_path, the cache too: were a refusal missing, the run would
+    # replace a scratch folder, never a real one (the session cache's parent is the system's temp folder).
+    (tmp_path / "caches" / "slimconv").mkdir(parents=True)
+    monkeypatch.setenv("SLIMCONV_CACHE", str(tmp_path / "caches" / "slimconv"))
+    return Env(tmp_path)
+
+
+# Each case prepares the scratch folder and returns (argv, words the message must contain).
+DATA_LOSS = {
+    "output is the source's parent": lambda e: (
+        ["convert", e.recipe(output={"dir": str(e.src.parent)}), "--force"], ["contains the source model", str(e.src)]),
+    "output is the source": lambda e: (
+        ["convert", e.recipe(output={"dir": str(e.src)}), "--force"], ["is the source model", str(e.src)]),
+    "output inside the source": lambda e: (
+        ["convert", e.recipe(output={"dir": str(e.src / "slim")})], ["is inside the source model", str(e.src)]),
+    "output is the source via ..": lambda e: (
+        ["convert", e.recipe(output={"dir": str(e.src / ".." / "src")}), "--force"], ["is the source model"]),
+    "output contains the cache of model default": lambda e: (
+        ["convert", e.recipe(model="default", output={"dir": str(e.root / "caches")}), "--force"],
+        ["contains the slimconv cache", str(cache_root())]),
+    "output is the current directory": lambda e: (
+        ["convert", e.recipe(output={"dir": "."}), "--force"], ["current directory", "outputs/NAME"]),
+    "output contains the current directory": lambda e: (
+        ["convert", e.recipe(output={"dir": ".."}), "--force"], ["contains the current directory"]),
+    "export -o is the checkpoint": lambda e: (
+        ["export", str(e.slim()), "-o", str(e.root / "slim"), "--force"], ["is the slim checkpoint", "-o"]),
+    "export -o contains the checkpoint": lambda e: (
+        ["export", str(e.slim()), "-o", str(e.root), "--force"], ["contains the slim checkpoint"]),
+    "analyze -o is the model": lambda e: (
+        ["analyze", str(e.src), "-o", str(e.src), "--force"], ["is the source model", "-o"]),
+    "analyze -o contains the model": lambda e: (
+        ["analyze", str(e.src), "-o", str(e.src.parent), "--force"], ["contains the source model"]),
+    "analyze --early-exit -o inside the model": lambda e: (
+        ["analyze", str(e.src), "-o", str(e.src / "analysis"), "--early-exit"], ["is inside the source model"]),
+}
+
+
+def refused(env, case, capsys, monkeypatch):
+    work = env.root / "work" / "here"  # the run's current directory: "." and ".." are scratch folders
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    argv, words = case(env)
+    before = tree(env.root)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for w in words:
+        assert w in err, f"{w!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert tree(env.root) == before  # nothing written, nothing left behind, the source unchanged
+
+
+@pytest.mark.parametrize("case", DATA_LOSS)
+def test_an_output_never_overlaps_its_source(env, case, capsys, monkeypatch):
+    refused(env, DATA_LOSS[case], capsys, monkeypatch)
+
+
+def test_output_beside_the_source_still_works(env, capsys):
+    """The rule refuses overlap only: a sibling of the source with a similar name is fine."""
+    r = env.recipe(output={"dir": str(env.src.parent / "src-slim")}, remove={"blocks": [1]})
+    assert main(["convert", r]) == 0
+    assert main(["convert", r, "--force"]) == 0
+    assert sorted(p.name for p in env.src.parent.iterdir()) == ["src", "src-slim"]
+
+
+def damaged(file: str, data: bytes | None = None, cut: float | None = None):
+    """A case whose source file is replaced by ``data`` (or cut to a fraction of its size) before convert."""
+
+    def case(e: Env):
+        path = e.src / file
+        path.write_bytes(data if cut is None else path.read_bytes()[: int(path.stat().st_size * cut)])
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def config(**changes):
+    def case(e: Env):
+        cfg = json.loads((e.src / "config.json").read_text())
+        cfg.update(changes)
+        for k in [k for k, v in changes.items() if v is ...]:
+            del cfg[k]
+        (e.src / "config.json").write_text(json.dumps(cfg))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def recipe_bytes(data: bytes):
+    def case(e: Env):
+        (e.root / "r.yaml").write_bytes(data)
+        return ["convert", str(e.root / "r.yaml")]
+
+    return case
+
+
+def index_naming(shard: str):
+    def case(e: Env):
+        names = {"model.embed_tokens.weight": "model.safetensors", "model.norm.weight": shard}
+        (e.src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def mkdir(e: Env) -> str:
+    (e.root / "recipe-folder").mkdir()
+    return str(e.root / "recipe-folder")
+
+
+# (case, words of the message); a case prepares the scratch folder and returns argv.
+INPUTS = {
+    "layer index true": (lambda e: ["convert", e.recipe(remove={"blocks": [True]})], ["remove.blocks", "got [True]"]),
+    "layer index 2.0": (lambda e: ["convert", e.recipe(remove={"blocks": [1, 2.0]})], ["remove.blocks", "2.0"]),
+    "layer index true, not a list": (lambda e: ["convert", e.recipe(remove={"attention": True})],
+                                     ["remove.attention", "got True"]),
+    "parallel group of floats": (lambda e: ["convert", e.recipe(parallel={"groups": [[1.0, 2.0]]})],
+                                 ["parallel.groups", "1.0"]),
+    "duplicate index": (lambda e: ["convert", e.recipe(remove={"blocks": [3, 3]})],
+                        ["remove.blocks", "layer 3 is listed twice"]),
+    "duplicate index inside a range": (lambda e: ["convert", e.recipe(remove={"mlp": [3, "2-4"]})],
+                                       ["remove.mlp", "layer 3 is listed twice"]),
+    "recipe is a directory": (lambda e: ["convert", mkdir(e)], ["is a directory"]),
+    "recipe is not UTF-8": (recipe_bytes(b"model: caf\xe9\noutput: {dir: out}\n"), ["not UTF-8", "byte 10"]),
+    "recipe is empty": (recipe_bytes(b""), ["a recipe is a YAML mapping", "empty file"]),
+    "recipe is a list": (recipe_bytes(b"- model: default\n"), ["a recipe is a YAML mapping"]),
+    "output.dir empty": (lambda e: ["convert", e.recipe(output={"dir": ""})], ["output.dir", "must name a folder"]),
+    "output.dir blank": (lambda e: ["convert", e.recipe(output={"dir": "  "})], ["output.dir", "must name a folder"]),
+    "output.dir a number": (lambda e: ["convert", e.recipe(output={"dir": 5})], ["output.dir", "string"]),
+    "max_shard_size 0": (lambda e: ["convert", e.recipe(output={"dir": str(e.root / "out"), "max_shard_size": "0GB"})],
+                         ["output.max_shard_size", "not a size"]),
+    "model is a file, not a folder or .gguf": (lambda e: ["convert", e.recipe(model=str(e.src / "config.json"))],
+                                               ["not a directory, a .gguf file or a Hub id"]),
+    "config.json not JSON": (damaged("config.json", b"{not json"), ["config.json is not valid JSON"]),
+    "config.json not a mapping": (damaged("config.json", b"[1, 2]"), ["not a JSON object", "list"]),
+    "config.json without hidden_size": (config(hidden_size=...), ["has no 'hidden_size'"]),
+    "num_hidden_layers a string": (config(num_hidden_layers="6"),
+                                   ["'num_hidden_layers' must be a positive integer, got '6'"]),
+    "num_attention_heads 0": (config(num_attention_heads=0), ["'num_attention_heads' must be a positive integer"]),
+    "head_dim true": (config(head_dim=True), ["'head_dim' must be a positive integer, got True"]),
+    "safetensors truncated": (damaged("model.safetensors", cut=0.5),
+                              ["model.safetensors is not a readable safetensors file", "re-download"]),
+    "safetensors zero bytes": (damaged("model.safetensors", b""), ["model.safetensors is not a readable safetensors"]),
+    "safetensors garbage": (damaged("model.safetensors", bytes(range(256)) * 4),
+                            ["model.safetensors is not a readable safetensors"]),
+    "index names a missing shard": (index_naming("model-00002-of-00002.safetensors"),
+                                    ["names model-00002-of-00002.safetensors, which is not in"]),
+    "index not JSON": (damaged("model.safetensors.index.json", b"{"), ["not a safetensors index"]),
+    "generate --max-new-tokens 0": (lambda e: ["generate", str(e.root), "hi", "--max-new-tokens", "0"],
+                                    ["--max-new-tokens 0"]),
+    "generate --temperature -1": (lambda e: ["generate", str(e.root), "hi", "--temperature", "-1"],
+                                  ["--temperature -1.0"]),
+    "generate --top-p 0": (lambda e: ["generate", str(e.root), "hi", "--temperature", "1", "--top-p", "0"],
+                           ["--top-p 0.0"]),
+    "analyze --samples 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--samples", "0"],
+                            ["--samples 0", "greater than or equal to 1"]),
+    "analyze --seq-len 1": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--seq-len", "1"],
+                            ["--seq-len 1"]),
+    "analyze --batch-size 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--batch-size", "0"],
+                               ["--batch-size 0"]),
+    "analyze --max-memory 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--max-memory", "0"],
+                               ["--max-memory", "not a size"]),
+    "validate a missing folder": (lambda e: ["validate", str(e.root / "nope")], ["not a slimconv output (it does not exist)"]),
+    "push a file": (lambda e: ["push", str(e.src / "config.json"), "--repo-id", "me/x", "--dry-run"],
+                    ["not a slimconv output (not a folder)"]),
+}
+
+
+@pytest.mark.parametrize("case", INPUTS)
+def test_bad_input_is_refused_before_any_work(env, case, capsys, monkeypatch):
+    build, words = INPUTS[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+HOLD = """
+import sys, time
+from slimconv.outdir import AtomicDir
+with AtomicDir(sys.argv[1], force=True) as tmp:
+    (tmp / "partial").write_text("x")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+KILL_MID_SWAP = """
+import os, signal, sys
+from pathlib import Path
+from slimconv.outdir import AtomicDir
+rename = Path.rename
+def rename_then_die(self, target):
+    moved = rename(self, target)
+    if ".old-" in Path(target).name:  # the previous output is aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return moved
+Path.rename = rename_then_die
+with AtomicDir(sys.argv[1], force=True) as tmp:
+    (tmp / "config.json").write_text("new")
+"""
+
+
+def test_concurrent_run_is_refused_and_a_dead_runs_leftovers_are_cleaned(env, capsys):
+    r = env.recipe(remove={"blocks": [1]})
+    out = env.root / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(holder.stdout.readline().strip())
+        assert main(["convert", r, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"another slimconv is writing {out} (pid {holder.pid})" in err
+        assert (tmp / "partial").is_file()  # the live run's folder is left alone
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert tmp.is_dir()  # SIGKILL: no cleanup ran
+    assert main(["convert", r]) == 0
+    assert sorted(p.name for p in env.root.iterdir()) == ["caches", "out", "parent", "r.yaml"]
+
+
+def test_kill_between_the_renames_of_force_is_undone_by_the_next_run(env, capsys):
+    r = env.recipe(remove={"blocks": [1]})
+    out = env.root / "out"
+    assert main(["convert", r]) == 0
+    written = tree(out)
+    child = subprocess.run([sys.executable, "-c", KILL_MID_SWAP, str(out)])
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert list(env.root.glob(".out.old-*")) and list(env.root.glob(".out.tmp-*"))
+    assert main(["convert", r]) == 2  # no --force: the restored output is kept
+    err = capsys.readouterr().err
+    assert "already exists" in err
+    assert tree(out) == written
+    assert sorted(p.name for p in env.root.iterdir()) == ["caches", "out", "parent", "r.yaml"]
+
+
+def test_force_fsyncs_every_file_and_folder_before_the_swap(env, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    r = env.recipe(remove={"blocks": [1]})
+    assert main(["convert", r]) == 0
+    out = env.root / "out"
+    tmp = str(env.root / f".out.tmp-{os.getpid()}")
+    wanted = {tmp} | {tmp + "/" + p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert wanted <= set(synced)
+    assert synced[-1] == str(env.root)  # the parent, after the rename
