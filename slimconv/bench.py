@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimError
-from .export import empty_past
+from .export import empty_past, run_step
 
 RUNTIMES = ("torch", "onnx")
 
@@ -51,7 +51,6 @@ class OrtRunner:
         self.provider = self.session.get_providers()[0]
         self.cfg = json.loads((onnx_dir / "config.json").read_text())
         self.vocab = self.cfg["vocab_size"]
-        self.names = [i.name for i in self.session.get_inputs()]
 
     def run(self, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
         """(prefill seconds, decode tokens/s over the batch) for ``new_tokens`` cached greedy steps."""
@@ -60,15 +59,14 @@ class OrtRunner:
         total = prompt_len
         positions = np.broadcast_to(np.arange(total, dtype=np.int64), (batch, total))
         start = time.perf_counter()
-        logits, *past = self.session.run(None, dict(zip(self.names, [
-            ids, np.ones((batch, total), np.int64), positions, *past])))
+        logits, past = run_step(self.session, ids, np.ones((batch, total), np.int64), positions, past)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(new_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             total += 1
-            logits, *past = self.session.run(None, dict(zip(self.names, [
-                nxt, np.ones((batch, total), np.int64), np.full((batch, 1), total - 1, np.int64), *past])))
+            logits, past = run_step(self.session, nxt, np.ones((batch, total), np.int64),
+                                    np.full((batch, 1), total - 1, np.int64), past)
         return prefill, batch * new_tokens / (time.perf_counter() - start)
 
 
