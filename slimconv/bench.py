@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimError
+from .onnx_graph import GRAPH_VERSION, bytes_per_weight
 
 RUNTIMES = ("torch", "onnx")
 
@@ -149,16 +150,22 @@ def _weights_key(src_dir: Path) -> str:
     return cache_key(sorted(src_dir.glob("*.safetensors"))[0])
 
 
-def source_onnx(src_dir: Path, dtype: str) -> Path:
-    """The unslimmed source exported once (unchecked: it is the reference only for speed) into the cache."""
+def source_onnx(src_dir: Path, slim_onnx_config: dict) -> Path:
+    """The unslimmed source exported once (unchecked: it is the reference only for speed) into the cache,
+    with the slim graph's precision, provider and int4 settings."""
     from .export import export_onnx
     from .report import console
     from .source import cache_root, cached
 
-    key = f"onnx-{dtype}-{_weights_key(src_dir)}"
+    dtype = slim_onnx_config.get("onnx_dtype", "float32")
+    provider = slim_onnx_config.get("onnx_provider", "cpu")
+    int4 = slim_onnx_config.get("onnx_int4") or {}
+    settings = dict(block_size=int4.get("block_size", 32), accuracy_level=int4.get("accuracy_level", 4))
+    key = (f"onnx-{GRAPH_VERSION}-{dtype}-{provider}-{settings['block_size']}-{settings['accuracy_level']}-"
+           f"{_weights_key(src_dir)}")
     if not (cache_root() / key / "config.json").is_file():
-        console.print(f"exporting the source {src_dir} to ONNX ({dtype}) once, into {cache_root() / key}")
-    return cached(key, lambda tmp: export_onnx(src_dir, tmp, dtype))
+        console.print(f"exporting the source {src_dir} to ONNX ({dtype}, {provider}) once, into {cache_root() / key}")
+    return cached(key, lambda tmp: export_onnx(src_dir, tmp, dtype, provider=provider, **settings))
 
 
 def slim_onnx(out: Path) -> Path:
@@ -219,8 +226,8 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
                   f"{settings.new_tokens} new tokens; {settings.repeats} interleaved repeats after 1 warm-up")
     if "onnx" in runtimes:  # exports first, so that their messages do not cut through the progress bar
         slim_dir = slim_onnx(out)
-        dtype = json.loads((slim_dir / "config.json").read_text()).get("onnx_dtype", "float32")
-        src_onnx = source_onnx(src_dir, dtype)
+        onnx_config = json.loads((slim_dir / "config.json").read_text())
+        src_onnx = source_onnx(src_dir, onnx_config)
     rows = []
     bar = tqdm(total=len(runtimes) * len(cases) * settings.repeats * 2, desc="bench", unit="run")
     for runtime in runtimes:
@@ -228,7 +235,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
             runners = {"source": OrtRunner(src_onnx, threads, ort_provider),
                        "slim": OrtRunner(slim_dir, threads, ort_provider)}
             label = f"onnxruntime {runners['slim'].provider.removesuffix('ExecutionProvider').lower()}"
-            width = DTYPES[dtype].itemsize
+            width = bytes_per_weight(onnx_config["onnx_dtype"], (onnx_config.get("onnx_int4") or {}).get("block_size", 32))
         else:
             runners = {"source": TorchRunner(src_dir, device), "slim": TorchRunner(out, device)}
             label, width = f"torch {device}", DTYPES["float32"].itemsize  # TorchRunner loads float32

@@ -116,14 +116,14 @@ def _cmd_run(args):
     return 0
 
 
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "int4"}
 
 
 def _cmd_export(args):
     from .export import run_export
 
     return _exported(run_export(args.output, args.out, args.provider, args.force, DTYPE_NAMES[args.dtype],
-                                args.external_data))
+                                args.external_data, args.int4_block_size, args.int4_accuracy_level))
 
 
 def _cmd_generate(args):
@@ -251,13 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output directory written by `slimconv convert`")
     s.add_argument("-o", "--out", help="where to write the ONNX folder (default: OUTPUT/onnx)")
     s.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
-                   help="weights and compute of the graph: fp32 (checked to 2e-4 against PyTorch), fp16 (half the "
-                        "size; checked to 1%% of the logit scale, >= 90%% greedy agreement); bf16 is refused for "
-                        "now (needs the CUDA provider, whose check is not built yet)")
+                   help="precision of the graph: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; "
+                        "1%% of the logit scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, CPU with fp32 "
+                        "activations or CUDA with fp16; judged by KL and top-1 agreement). Criteria: README")
+    s.add_argument("--int4-block-size", type=int, default=32,
+                   help="int4: weights per scale along the input dimension (power of two >= 16; default 32, as "
+                        "onnxruntime-genai's builder)")
+    s.add_argument("--int4-accuracy-level", type=int, default=4, choices=range(5),
+                   help="int4: MatMulNBits accuracy_level; 4 = int8 activations (fastest on CPU, the builder's "
+                        "default), 0 = compute in the activation dtype")
     s.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                    help="weights in model.onnx.data beside the graph: auto = when over 2 GB (protobuf limit)")
     s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="ONNX Runtime execution provider for the check (auto: CUDA when available)")
+                   help="what the graph is built for and checked on (auto: CUDA when ONNX Runtime sees it)")
     s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder")
     s.set_defaults(func=_cmd_export)
 

@@ -60,14 +60,22 @@ class Decoder:
         self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), opts, providers=providers(provider))
         self.provider = self.session.get_providers()[0]
         self.config = json.loads((onnx_dir / "config.json").read_text())
-        self.names = [i.name for i in self.session.get_inputs()]
-        # The graph's cache dtype (numpy has no bfloat16, so float32 and float16 graphs only).
-        self.cache_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[self.session.get_inputs()[3].type]
+        inputs = self.session.get_inputs()
+        self.inputs = {i.name for i in inputs}
+        # The graph's cache dtype; numpy has no bfloat16, ml_dtypes (an onnx dependency) has.
+        kind = inputs[3].type
+        if kind == "tensor(bfloat16)":
+            import ml_dtypes
+
+            self.cache_dtype = ml_dtypes.bfloat16
+        else:
+            self.cache_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[kind]
         self.reset(1)
 
     def reset(self, batch: int):
         shape = (batch, A.kv_heads(self.config), 0, A.head_dim(self.config))
-        self.past = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.config["num_cache_pairs"])]
+        self.past = {f"past_key_values.{i}.{kind}": np.zeros(shape, self.cache_dtype)
+                     for i in range(self.config["num_cache_pairs"]) for kind in ("key", "value")}
         self.length = 0
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray | None = None,
@@ -78,7 +86,14 @@ class Decoder:
             mask = np.ones((b, self.length + t), np.int64)
         if positions is None:
             positions = np.broadcast_to(np.arange(self.length, self.length + t, dtype=np.int64), (b, t))
-        logits, *self.past = self.session.run(None, dict(zip(self.names, [ids, mask, positions, *self.past])))
+        # By name, not position: graphs of other exporters (onnxruntime-genai's builder) order the cache
+        # tensors differently and may have no position_ids.
+        feed = {"input_ids": ids, "attention_mask": mask, **self.past}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = positions
+        named = dict(zip((o.name for o in self.session.get_outputs()), self.session.run(None, feed)))
+        logits = named.pop("logits")
+        self.past = {name.replace("present", "past_key_values", 1): value for name, value in named.items()}
         self.length += t
         return logits
 

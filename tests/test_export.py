@@ -39,6 +39,59 @@ def test_onnx_matches_pytorch_with_cache(tiny_models, tmp_path, arch, case):
     assert json.loads((tmp_path / "onnx" / "config.json").read_text())["num_cache_pairs"] == kept
 
 
+def _ops(directory):
+    import collections
+
+    return collections.Counter(n.op_type for n in onnx.load(str(directory / "model.onnx"),
+                                                             load_external_data=False).graph.node)
+
+
+def test_unslimmed_graph_is_as_lean_as_the_builders(tiny_models, tmp_path):
+    """The stock source itself: per layer one norm, one packed q/k/v MatMul, one GroupQueryAttention, o_proj,
+    a norm, gate/up/SiLU/down (onnxruntime-genai's builder writes the same); a few shared mask nodes; no
+    Transpose (weights are stored pre-transposed) and no Constant node."""
+    layers = 6
+    (tmp_path / "onnx").mkdir()
+    export_onnx(tiny_models["llama-tied"], tmp_path / "onnx")
+    ops = _ops(tmp_path / "onnx")
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["SimplifiedLayerNormalization"] == 1
+    assert ops["MatMul"] == 5 * layers and ops["FusedMatMul"] == 1  # tied head reads the embedding
+    assert "Transpose" not in ops and "Constant" not in ops
+    assert sum(ops.values()) <= 11 * layers + 16, ops
+    assert_ops_known_to_onnxruntime(onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False))
+
+
+def test_removed_sublayers_write_no_nodes_and_wide_layers_one_attention_per_member(tiny_models, tmp_path):
+    convert(tiny_models["qwen2"], tmp_path / "slim", remove={"attention": [4, 5], "mlp": [0]},
+            parallel={"groups": [[1, 2]]})
+    (tmp_path / "onnx").mkdir()
+    info = export_onnx(tmp_path / "slim", tmp_path / "onnx")
+    ops = _ops(tmp_path / "onnx")
+    # 6 source attentions, 2 removed: 4 nodes and 4 cache pairs, the wide layer's two among them.
+    assert ops["GroupQueryAttention"] == info["cache_pairs"] == 4
+    assert ops["Split"] == 1 and ops["Concat"] == 2  # the wide layer's members; the mask's shape
+    # q/k/v + o for 3 attention layers; gate/up/down for the wide MLP and the 3 other kept MLPs.
+    assert ops["MatMul"] == 2 * 3 + 3 * 4
+    assert ops["Add"] == 3  # qwen2's q/k/v bias, packed into one vector per attention layer
+
+
+@pytest.mark.parametrize("arch", ["llama-bias-untied", "qwen3"])
+def test_int4_graph_matches_the_int4_rounded_model(tiny_models, tmp_path, arch):
+    convert(tiny_models[arch], tmp_path / "slim", parallel={"groups": [[2, 3]]}, remove={"mlp": [0]})
+    (tmp_path / "onnx").mkdir()
+    export_onnx(tmp_path / "slim", tmp_path / "onnx", "int4", block_size=16)
+    ops = _ops(tmp_path / "onnx")
+    # q/k/v + o in 5 layers, gate/up/down in the 4 that keep their MLP, the head.
+    assert "MatMul" not in ops and ops["MatMulNBits"] == 2 * 5 + 3 * 4 + 1, ops
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    report = validate_onnx(tmp_path / "onnx", tmp_path / "slim", prompts, steps=8, provider="cpu")
+    assert report["passed"], report
+    # The rounded weights are what the graph computes: much closer to it than the float model is.
+    for case in report["cases"].values():
+        assert case["kl"] < case["against_float_model"]["kl"]
+
+
 def test_export_cli_refuses_non_checkpoint_and_existing(tmp_path, tiny_models, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "not a converted checkpoint" in capsys.readouterr().err
@@ -86,7 +139,8 @@ def test_run_with_export_stage(tiny_models, tmp_path):
 
 
 @pytest.mark.smollm
-def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_path, dtype):
     """onnxruntime-genai drives the exported folder through its genai_config.json (uniform cache of
     one pair per source attention, wide layers included) and matches slimconv's own ONNX loop."""
     import shutil
@@ -100,7 +154,7 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(smollm2_dir, tmp_pat
         if (smollm2_dir / name).is_file():
             shutil.copy2(smollm2_dir / name, tmp_path / "slim" / name)
     (tmp_path / "onnx").mkdir()
-    export_onnx(tmp_path / "slim", tmp_path / "onnx")
+    export_onnx(tmp_path / "slim", tmp_path / "onnx", dtype)
     prompt = "The capital of France is"
     ours = list(generate(tmp_path / "onnx", prompt, max_new_tokens=24, provider="cpu"))[-1]["token_ids"]
     model = og.Model(str(tmp_path / "onnx"))
@@ -133,9 +187,25 @@ def test_fp16_with_external_data_loads_and_matches(tiny_models, tmp_path, capsys
     data = onnx_dir / "model.onnx.data"
     assert data.stat().st_size > 100_000 > (onnx_dir / "model.onnx").stat().st_size
     model = onnx.load(str(onnx_dir / "model.onnx"))  # resolves every external reference
-    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
-    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in
-               onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.initializer)
+    floats = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert {i.data_type for i in floats} == {onnx.TensorProto.FLOAT16}
+    # Every weight lives in the data file; only shape constants and scalars stay in the graph (shape
+    # inference must read them).
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    inline = [i for i in graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+    assert inline and all(len(i.dims) <= 1 and sum(i.dims) <= 4 for i in inline)
+
+
+def assert_ops_known_to_onnxruntime(model):
+    """Every node is an op ONNX Runtime registers, with the attributes its schema names (onnx's checker
+    does not know ONNX Runtime's SimplifiedLayerNormalization, which lives in the default domain)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    schemas = {(s.name, s.domain or ""): s for s in get_all_operator_schema()}
+    for node in model.graph.node:
+        schema = schemas.get((node.op_type, node.domain or ""))
+        assert schema is not None, f"{node.op_type} ({node.domain}) is not an ONNX Runtime op"
+        assert {a.name for a in node.attribute} <= set(schema.attributes), node.name
 
 
 def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch, capsys):
@@ -149,11 +219,13 @@ def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch
     assert main(["export", str(tmp_path / "slim"), "--external-data", "never", "--provider", "cpu"]) == 2
     assert "2 GB" in capsys.readouterr().err
     monkeypatch.undo()
-    # bfloat16: the graph is written, but ONNX Runtime's CPU provider cannot run it, so the CLI refuses.
+    # bfloat16: a graph for CUDA is written, but ONNX Runtime's CPU provider cannot run it, so the CLI
+    # refuses it here.
     (tmp_path / "bf16").mkdir()
-    assert export_onnx(tmp_path / "slim", tmp_path / "bf16", "bfloat16")["dtype"] == "bfloat16"
+    assert export_onnx(tmp_path / "slim", tmp_path / "bf16", "bfloat16", provider="cuda")["dtype"] == "bfloat16"
     model = onnx.load(str(tmp_path / "bf16" / "model.onnx"))
-    onnx.checker.check_model(model)
-    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    assert_ops_known_to_onnxruntime(model)
+    floats = {i.data_type for i in model.graph.initializer} - {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    assert floats == {onnx.TensorProto.BFLOAT16}
     assert main(["export", str(tmp_path / "slim"), "--dtype", "bf16", "--provider", "cpu"]) == 2
     assert "needs the CUDA provider" in capsys.readouterr().err

@@ -1,0 +1,427 @@
+"""The ONNX decoder graph, written node by node from a converted checkpoint's layer specs and weights.
+
+Nothing is traced: the graph is the one onnxruntime-genai's model builder writes for a Llama decoder,
+generalised to slim layer specs, built with ``onnx.helper`` (plain protobuf, the format's own library;
+onnxscript/onnx-ir would add an abstraction without removing any of the code below). Per output layer:
+
+- attention kept: [Skip]SimplifiedLayerNormalization, one MatMul for q/k/v packed, one
+  GroupQueryAttention per member *source* attention (rotary inside, its own past/present pair, the
+  source's KV heads, so the cache stays uniform), the members' outputs concatenated into one o_proj
+  MatMul (= the sum of the members' o-projections). A wide layer packs its members' q/k/v columns member
+  by member and splits them once.
+- MLP kept: SkipSimplifiedLayerNormalization, gate and up MatMuls, SiLU, down MatMul.
+- a removed sublayer writes nothing; the pending residual add moves into the next norm.
+
+Weights are pre-transposed (K, N) for MatMul, or int4 block-quantised for MatMulNBits by ONNX Runtime's
+own quantiser, one tensor at a time: each is read from the safetensors, transformed and written to the
+external data file before the next is read, so the export holds about one packed q/k/v at a time.
+
+Masks: GroupQueryAttention derives positions from ``seqlens_k`` in prefill and ignores ``position_ids``
+there, so the graph gives every row ``seqlens_k = total - 1`` (positions are cache indices) and masks
+padding with an additive ``attention_bias`` built once from ``attention_mask``. RoPE depends only on the
+distance between query and key, so a left-padded row, whose cache indices are its positions shifted by
+its padding, gets exactly the attention of the HF model. ``position_ids`` stays a graph input (the
+interface of DESIGN.md, which onnxruntime-genai and optimum feed) but no node reads it.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from .errors import SlimError
+from .source import Checkpoint
+
+OPSET = 17
+# Changes whenever the graph's layout does, so that cached exports (bench's source graph) are rebuilt.
+GRAPH_VERSION = "gqa1"
+MS = "com.microsoft"
+# Additive mask for padded keys: finite, so a row with every key masked (a padding query) stays NaN-free
+# in float16, and far below any attention score.
+MASKED = -10000.0
+DATA_FILE = "model.onnx.data"
+# Largest model whose weights fit inside model.onnx: protobuf messages are limited to 2 GiB, minus room
+# for the graph itself.
+INLINE_LIMIT = 2**31 - 2**26
+
+# precision -> (weight/activation dtype on CPU, on CUDA); int4 keeps activations in these dtypes.
+ACTIVATIONS = {
+    "float32": {"cpu": torch.float32},
+    "float16": {"cpu": torch.float16, "cuda": torch.float16},
+    "bfloat16": {"cuda": torch.bfloat16},
+    "int4": {"cpu": torch.float32, "cuda": torch.float16},
+}
+_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+         torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.uint8: TensorProto.UINT8}
+# numpy has no bfloat16: its bytes are written through an int16 view.
+_VIEW = {torch.bfloat16: torch.int16}
+
+
+def bytes_per_weight(dtype: str, block_size: int = 32) -> float:
+    """Stored bytes per weight: int4 is half a byte plus, per block, a float32 scale and half a byte of
+    zero point."""
+    if dtype == "int4":
+        return 0.5 + 4.5 / block_size
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the graph is built for: ``dtype`` (float32 | float16 | bfloat16 | int4) on ``provider``
+    (cpu | cuda). int4 is weight-only MatMulNBits with ``block_size`` weights per scale along K and
+    ``accuracy_level`` (4: int8 activations on CPU, the builder's default there; 0: the activation dtype)."""
+
+    dtype: str = "float32"
+    provider: str = "cpu"
+    block_size: int = 32
+    accuracy_level: int = 4
+    quantize_lm_head: bool = True
+    # Asymmetric blocks (a zero point each): on SmolLM2-135M the KL to the float model is 0.44 against
+    # 0.57 symmetric (README); onnxruntime-genai's builder defaults to symmetric.
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ACTIVATIONS:
+            raise SlimError(f"unknown ONNX dtype {self.dtype!r}", f"use one of {', '.join(ACTIVATIONS)}")
+        if self.provider not in ACTIVATIONS[self.dtype]:
+            fits = [d for d, p in ACTIVATIONS.items() if self.provider in p]
+            needs = " or ".join(p.upper() for p in ACTIVATIONS[self.dtype])
+            raise SlimError(f"a {self.dtype} graph needs the {needs} provider: ONNX Runtime has no {self.dtype} "
+                            f"kernels for it on {self.provider.upper()}",
+                            f"for --provider {self.provider} use --dtype {' | '.join(fits)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise SlimError(f"int4 block size {self.block_size} is not a power of two >= 16", "use 32, 64 or 128")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SlimError(f"int4 accuracy level {self.accuracy_level} is not 0-4", "use 4 (int8) or 0 (unset)")
+
+    @property
+    def activation(self) -> torch.dtype:
+        return ACTIVATIONS[self.dtype][self.provider]
+
+
+def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool):
+    """MatMulNBits' int4 blocks of a (N, K) weight by ONNX Runtime's own quantiser (round to nearest per
+    block of ``block`` weights along K): packed (N, blocks, block/2) uint8, scales (N, blocks), zero points
+    (N, ceil(blocks/2)) uint8 (8 everywhere when symmetric)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k = weight.shape
+    blocks = -(-k // block)
+    w = np.zeros((blocks * block, n), np.float32)
+    w[:k] = weight.t().float().numpy()
+    packed = np.zeros((n, blocks, block // 2), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, w, scales, zero_points, block, n, blocks * block, symmetric)
+    return packed, scales, zero_points
+
+
+def dequantize_int4(weight: torch.Tensor, block: int, symmetric: bool) -> torch.Tensor:
+    """The (N, K) weight the int4 graph computes with: ``quantize_int4`` and back. The ONNX check runs the
+    PyTorch model with these weights, so that it judges the graph, not the rounding int4 chose to make."""
+    n, k = weight.shape
+    packed, scales, zero_points = quantize_int4(weight, block, symmetric)
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1, block).astype(np.float32)
+    zp = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(n, -1)[:, : q.shape[1]].astype(np.float32)
+    w = (q - (8.0 if symmetric else zp[..., None])) * scales[..., None]
+    return torch.from_numpy(w.reshape(n, -1)[:, :k]).to(weight.dtype)
+
+
+class _Writer:
+    """Initializers: bytes streamed into the external data file (or kept inline), one tensor at a time."""
+
+    def __init__(self, out: Path, external: bool):
+        self.external = external
+        self.file = open(out / DATA_FILE, "wb") if external else None
+        self.initializers = []
+        self.bytes = 0
+
+    def add(self, name: str, t: torch.Tensor, inline: bool = False) -> str:
+        """``inline``: always inside model.onnx (shape constants, which shape inference must read)."""
+        t = t.detach().contiguous()
+        raw = memoryview(t.view(_VIEW.get(t.dtype, t.dtype)).numpy()).cast("B")
+        proto = TensorProto(name=name, dims=list(t.shape), data_type=_ONNX[t.dtype])
+        if self.external and not inline:
+            if self.file.tell() % 65536 and len(raw) >= 2**20:
+                self.file.write(bytes(65536 - self.file.tell() % 65536))  # aligned, so ORT can map it
+            offset = self.file.tell()
+            self.file.write(raw)
+            for key, value in (("location", DATA_FILE), ("offset", offset), ("length", len(raw))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, str(value)
+            proto.data_location = TensorProto.EXTERNAL
+        else:
+            proto.raw_data = raw.tobytes()
+        self.bytes += len(raw)
+        self.initializers.append(proto)
+        return name
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class _Graph:
+    """Nodes with generated output names, plus constants as initializers."""
+
+    def __init__(self, writer: _Writer):
+        self.writer = writer
+        self.nodes = []
+        self.consts = {}
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", out=None, **attrs):
+        """One node; returns its output name (a list when ``outputs`` > 1). ``out`` names graph outputs."""
+        if isinstance(out, list):
+            outs = out
+        else:
+            outs = [f"{name}/out{i}" for i in range(outputs)] if outputs > 1 else [out or f"{name}/out"]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None,
+                                           **{k: v for k, v in attrs.items() if v is not None}))
+        return outs if outputs > 1 else outs[0]
+
+    def const(self, value, dtype: torch.dtype) -> str:
+        key = (repr(value), dtype)
+        if key not in self.consts:
+            self.consts[key] = self.writer.add(f"const/{len(self.consts)}", torch.tensor(value, dtype=dtype),
+                                               inline=True)
+        return self.consts[key]
+
+
+def _rotary_caches(cfg, dtype: torch.dtype):
+    """cos/sin (max_position_embeddings, head_dim / 2) from transformers' own rotary embedding of this
+    config (every RoPE scaling type it knows, attention scaling included)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = LlamaRotaryEmbedding(config=cfg)
+    positions = torch.arange(cfg.max_position_embeddings)[None]
+    with torch.no_grad():
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32), positions)
+    half = cfg.head_dim // 2
+    return cos[0, :, :half].to(dtype), sin[0, :, :half].to(dtype)
+
+
+class _Decoder:
+    """Writes one decoder graph; see the module docstring."""
+
+    def __init__(self, ckpt: Checkpoint, cfg, precision: Precision, writer: _Writer):
+        self.ckpt, self.cfg, self.p = ckpt, cfg, precision
+        self.g = _Graph(writer)
+        self.dtype = precision.activation
+        self.kv = cfg.num_key_value_heads
+        self.d = cfg.head_dim
+        self.bias = cfg.projection_bias or {}
+        self.pairs = 0
+        if cfg.hidden_act != "silu":
+            raise SlimError(f"the ONNX graph builder has no activation {cfg.hidden_act!r}",
+                            "only SiLU MLPs (the Llama family) are exported")
+
+    # -- weights -----------------------------------------------------------------------------------
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self.ckpt.get(name).to(torch.float32)
+
+    def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str, quantize: bool = True,
+               out=None) -> str:
+        """x @ weight.T (+ bias); ``weight`` is (N, K) as torch stores it."""
+        if self.p.dtype == "int4" and quantize:
+            y = self._matmul_nbits(x, weight, name, None if bias is not None else out)
+        else:
+            w = self.g.writer.add(f"{name}.weight", weight.t().to(self.dtype))
+            y = self.g.op("MatMul", [x, w], name, out=None if bias is not None else out)
+        if bias is not None:
+            y = self.g.op("Add", [y, self.g.writer.add(f"{name}.bias", bias.to(self.dtype))], f"{name}/bias", out=out)
+        return y
+
+    def _matmul_nbits(self, x: str, weight: torch.Tensor, name: str, out) -> str:
+        n, k = weight.shape
+        block = self.p.block_size
+        packed, scales, zero_points = quantize_int4(weight, block, self.p.symmetric)
+        inputs = [x, self.g.writer.add(f"{name}.weight_q4", torch.from_numpy(packed)),
+                  self.g.writer.add(f"{name}.scales", torch.from_numpy(scales.reshape(-1)).to(self.dtype))]
+        if not self.p.symmetric:
+            inputs.append(self.g.writer.add(f"{name}.zero_points", torch.from_numpy(zero_points.reshape(-1))))
+        return self.g.op("MatMulNBits", inputs, name, domain=MS, out=out, K=k, N=n, bits=4, block_size=block,
+                         accuracy_level=self.p.accuracy_level)
+
+    # -- the residual stream -----------------------------------------------------------------------
+
+    def norm(self, gain_name: str, name: str) -> str:
+        """RMSNorm of the residual stream; a pending sublayer output is added to it in the same node."""
+        eps = float(self.cfg.rms_norm_eps)
+        gain = self.g.writer.add(gain_name, self._tensor(gain_name).to(self.dtype))
+        if self.pending is None:
+            return self.g.op("SimplifiedLayerNormalization", [self.residual, gain], name, axis=-1, epsilon=eps)
+        normed, _, _, self.residual = self.g.op("SkipSimplifiedLayerNormalization", [self.pending, self.residual, gain],
+                                                name, outputs=4, domain=MS, epsilon=eps)
+        self.pending = None
+        return normed
+
+    # -- blocks ------------------------------------------------------------------------------------
+
+    def attention(self, i: int, spec: dict, x: str) -> str:
+        prefix = f"model.layers.{i}.self_attn."
+        heads, kv_heads, d = spec["num_heads"], spec["num_key_value_heads"], self.d
+        members = kv_heads // self.kv
+        mh = heads // members  # query heads per member attention (the source's)
+        w = {p: self._tensor(prefix + f"{p}_proj.weight") for p in "qkv"}
+        b = {p: self._tensor(prefix + f"{p}_proj.bias") if self.bias.get(p) else None for p in "qkv"}
+        rows = {"q": mh * d, "k": self.kv * d, "v": self.kv * d}
+
+        def member_rows(t, p, m):
+            return t[m * rows[p]:(m + 1) * rows[p]]
+
+        packed_w = torch.cat([member_rows(w[p], p, m) for m in range(members) for p in "qkv"])
+        packed_b = None
+        if any(v is not None for v in b.values()):
+            packed_b = torch.cat([member_rows(b[p] if b[p] is not None else torch.zeros(w[p].shape[0]), p, m)
+                                  for m in range(members) for p in "qkv"])
+        del w, b
+        qkv = self.linear(x, packed_w, packed_b, f"layers.{i}/attn/qkv_proj")
+        del packed_w
+        width = (mh + 2 * self.kv) * d
+        parts = [qkv] if members == 1 else self.g.op("Split", [qkv, self.g.const([width] * members, torch.int64)],
+                                                     f"layers.{i}/attn/split_members", outputs=members, axis=-1)
+        norms = self._qk_norms(prefix, mh) if self.cfg.qk_norm else None
+        outs = []
+        for m, part in enumerate(parts):
+            outs.append(self._gqa(i, m, part, mh, spec.get("sliding_window"), norms and (norms[0][m], norms[1][m])))
+        attn = outs[0] if members == 1 else self.g.op("Concat", outs, f"layers.{i}/attn/concat_members", axis=-1)
+        o_bias = self._tensor(prefix + "o_proj.bias") if self.bias.get("o") else None
+        return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj")
+
+    def _qk_norms(self, prefix: str, mh: int):
+        """Per member, the q and k norm gains (head_dim,): a member's heads share its source layer's gain."""
+        out = []
+        for p, per_member in (("q", mh), ("k", self.kv)):
+            t = self._tensor(prefix + f"{p}_norm.weight")
+            t = t.reshape(-1, self.d)
+            names = [self.g.writer.add(f"{prefix}{p}_norm.{m}", t[m * per_member].to(self.dtype))
+                     for m in range(max(1, t.shape[0] // per_member))]
+            out.append(names)
+        return out
+
+    def _gqa(self, i: int, m: int, qkv: str, heads: int, window, norms) -> str:
+        name = f"layers.{i}/attn/member{m}"
+        d, kv = self.d, self.kv
+        q = k = v = ""
+        if norms is None:
+            q = qkv  # packed: GroupQueryAttention splits q/k/v itself
+        else:
+            # The per-head q/k RMSNorm (Qwen3) sits between the projection and the rotary embedding;
+            # ONNX Runtime fuses it into GroupQueryAttention on CUDA only, so it is written out here.
+            q, k, v = self.g.op("Split", [qkv, self.g.const([heads * d, kv * d, kv * d], torch.int64)],
+                                f"{name}/split_qkv", outputs=3, axis=-1)
+            q, k = (self._head_norm(t, gain, f"{name}/{p}_norm") for t, gain, p in ((q, norms[0], "q"),
+                                                                                 (k, norms[1], "k")))
+        slot = self.pairs
+        self.pairs += 1
+        return self.g.op("GroupQueryAttention",
+                         [q, k, v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", self.seqlens,
+                          self.total, self.cos, self.sin, "", self.attn_bias],
+                         name, outputs=3, domain=MS, out=[f"{name}/out", f"present.{slot}.key", f"present.{slot}.value"],
+                         num_heads=heads, kv_num_heads=kv, scale=float(d ** -0.5), do_rotary=1,
+                         local_window_size=int(window) if window else -1)[0]
+
+    def _head_norm(self, x: str, gain: str, name: str) -> str:
+        per_head = self.g.op("Reshape", [x, self.g.const([0, 0, -1, self.d], torch.int64)], f"{name}/heads")
+        normed = self.g.op("SimplifiedLayerNormalization", [per_head, gain], name, axis=-1,
+                           epsilon=float(self.cfg.rms_norm_eps))
+        return self.g.op("Reshape", [normed, self.g.const([0, 0, -1], torch.int64)], f"{name}/flat")
+
+    def mlp(self, i: int, x: str) -> str:
+        prefix = f"model.layers.{i}.mlp."
+        bias = self.cfg.mlp_bias
+
+        def proj(p, inp):
+            return self.linear(inp, self._tensor(prefix + f"{p}_proj.weight"),
+                               self._tensor(prefix + f"{p}_proj.bias") if bias else None, f"layers.{i}/mlp/{p}_proj")
+
+        gate, up = proj("gate", x), proj("up", x)
+        act = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"layers.{i}/mlp/sigmoid")], f"layers.{i}/mlp/silu")
+        return proj("down", self.g.op("Mul", [act, up], f"layers.{i}/mlp/gated"))
+
+    # -- the whole graph ---------------------------------------------------------------------------
+
+    def _mask_inputs(self):
+        """seqlens_k, total_sequence_length and attention_bias from attention_mask (see the module doc)."""
+        g = self.g
+        total64 = g.op("Shape", ["attention_mask"], "mask/total", start=1, end=2)
+        self.total = g.op("Cast", [g.op("Squeeze", [total64, g.const([0], torch.int64)], "mask/total_scalar")],
+                          "mask/total_int32", to=TensorProto.INT32)
+        batch = g.op("Shape", ["attention_mask"], "mask/batch", start=0, end=1)
+        self.seqlens = g.op("Expand", [g.op("Sub", [self.total, g.const(1, torch.int32)], "mask/last"), batch],
+                            "mask/seqlens_k")
+        keep = g.op("Cast", ["attention_mask"], "mask/float", to=_ONNX[self.dtype])
+        bias = g.op("Mul", [g.op("Sub", [keep, g.const(1.0, self.dtype)], "mask/padding"),
+                            g.const(-MASKED, self.dtype)], "mask/additive")
+        bias = g.op("Unsqueeze", [bias, g.const([1, 2], torch.int64)], "mask/b11t")
+        seq = g.op("Shape", ["input_ids"], "mask/sequence", start=1, end=2)
+        one = g.const([1], torch.int64)
+        self.attn_bias = g.op("Expand", [bias, g.op("Concat", [one, one, seq, one], "mask/bias_shape", axis=0)],
+                              "mask/attention_bias")
+
+    def build(self) -> onnx.ModelProto:
+        cfg, g = self.cfg, self.g
+        self._mask_inputs()
+        cos, sin = _rotary_caches(cfg, self.dtype)
+        self.cos, self.sin = g.writer.add("cos_cache", cos), g.writer.add("sin_cache", sin)
+        embed = self._tensor("model.embed_tokens.weight")
+        embed_name = g.writer.add("model.embed_tokens.weight", embed.to(self.dtype))
+        self.residual, self.pending = g.op("Gather", [embed_name, "input_ids"], "embed_tokens"), None
+        for i, spec in enumerate(cfg.slim_layers):
+            if spec.get("attention"):
+                x = self.norm(f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
+                self.pending = self.attention(i, spec["attention"], x)
+            if spec.get("mlp"):
+                x = self.norm(f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+                self.pending = self.mlp(i, x)
+        x = self.norm("model.norm.weight", "final_norm")
+        tied = "lm_head.weight" not in self.ckpt
+        quantized = self.p.dtype == "int4" and self.p.quantize_lm_head
+        if tied and not quantized:
+            # One copy of the tied matrix: the head reads the embedding transposed, in one node.
+            g.op("FusedMatMul", [x, embed_name], "lm_head", domain=MS, out="logits", transB=1)
+        else:
+            self.linear(x, embed if tied else self._tensor("lm_head.weight"), None, "lm_head", quantize=quantized,
+                        out="logits")
+        return self._model("logits")
+
+    def _model(self, logits: str) -> onnx.ModelProto:
+        t = _ONNX[self.dtype]
+        cache = ["batch", self.kv, "past_sequence", self.d]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+        outputs = [helper.make_tensor_value_info(logits, t, ["batch", "sequence", self.cfg.vocab_size])]
+        for s in range(self.pairs):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{s}.{kind}", t, cache))
+                outputs.append(helper.make_tensor_value_info(f"present.{s}.{kind}", t,
+                                                             ["batch", self.kv, "total_sequence", self.d]))
+        graph = helper.make_graph(self.g.nodes, "slimconv_decoder", inputs, outputs,
+                                  initializer=self.g.writer.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                 producer_name="slimconv")
+
+
+def write_graph(slim_dir: Path, out: Path, precision: Precision, external: bool) -> dict:
+    """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint in
+    ``slim_dir``; returns the number of cache pairs, nodes and weight bytes."""
+    import json
+
+    from .layout import as_slim_config
+
+    config = json.loads((slim_dir / "config.json").read_text())
+    config.pop("early_exit", None)  # the graph runs every layer
+    writer = _Writer(out, external)
+    try:
+        decoder = _Decoder(Checkpoint(slim_dir), as_slim_config(config), precision, writer)
+        model = decoder.build()
+    finally:
+        writer.close()
+    with open(out / "model.onnx", "wb") as f:
+        f.write(model.SerializeToString())
+    return dict(cache_pairs=decoder.pairs, nodes=len(model.graph.node), weight_bytes=writer.bytes,
+                kv_heads=decoder.kv, head_dim=decoder.d)
