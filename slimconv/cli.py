@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int4-accuracy-level", type=int, default=4, choices=range(5),
                    help="int4: MatMulNBits accuracy_level; 4 = int8 activations (fastest on CPU, the builder's "
                         "default), 0 = compute in the activation dtype")
-    s.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
-                   help="weights in model.onnx.data beside the graph: auto = when over 2 GB (protobuf limit)")
+    s.add_argument("--external-data", choices=["auto", "always", "never"], default="always",
+                   help="weights in model.onnx.data beside the graph, streamed one tensor at a time (always, the "
+                        "default); never = one self-contained model.onnx (holds the weights in memory twice "
+                        "while writing; 2 GB protobuf limit); auto = inside unless over 2 GB")
     s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="what the graph is built for and checked on (auto: CUDA when ONNX Runtime sees it)")
     s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder")

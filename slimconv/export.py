@@ -17,12 +17,13 @@ from .runtime import Decoder, load_model, providers
 from .source import AUX_FILES, Checkpoint
 
 
-def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "auto",
+def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "always",
                 provider: str = "cpu", block_size: int = 32, accuracy_level: int = 4) -> dict:
     """Writes model.onnx (built for ``dtype`` on ``provider``) and the files consumers read into ``out``.
 
-    ``external_data``: "always" puts the weights in model.onnx.data beside the graph, "never" inside it,
-    "auto" outside only when they would not fit in one protobuf (over 2 GB)."""
+    ``external_data``: "always" (default) streams the weights into model.onnx.data beside the graph, one
+    tensor at a time; "never" puts them inside model.onnx, which holds every weight in memory twice while
+    it is serialised (a single file, for small models); "auto" inside unless over 2 GB (protobuf limit)."""
     precision = Precision(dtype, provider, block_size, accuracy_level)
     ckpt = Checkpoint(slim_dir)
     nbytes = int(sum(np.prod(s) for s in ckpt.shapes.values()) * bytes_per_weight(dtype, block_size))
@@ -210,7 +211,7 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
 
 
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
-               external_data: str = "auto", block_size: int = 32, accuracy_level: int = 4) -> dict:
+               external_data: str = "always", block_size: int = 32, accuracy_level: int = 4) -> dict:
     """Exports ``slim_dir`` for ``provider`` (auto: CUDA when ONNX Runtime sees it) and checks the graph
     at once on that provider; a graph that cannot be checked here is not written."""
     from .outdir import AtomicDir, refuse_overlap

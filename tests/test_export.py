@@ -92,6 +92,25 @@ def test_int4_graph_matches_the_int4_rounded_model(tiny_models, tmp_path, arch):
         assert case["kl"] < case["against_float_model"]["kl"]
 
 
+def test_cuda_graphs_are_written_for_half_precision_activations(tiny_models, tmp_path):
+    """No GPU here: the CUDA graphs are checked for structure (ops ONNX Runtime registers, float16
+    activations and cache with int4 weights), and fp32 for CUDA is refused (GroupQueryAttention has no
+    float32 CUDA kernel)."""
+    from slimconv.errors import SlimError
+
+    convert(tiny_models["qwen3"], tmp_path / "slim", parallel={"groups": [[1, 2]]}, remove={"attention": [4]})
+    (tmp_path / "int4").mkdir()
+    export_onnx(tmp_path / "slim", tmp_path / "int4", "int4", provider="cuda")
+    model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
+    assert_ops_known_to_onnxruntime(model)
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT16}
+    genai = json.loads((tmp_path / "int4" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    (tmp_path / "fp32").mkdir()
+    with pytest.raises(SlimError, match="needs the CPU provider"):
+        export_onnx(tmp_path / "slim", tmp_path / "fp32", "float32", provider="cuda")
+
+
 def test_export_cli_refuses_non_checkpoint_and_existing(tmp_path, tiny_models, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "not a converted checkpoint" in capsys.readouterr().err
@@ -214,7 +233,7 @@ def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch
     convert(tiny_models["qwen2"], tmp_path / "slim", remove={"mlp": [1]})
     monkeypatch.setattr(export, "INLINE_LIMIT", 1000)  # as if the tiny model were over 2 GB
     (tmp_path / "auto").mkdir()
-    assert export_onnx(tmp_path / "slim", tmp_path / "auto")["external_data"]
+    assert export_onnx(tmp_path / "slim", tmp_path / "auto", external_data="auto")["external_data"]
     assert (tmp_path / "auto" / "model.onnx.data").is_file()
     assert main(["export", str(tmp_path / "slim"), "--external-data", "never", "--provider", "cpu"]) == 2
     assert "2 GB" in capsys.readouterr().err
