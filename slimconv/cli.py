@@ -66,6 +66,8 @@ def _load_recipe(args):
     recipe = load_recipe(args.recipe)
     if args.allow_pickle:
         recipe.allow_pickle = True
+    if getattr(args, "format", None):
+        recipe.output.format = args.format
     return recipe
 
 
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="overwrite an existing output directory")
         s.add_argument("--allow-pickle", action="store_true",
                        help="accept .bin (pickle) source weights; pickle can run code, use only trusted sources")
+        s.add_argument("--format", choices=["auto", "stock", "nemotron-nas", "slim"],
+                       help="output format (overrides the recipe's output.format, default auto): stock when only "
+                            "blocks go; nemotron-nas (DeciLM, read natively by vLLM, SGLang, TensorRT-LLM, mlx-lm) "
+                            "when the plan fits it; slim (own modeling code) otherwise")
         s.set_defaults(func=func)
 
     s = sub.add_parser("validate", help="check exactness and quality of a slim output; exit 1 if a check fails")
