@@ -226,3 +226,45 @@ def test_export_gguf_cli_and_existing_file(gguf_models, tmp_path, capsys):
     assert main(["export", str(tmp_path / "out"), "--format", "gguf", "--dtype", "q8_0", "--force"]) == 0
     assert main(["export", str(tmp_path / "out"), "--dtype", "q4_0"]) == 2  # ONNX has no q4_0
     assert "--format gguf" in capsys.readouterr().err
+
+
+SMOLLM2_CHANGES = {  # the real default model; sublayer changes go through the nemotron-nas checkpoint
+    "none": dict(),
+    "blocks": dict(remove={"blocks": "20-25"}),
+    "attention": dict(remove={"attention": "25-29"}),
+    "mlp": dict(remove={"mlp": [3, 17, 28]}),
+    "mix": dict(remove={"blocks": [22, 23], "attention": "25-29", "mlp": [12]}),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from slimconv.data import load_text, token_chunks
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    return [int(i) for i in token_chunks(tok, load_text("wikitext2", "test"), 1, 64)[0]]
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+@pytest.mark.smollm
+@pytest.mark.parametrize("change", SMOLLM2_CHANGES)
+def test_llamacpp_runs_smollm2_gguf_like_the_reference(smollm2_dir, smollm2_ids, tmp_path, change):
+    """f32: max |logit error| <= 0.05 and every top-1 equal; q8_0: top-1 >= 98%."""
+    from slimconv.gguf_export import write_gguf
+
+    sub = any(CHANGES_KEY in SMOLLM2_CHANGES[change].get("remove", {}) for CHANGES_KEY in ("attention", "mlp"))
+    plan = convert(smollm2_dir, tmp_path / "out", fmt="nemotron-nas" if sub else None, **SMOLLM2_CHANGES[change])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(smollm2_dir / f, tmp_path / "out" / f)
+    ref = reference_logits(smollm2_dir, plan, smollm2_ids)
+    write_gguf(tmp_path / "out", tmp_path / "f32.gguf", "f32")
+    err, top1 = agreement(llamacpp_logits(tmp_path / "f32.gguf", smollm2_ids), ref)
+    print(f"smollm2 {change} f32: max abs {err:.4f}, top-1 {top1:.3f}")
+    assert err <= 0.05 and top1 == 1.0, f"{change} f32: max abs {err}, top-1 {top1}"
+    write_gguf(tmp_path / "out", tmp_path / "q8.gguf", "q8_0")
+    err, top1 = agreement(llamacpp_logits(tmp_path / "q8.gguf", smollm2_ids), ref)
+    print(f"smollm2 {change} q8_0: max abs {err:.4f}, top-1 {top1:.3f}")
+    assert top1 >= 0.98, f"{change} q8_0: top-1 {top1} (max abs {err})"
