@@ -74,9 +74,12 @@ def reference_logits(src: Path, plan, ids: list[int]) -> np.ndarray:
         return apply_plan(load_model(src), plan)(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
-def llamacpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+def llamacpp_logits(path: Path, ids: list[int], f32_cache: bool = True) -> np.ndarray:
+    """llama.cpp's logits for every position. Its KV cache is float16 by default, which alone moves SmolLM2's
+    logits by up to 0.08; the exactness checks use a float32 cache (``f32_cache``) to compare the file itself."""
+    cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
     model = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True,
-                            verbose=False, n_threads=2, seed=0)
+                            verbose=False, n_threads=2, seed=0, **cache)
     model.eval(ids)
     logits = np.array(model.scores[: len(ids)], dtype=np.float32)
     model.close()
@@ -179,12 +182,12 @@ def test_llamacpp_runs_the_gguf_like_the_reference(gguf_models, tmp_path, arch, 
     write_gguf(tmp_path / "out", tmp_path / "m.gguf", "f32")
     ids = list(np.random.default_rng(0).integers(0, VOCAB - 8, 48))
     err, top1 = agreement(llamacpp_logits(tmp_path / "m.gguf", ids), reference_logits(gguf_models[arch], plan, ids))
-    assert err <= 2e-3 and top1 == 1.0, f"{arch}/{change}: max abs {err}, top-1 {top1}"
+    assert err <= 1e-4 and top1 == 1.0, f"{arch}/{change}: max abs {err}, top-1 {top1}"
 
 
 @needs_llamacpp
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("dtype,tol", [("f16", 0.02), ("bf16", 0.1), ("q8_0", 0.1), ("q4_0", 0.6)])
+@pytest.mark.parametrize("dtype,tol", [("f16", 0.01), ("bf16", 0.05), ("q8_0", 0.05), ("q4_0", 0.5)])
 def test_llamacpp_runs_every_precision(gguf_models, tmp_path, dtype, tol):
     from slimconv.gguf_export import write_gguf
 
@@ -193,6 +196,37 @@ def test_llamacpp_runs_every_precision(gguf_models, tmp_path, dtype, tol):
     ids = list(np.random.default_rng(1).integers(0, VOCAB - 8, 32))
     err, _ = agreement(llamacpp_logits(tmp_path / "m.gguf", ids), reference_logits(gguf_models["llama-tied"], plan, ids))
     assert err <= tol, f"{dtype}: max abs {err}"
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantised_blocks_equal_llamacpps_own_quantiser(gguf_models, tmp_path, dtype):
+    """The gguf library's q8_0 / q4_0 blocks are bit for bit what llama.cpp's llama_model_quantize makes from the
+    f32 file (q4_0: the layers; llama.cpp picks its own types for the embedding and output)."""
+    import ctypes
+
+    import gguf
+
+    from slimconv.gguf_export import write_gguf
+
+    slim_output(gguf_models["llama-bias-untied"], tmp_path / "out", **CHANGES["attention"])
+    write_gguf(tmp_path / "out", tmp_path / "f32.gguf", "f32")
+    write_gguf(tmp_path / "out", tmp_path / "ours.gguf", dtype)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[dtype]
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert set(ours) == set(theirs)
+    compared = 0
+    for name, t in ours.items():
+        if name.startswith("blk.") and t.tensor_type.name == dtype.upper():
+            assert theirs[name].tensor_type == t.tensor_type, name
+            assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
+            compared += 1
+    assert compared >= 20
 
 
 def _recipe(tmp_path, model, **recipe) -> Path:
@@ -252,7 +286,10 @@ def smollm2_ids(smollm2_dir):
 @pytest.mark.smollm
 @pytest.mark.parametrize("change", SMOLLM2_CHANGES)
 def test_llamacpp_runs_smollm2_gguf_like_the_reference(smollm2_dir, smollm2_ids, tmp_path, change):
-    """f32: max |logit error| <= 0.05 and every top-1 equal; q8_0: top-1 >= 98%."""
+    """f32: max |logit error| <= 0.01 and every top-1 equal (float32 KV cache; llama.cpp's default float16 cache
+    alone costs up to 0.08 on SmolLM2). q8_0: llama.cpp's q8_0 itself (the quantised file is bit for bit what its
+    own quantiser makes, see above; it also rounds activations to 8 bits) agrees with the float32 reference on
+    86-92% of top-1 tokens of this 135M model whether slimmed or not, so the bar is that level, not 98%."""
     from slimconv.gguf_export import write_gguf
 
     sub = any(CHANGES_KEY in SMOLLM2_CHANGES[change].get("remove", {}) for CHANGES_KEY in ("attention", "mlp"))
@@ -263,8 +300,8 @@ def test_llamacpp_runs_smollm2_gguf_like_the_reference(smollm2_dir, smollm2_ids,
     write_gguf(tmp_path / "out", tmp_path / "f32.gguf", "f32")
     err, top1 = agreement(llamacpp_logits(tmp_path / "f32.gguf", smollm2_ids), ref)
     print(f"smollm2 {change} f32: max abs {err:.4f}, top-1 {top1:.3f}")
-    assert err <= 0.05 and top1 == 1.0, f"{change} f32: max abs {err}, top-1 {top1}"
+    assert err <= 0.01 and top1 == 1.0, f"{change} f32: max abs {err}, top-1 {top1}"
     write_gguf(tmp_path / "out", tmp_path / "q8.gguf", "q8_0")
     err, top1 = agreement(llamacpp_logits(tmp_path / "q8.gguf", smollm2_ids), ref)
     print(f"smollm2 {change} q8_0: max abs {err:.4f}, top-1 {top1:.3f}")
-    assert top1 >= 0.98, f"{change} q8_0: top-1 {top1} (max abs {err})"
+    assert top1 >= 0.84, f"{change} q8_0: top-1 {top1} (max abs {err})"
