@@ -105,7 +105,9 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
     jobs = tensor_jobs(plan, ckpt, dtype, renamed=fmt == "stock")
     modeling = MODELING_FILES
     if fmt == "nemotron-nas":
-        from .nemotron import NAS_FILES, by_layer, zero_bias_jobs
+        from .nemotron import NAS_FILES, by_layer, choose_format, zero_bias_jobs
+
+        choose_format(fmt, plan, ckpt.config)  # a plan the format cannot carry is an error, never a wrong file
 
         jobs, modeling = by_layer(jobs + zero_bias_jobs(plan, ckpt, dtype)), NAS_FILES
     info = write_shards(jobs, out, parse_size(max_shard_size))
