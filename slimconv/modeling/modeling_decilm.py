@@ -5,7 +5,10 @@ file lets ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` 
 mapping onto ``modeling_slim.py`` (copied beside it): a nemotron-nas layer is a slim layer whose attention
 (``no_op`` or not) and MLP (``no_op`` or a width from ``ffn_mult``) are optional, with the same tensor names.
 """
+# configuration_slim is imported here too, though only modeling_slim uses it: transformers 5.0 copies a remote
+# module's own relative imports into its cache, not theirs, and modeling_slim would then not find it.
 try:
+    from .configuration_slim import SlimConfig  # noqa: F401
     from .configuration_decilm import DeciLMConfig
     from .modeling_slim import SlimForCausalLM
 except ImportError:  # imported as a plain module (slimconv's own tests)
