@@ -25,9 +25,10 @@ NAS_FILES = ("configuration_decilm.py", "modeling_decilm.py", "configuration_sli
 _ATTN_KEYS = dict(no_op=False, replace_with_linear=False, sparsify=None, n_heads_in_group=None, window_length=None,
                   num_sink_tokens=None, use_prefill_window_in_sink_attention=False, unshifted_sink=False)
 _FFN_KEYS = dict(no_op=False, replace_with_linear=False, sparsify=None, ffn_mult=None)
-# Source keys that describe what the format cannot carry, or that its readers would misread.
+# Source keys that describe what the format cannot carry, or that its readers would misread. intermediate_size
+# stays (the source's width; every reader takes each layer's from ffn_mult), as slimconv's config check wants it.
 _DROP = ("architectures", "auto_map", "model_type", "layer_types", "sliding_window", "use_sliding_window",
-         "max_window_layers", "transformers_version", "quantization_config", "intermediate_size", "head_dim",
+         "max_window_layers", "transformers_version", "quantization_config", "head_dim",
          "torch_dtype", "dtype", "num_hidden_layers")
 
 
