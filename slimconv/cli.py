@@ -17,6 +17,7 @@ measure what it costs in quality.
   slimconv convert  RECIPE.yaml    write the slim checkpoint to the recipe's output.dir
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
+                                   (--format gguf --dtype f32|f16|bf16|q8_0|q4_0: a llama.cpp GGUF file)
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
   slimconv bench    SOURCE OUTPUT_DIR
                                    speed of source and slim (PyTorch, ONNX Runtime) beside the plan's ideal
@@ -66,6 +67,8 @@ def _load_recipe(args):
     recipe = load_recipe(args.recipe)
     if args.allow_pickle:
         recipe.allow_pickle = True
+    if getattr(args, "format", None):
+        recipe.output.format = args.format
     return recipe
 
 
@@ -119,7 +122,19 @@ def _cmd_run(args):
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "int4"}
 
 
+GGUF_ALIASES = {"fp32": "f32", "fp16": "f16"}
+
+
 def _cmd_export(args):
+    if args.format == "gguf":
+        from .gguf_export import run_gguf_export
+
+        run_gguf_export(args.output, args.out, GGUF_ALIASES.get(args.dtype, args.dtype), args.force)
+        return 0
+    args.dtype = {v: k for k, v in GGUF_ALIASES.items()}.get(args.dtype, args.dtype)
+    if args.dtype not in DTYPE_NAMES:
+        raise SlimError(f"--dtype {args.dtype} is a GGUF quantisation; the ONNX export takes {', '.join(DTYPE_NAMES)}",
+                        "add --format gguf, or pick an ONNX dtype")
     from .export import run_export
 
     return _exported(run_export(args.output, args.out, args.provider, args.force, DTYPE_NAMES[args.dtype],
@@ -240,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="overwrite an existing output directory")
         s.add_argument("--allow-pickle", action="store_true",
                        help="accept .bin (pickle) source weights; pickle can run code, use only trusted sources")
+        s.add_argument("--format", choices=["auto", "stock", "nemotron-nas", "slim"],
+                       help="output format (overrides the recipe's output.format, default auto): stock when only "
+                            "blocks go; nemotron-nas (DeciLM, read natively by vLLM, SGLang, TensorRT-LLM, mlx-lm) "
+                            "when the plan fits it; slim (own modeling code) otherwise")
         s.set_defaults(func=func)
 
     s = sub.add_parser("validate", help="check exactness and quality of a slim output; exit 1 if a check fails")
@@ -250,8 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a slim output to ONNX (KV cache) and check it against PyTorch")
     s.add_argument("output", help="output directory written by `slimconv convert`")
     s.add_argument("-o", "--out", help="where to write the ONNX folder (default: OUTPUT/onnx)")
-    s.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
-                   help="precision of the graph: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; "
+    s.add_argument("--format", choices=["onnx", "gguf"], default="onnx",
+                   help="onnx (default): ONNX graph with KV cache, checked against PyTorch; gguf: a llama.cpp file "
+                        "OUT/gguf/<name>-<dtype>.gguf (llama architecture for blocks-only outputs, deci for sublayer "
+                        "removals), written tensor by tensor")
+    s.add_argument("--dtype", choices=list(DTYPE_NAMES) + ["f32", "f16", "q8_0", "q4_0"], default="fp32",
+                   help="GGUF: f32 (= fp32), f16 (= fp16), bf16, q8_0, q4_0 (the gguf library's quantiser; "
+                        "embeddings stay q8_0 under q4_0). ONNX: precision of the graph: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; "
                         "1%% of the logit scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, CPU with fp32 "
                         "activations or CUDA with fp16; judged by KL and top-1 agreement). Criteria: README")
     s.add_argument("--int4-block-size", type=int, default=32,
@@ -266,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "while writing; 2 GB protobuf limit); auto = inside unless over 2 GB")
     s.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
                    help="what the graph is built for and checked on (auto: CUDA when ONNX Runtime sees it)")
-    s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder")
+    s.add_argument("--force", action="store_true", help="overwrite an existing ONNX folder or GGUF file")
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("bench", help="measure prefill and decode speed of source and slim, beside the plan's ideal",

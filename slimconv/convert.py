@@ -72,10 +72,15 @@ def _dtype_name(dtype: str, ckpt: Checkpoint) -> str:
     return dtype_name(tensor_dtype(A.EMBED, ckpt, dtype))
 
 
-def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str) -> dict:
+def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None) -> dict:
     src = ckpt.config
     n_src = plan.num_source_layers
-    if plan.uniform:
+    fmt = fmt or ("stock" if plan.uniform else "slim")
+    if fmt == "nemotron-nas":
+        from .nemotron import nas_config
+
+        cfg = nas_config(plan, src)
+    elif fmt == "stock":
         kept = [s.source_layers[0] for s in plan.layers]
         cfg = {k: ([v[i] for i in kept] if isinstance(v, list) and len(v) == n_src and k != "architectures" else v)
                for k, v in src.items()}
@@ -90,13 +95,25 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str) -> dict:
     return cfg
 
 
-def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_shard_size: str) -> dict:
-    """Writes weights, config, modeling code and tokenizer files into ``out`` (an empty directory)."""
-    jobs = tensor_jobs(plan, ckpt, dtype)
+def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_shard_size: str,
+                     fmt: str | None = None) -> dict:
+    """Writes weights, config, modeling code and tokenizer files into ``out`` (an empty directory).
+
+    ``fmt``: stock, nemotron-nas or slim (see nemotron.choose_format); None: stock when the plan is uniform,
+    else slim."""
+    fmt = fmt or ("stock" if plan.uniform else "slim")
+    jobs = tensor_jobs(plan, ckpt, dtype, renamed=fmt == "stock")
+    modeling = MODELING_FILES
+    if fmt == "nemotron-nas":
+        from .nemotron import NAS_FILES, by_layer, choose_format, zero_bias_jobs
+
+        choose_format(fmt, plan, ckpt.config)  # a plan the format cannot carry is an error, never a wrong file
+
+        jobs, modeling = by_layer(jobs + zero_bias_jobs(plan, ckpt, dtype)), NAS_FILES
     info = write_shards(jobs, out, parse_size(max_shard_size))
-    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype))
-    if not plan.uniform:
-        for f in MODELING_FILES:
+    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype, fmt))
+    if fmt != "stock":
+        for f in modeling:
             shutil.copy2(MODELING_DIR / f, out / f)
     for f in ckpt.aux_files():
         shutil.copy2(f, out / f.name)
@@ -145,14 +162,19 @@ def run_convert(recipe, force: bool = False) -> Path:
     refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
     ckpt = Checkpoint(src_dir)
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
-    console.print(f"writing {'stock ' + plan.model_type if plan.uniform else 'slim'} checkpoint to {target.target}")
+    from .nemotron import choose_format
+
+    fmt, why = choose_format(recipe.output.format, plan, ckpt.config)
+    label = {"stock": f"stock {plan.model_type}", "nemotron-nas": "nemotron-nas (DeciLM)", "slim": "slim"}[fmt]
+    console.print(f"format: {label} ({why})")
+    console.print(f"writing {label} checkpoint to {target.target}")
     with target as tmp:
-        info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size)
+        info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size, fmt)
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
         license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)
         meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=license,
-                    dtype=_dtype_name(recipe.output.dtype, ckpt), files=info, plan=plan.model_dump(), costs=cost)
+                    dtype=_dtype_name(recipe.output.dtype, ckpt), format=fmt, format_reason=why, files=info, plan=plan.model_dump(), costs=cost)
         write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")

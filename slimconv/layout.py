@@ -155,12 +155,15 @@ def _renamed_layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, dtype: st
     ]
 
 
-def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str) -> list[Job]:
+def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None = None) -> list[Job]:
+    """``renamed``: copy each kept layer's tensors under its new index (a stock output; default: when the plan
+    is uniform) instead of building them from the layer spec."""
     arch = A.get_arch(ckpt.config)
+    renamed = plan.uniform if renamed is None else renamed
     plain = lambda name: Job(name, ckpt.shapes[name], tensor_dtype(name, ckpt, dtype), lambda: ckpt.get(name))
     jobs = [plain(A.EMBED)]
     for i, spec in enumerate(plan.layers):
-        jobs += (_renamed_layer_jobs(spec, i, ckpt, dtype) if plan.uniform
+        jobs += (_renamed_layer_jobs(spec, i, ckpt, dtype) if renamed
                  else layer_jobs(spec, i, ckpt, arch, plan.norm, dtype))
     jobs.append(plain(A.FINAL_NORM))
     if A.LM_HEAD in ckpt and not ckpt.config.get("tie_word_embeddings", False):
@@ -198,8 +201,14 @@ def as_slim_config(config: dict):
     layer kept (slimconv's own code runs both through the slim modeling classes)."""
     from .modeling.configuration_slim import SlimConfig
 
-    if config.get("model_type") != "slimconv":
-        config = slim_layers_config(source_plan(config), config)
     # Keys of a written config that SlimConfig(**config) must not receive (class-level or loader metadata).
     drop = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
+    if config.get("model_type") == "nemotron-nas":  # its own config class derives the slim view
+        from .modeling.configuration_decilm import DeciLMConfig
+
+        nas = DeciLMConfig(**{k: v for k, v in config.items() if k not in drop})
+        config = {**config, "model_type": "slimconv", "slim_layers": nas.slim_layers,
+                  "projection_bias": nas.projection_bias, "qk_norm": False, "head_dim": nas.head_dim}
+    elif config.get("model_type") != "slimconv":
+        config = slim_layers_config(source_plan(config), config)
     return SlimConfig(**{k: v for k, v in config.items() if k not in drop})

@@ -86,6 +86,9 @@ class Output(_Strict):
         return v
     dtype: Literal["source", "float32", "float16", "bfloat16"] = Field("source", description="weight dtype")
     max_shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 500MB, 5GB")
+    format: Literal["auto", "stock", "nemotron-nas", "slim"] = Field(
+        "auto", description="auto: stock when only blocks go, nemotron-nas (DeciLM: vLLM, SGLang, TensorRT-LLM, "
+        "mlx-lm, llama.cpp) when the plan and architecture fit it, slim otherwise")
 
 
 class Exactness(_Strict):

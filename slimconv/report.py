@@ -177,8 +177,15 @@ def _onnx_section(report: dict) -> list[str]:
             f"{cases}: **{'pass' if report['passed'] else 'FAIL'}**."]
 
 
-def _load_section(name: str, uniform: bool, onnx: bool) -> list[str]:
-    if uniform:
+def _load_section(name: str, uniform: bool, onnx: bool, fmt: str | None = None) -> list[str]:
+    if fmt == "nemotron-nas":
+        transformers = ("Attention/MLP sublayers were removed; the checkpoint is in NVIDIA's nemotron-nas (DeciLM) "
+                        "format (`block_configs` per layer), which vLLM, SGLang, TensorRT-LLM and mlx-lm run natively "
+                        f"(e.g. `vllm serve {name} --trust-remote-code`: the config class is `configuration_decilm.py`). "
+                        "transformers loads it with `trust_remote_code=True` through `modeling_decilm.py`, a thin "
+                        "mapping onto the bundled `modeling_slim.py`.")
+        remote = ", trust_remote_code=True"
+    elif uniform:
         transformers = ("Only whole blocks were removed, so this is a stock checkpoint: plain transformers "
                         "loads it, no remote code.")
         remote = ""
@@ -281,7 +288,7 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
         parts += _onnx_section(onnx_report)
     if bench:
         parts += ["## Speed", _speed_table(bench)]
-    parts += _load_section(name, plan.uniform, onnx)
+    parts += _load_section(name, plan.uniform, onnx, meta.get("format"))
     return "\n\n".join(parts) + "\n"
 
 

@@ -21,6 +21,9 @@ KINDS = {
     "early-exit": dict(remove={"mlp": [1]}, parallel={"groups": [[3, 4]]},
                        early_exit={"policy": "gap", "threshold": 0.001, "min_layer": 1}),
 }
+# nemotron-nas (DeciLM classes over the slim layers) needs MLP widths on its 256 grid: its own tiny sources.
+NAS_KINDS = {"nemotron-nas": dict(remove={"blocks": [1], "attention": [2, 5], "mlp": [0]})}
+NAS_ARCHS = ("llama-tied", "qwen2")
 PROMPT = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(7))
 NEW_TOKENS = 10
 
@@ -29,20 +32,22 @@ NEW_TOKENS = 10
 def build(root: Path) -> list[Path]:
     """Writes ``root/ARCH-KIND/`` for every architecture and kind; returns the output folders."""
     outputs = []
-    for arch in ARCH_CONFIGS:
-        src = root / "sources" / arch
+    cases = [(arch, arch, kind, recipe, {}) for arch in ARCH_CONFIGS for kind, recipe in KINDS.items()]
+    cases += [(arch, f"{arch}-nas", kind, recipe, dict(intermediate_size=256))
+              for arch in NAS_ARCHS for kind, recipe in NAS_KINDS.items()]
+    for arch, source, kind, recipe, overrides in cases:
+        src = root / "sources" / source
         if not src.exists():
-            make_tiny(src, arch)
-        for kind, recipe in KINDS.items():
-            out = root / f"{arch}-{kind}"
-            if (out / EXPECT).exists():
-                outputs.append(out)
-                continue
-            shutil.rmtree(out, ignore_errors=True)  # an earlier run stopped before writing its answers
-            plan = convert(src, out, **recipe)
-            reference = apply_plan(load_model(src), plan)
-            greedy = greedy_no_cache(reference, PROMPT, NEW_TOKENS)
-            save_file({"ids": PROMPT.contiguous(), "greedy": greedy.contiguous(),
-                       "logits": reference(input_ids=greedy).logits.contiguous()}, str(out / EXPECT))
+            make_tiny(src, arch, **overrides)
+        out = root / f"{arch}-{kind}"
+        if (out / EXPECT).exists():
             outputs.append(out)
+            continue
+        shutil.rmtree(out, ignore_errors=True)  # an earlier run stopped before writing its answers
+        plan = convert(src, out, fmt="nemotron-nas" if kind in NAS_KINDS else None, **recipe)
+        reference = apply_plan(load_model(src), plan)
+        greedy = greedy_no_cache(reference, PROMPT, NEW_TOKENS)
+        save_file({"ids": PROMPT.contiguous(), "greedy": greedy.contiguous(),
+                   "logits": reference(input_ids=greedy).logits.contiguous()}, str(out / EXPECT))
+        outputs.append(out)
     return outputs

@@ -23,12 +23,12 @@ ARCH_CONFIGS = {
 }
 
 
-def make_tiny(directory: Path, name: str, seed: int = 0) -> Path:
+def make_tiny(directory: Path, name: str, seed: int = 0, **overrides) -> Path:
     import transformers
 
     cls, extra = ARCH_CONFIGS[name]
     torch.manual_seed(seed)
-    config = getattr(transformers, cls)(**TINY, **extra)
+    config = getattr(transformers, cls)(**{**TINY, **extra, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -53,11 +53,11 @@ def with_word_tokenizer(model: Path, dest: Path, words: int) -> Path:
     return dest
 
 
-def convert(src: Path, out: Path, dtype="source", shard="5GB", **recipe):
+def convert(src: Path, out: Path, dtype="source", shard="5GB", fmt=None, **recipe):
     ckpt = Checkpoint(src)
     plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": str(out)}, **recipe}), ckpt.config)
     out.mkdir(parents=True)
-    write_checkpoint(plan, ckpt, out, dtype, shard)
+    write_checkpoint(plan, ckpt, out, dtype, shard, fmt)
     return plan
 
 

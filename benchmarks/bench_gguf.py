@@ -1,0 +1,107 @@
+"""Benchmark: llama.cpp decode speed of slim GGUF files against the unslimmed model (README, "GGUF for llama.cpp").
+
+Not a test: run it by hand (needs llama-cpp-python; see README for building it once):
+
+    python benchmarks/bench_gguf.py                                   # SmolLM2-135M, 6 blocks removed
+    python benchmarks/bench_gguf.py --recipe attention --repeats 7
+
+Converts the default model unslimmed and slimmed, exports each with `slimconv.gguf_export.write_gguf` at f32 and
+q4_0, then decodes --new-tokens greedy tokens after a --prompt-len token prompt in llama.cpp, every file once per
+round (interleaved), --repeats rounds, and prints the median decode tokens/s as a Markdown table beside the plan's
+ideal decode speedup (ratio of bytes read per token: weights at that precision plus the KV cache).
+"""
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+RECIPES = {
+    "blocks": dict(remove={"blocks": "20-25"}),  # 6 of 30 blocks
+    "attention": dict(remove={"attention": "25-29"}),
+    "mix": dict(remove={"blocks": [22, 23], "attention": "25-29", "mlp": [12]}),
+}
+BYTES = {"f32": 4.0, "q4_0": 18 / 32}  # q4_0: 32 weights in 16 bytes + a 2-byte scale
+
+
+def build(workdir: Path, recipe: str):
+    import json
+
+    from slimconv.convert import write_checkpoint
+    from slimconv.gguf_export import write_gguf
+    from slimconv.plan import build_plan, source_plan
+    from slimconv.recipe import parse_recipe
+    from slimconv.source import Checkpoint, resolve_source
+
+    src = resolve_source("default")
+    ckpt = Checkpoint(src)
+    slim = build_plan(parse_recipe({"model": "default", "output": {"dir": "x"}, **RECIPES[recipe]}), ckpt.config)
+    files = {}
+    for label, plan in (("unslimmed", source_plan(ckpt.config)), (f"slim ({recipe})", slim)):
+        out = workdir / label.split()[0]
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        fmt = "stock" if plan.uniform else "nemotron-nas"
+        write_checkpoint(plan, ckpt, out, "float32", "5GB", fmt)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(src / f, out / f)
+        for dtype in BYTES:
+            path = workdir / f"{out.name}-{dtype}.gguf"
+            write_gguf(out, path, dtype)
+            files[(label, dtype)] = path
+    return ckpt.config, source_plan(ckpt.config), slim, files, json
+
+
+def decode_rate(path: Path, prompt: list[int], new_tokens: int, threads: int) -> float:
+    import llama_cpp
+    import numpy as np
+
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                            n_batch=512, verbose=False)
+    model.eval(prompt)
+    nxt = int(np.argmax(model.scores[model.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        model.eval([nxt])
+        nxt = int(np.argmax(model.scores[model.n_tokens - 1]))
+    rate = new_tokens / (time.perf_counter() - start)
+    model.close()
+    return rate
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=list(RECIPES), default="blocks")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default="/tmp/slimconv-gguf-bench")
+    a = p.parse_args()
+    from slimconv.plan import costs
+
+    config, src_plan, slim_plan, files, _ = build(Path(a.workdir), a.recipe)
+    prompt = list(range(100, 100 + a.prompt_len))
+    rates = {k: [] for k in files}
+    for path in files.values():  # warm-up: page the files in
+        decode_rate(path, prompt, 4, a.threads)
+    for _ in range(a.repeats):
+        for key, path in files.items():
+            rates[key].append(decode_rate(path, prompt, a.new_tokens, a.threads))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med[("unslimmed", "f32")]
+    ctx = a.prompt_len + a.new_tokens // 2
+    print(f"llama.cpp decode, SmolLM2-135M, {a.new_tokens} greedy tokens after {a.prompt_len}, {a.threads} threads, "
+          f"median of {a.repeats} interleaved rounds\n")
+    print("| model | GGUF | decode tok/s | vs unslimmed f32 | vs unslimmed, same precision | ideal (bytes read) |")
+    print("|---|---|---|---|---|---|")
+    for (label, dtype), rate in med.items():
+        width = BYTES[dtype]
+        ideal = (costs(src_plan, config, ctx, width)["decode_bytes_per_token"]
+                 / costs(slim_plan if label != "unslimmed" else src_plan, config, ctx, width)["decode_bytes_per_token"])
+        same = rate / med[("unslimmed", dtype)]
+        print(f"| {label} | {dtype} | {rate:.1f} | {rate / base:.2f}x | {same:.2f}x | {ideal:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

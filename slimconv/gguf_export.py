@@ -1,0 +1,405 @@
+"""GGUF export for llama.cpp, written directly with the `gguf` library, one tensor at a time.
+
+Architectures (llama.cpp's names):
+  llama  every kept layer has its attention and MLP (only whole blocks removed)
+  deci   per-layer head counts and MLP widths (NVIDIA's nemotron-nas in llama.cpp): attention removed is a
+         layer with 0 heads; MLP removed while attention stays is written as a 1-wide all-zero MLP (norm gain
+         ones, gate/up/down zero), because llama.cpp's deci graph (src/models/deci.cpp, ``if (n_ff == 0)
+         continue;``) skips the rest of a layer whose FFN width is 0 *before* adding the attention's residual,
+         dropping the whole layer; the zero MLP adds exactly 0 at the cost of one multiply-add per token.
+
+Weights: q and k rows are permuted from Hugging Face's half-split RoPE layout to llama.cpp's interleaved
+pairs (what llama.cpp's own converter does for both architectures). Precisions: f32, f16, bf16, and the
+block quantisations q8_0 / q4_0 computed by the `gguf` library's quantiser (a pure numpy port of llama.cpp's
+reference quantise functions; llama.cpp's own `llama-quantize` is a C++ binary that needs an f32/f16 GGUF
+first, and its Python binding is not a dependency of slimconv). With q4_0 the token embedding / output stay
+q8_0, as llama.cpp keeps the output head at higher precision; 1-D tensors (norms, biases) stay f32, and a
+matrix whose rows are not a multiple of 32 (the 1-wide zero MLP) stays f32.
+
+Tokenizers: byte-level BPE (tokenizer.json, llama.cpp's "gpt2" model, with a pre-tokenizer name recognised
+from the tokenizer's own splitting rules) and SentencePiece (tokenizer.model, llama.cpp's "llama" model, read
+with a small protobuf reader: no sentencepiece dependency).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SlimError
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _qtype(name: str):
+    from gguf import GGMLQuantizationType as T
+
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[name]
+
+
+# ---------------------------------------------------------------------------------------------- what fits
+def gguf_blockers(config: dict) -> list[str]:
+    """Why llama.cpp's llama/deci architectures cannot run this slim config exactly (empty: they can)."""
+    why = []
+    if config.get("early_exit"):
+        why.append("the output has an early-exit policy (llama.cpp runs every layer)")
+    layers = config["slim_layers"]
+    for i, s in enumerate(layers):
+        if len(s["source_layers"]) > 1:
+            why.append(f"output layer {i} is the parallel group {s['source_layers']} (llama.cpp has no parallel layers)")
+        if s.get("attention") and s["attention"].get("sliding_window"):
+            why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
+            break
+    if config.get("qk_norm"):
+        why.append(f"{config.get('source_model_type')} has per-head q/k norms (llama.cpp's llama/deci do not load them)")
+    if config.get("hidden_act", "silu") != "silu":
+        why.append(f"activation {config['hidden_act']!r} (llama.cpp's llama/deci MLP is SiLU-gated)")
+    kind = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        why.append(f"RoPE scaling {kind!r} (this exporter writes default and linear RoPE only)")
+    if layers and not layers[0].get("attention"):
+        why.append("output layer 0 has no attention: llama.cpp derives the head size from layer 0's head count")
+    return why
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _read_spm(path: Path) -> list[tuple[str, float, int]]:
+    """(piece, score, type) of every piece in a SentencePiece tokenizer.model (protobuf ModelProto field 1).
+    Piece types use SentencePiece's numbering, which llama.cpp's token types share (1 normal, 2 unknown,
+    3 control, 4 user-defined, 5 unused, 6 byte)."""
+    import struct
+
+    data = path.read_bytes()
+
+    def varint(buf, i):
+        shift = value = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value, i
+
+    def fields(buf):
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            num, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = varint(buf, i)
+            elif wire == 1:
+                value, i = buf[i:i + 8], i + 8
+            elif wire == 2:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            elif wire == 5:
+                value, i = buf[i:i + 4], i + 4
+            else:
+                raise SlimError(f"{path} is not a SentencePiece model (protobuf wire type {wire})")
+            yield num, value
+
+    pieces = []
+    for num, value in fields(data):
+        if num == 1:
+            piece, score, kind = "", 0.0, 1
+            for n, v in fields(value):
+                if n == 1:
+                    piece = bytes(v).decode("utf-8")
+                elif n == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3:
+                    kind = v
+            pieces.append((piece, score, kind))
+    return pieces
+
+
+def _bpe_pre(tok: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, from its splitting rules (None: unknown)."""
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds and kinds[0] == "Split":
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(regex)
+    return None
+
+
+def _special_ids(slim_dir: Path, config: dict, vocab: dict) -> dict:
+    tc = json.loads((slim_dir / "tokenizer_config.json").read_text()) if (slim_dir / "tokenizer_config.json").is_file() else {}
+    ids = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        tok = tc.get(f"{key}_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if tok in vocab:
+            ids[key] = vocab[tok]
+        elif isinstance(config.get(f"{key}_token_id"), int):
+            ids[key] = config[f"{key}_token_id"]
+    template = tc.get("chat_template")
+    if template is None and (slim_dir / "chat_template.jinja").is_file():
+        template = (slim_dir / "chat_template.jinja").read_text()
+    return dict(ids=ids, add_bos=tc.get("add_bos_token"), add_eos=tc.get("add_eos_token"), template=template)
+
+
+def write_tokenizer(writer, slim_dir: Path, config: dict) -> str:
+    """Adds the tokenizer metadata; returns a one-line description. The token list is padded to the model's
+    vocab_size with unused entries, as llama.cpp sizes the embedding from the list."""
+    n_vocab = config["vocab_size"]
+    spm, tj = slim_dir / "tokenizer.model", slim_dir / "tokenizer.json"
+    tok = json.loads(tj.read_text()) if tj.is_file() else None
+    model = (tok or {}).get("model", {})
+    if spm.is_file() and (tok is None or model.get("byte_fallback") or model.get("type") == "Unigram"):
+        pieces = _read_spm(spm)
+        added = {a["content"]: a["id"] for a in (tok or {}).get("added_tokens", [])}
+        for content, i in added.items():
+            if i >= len(pieces):
+                pieces += [(f"[PAD{j}]", -1000.0, 5) for j in range(len(pieces), i)] + [(content, 0.0, 3)]
+        pieces += [(f"[PAD{j}]", -1000.0, 5) for j in range(len(pieces), n_vocab)]
+        if len(pieces) > n_vocab:
+            raise SlimError(f"{spm}: {len(pieces)} pieces but the model's vocab_size is {n_vocab}")
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([p for p, _, _ in pieces])
+        writer.add_token_scores([s for _, s, _ in pieces])
+        writer.add_token_types([t for _, _, t in pieces])
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        kind = "SentencePiece (tokenizer.model)"
+    elif tok is not None and model.get("type") == "BPE" and not model.get("byte_fallback"):
+        vocab = dict(model["vocab"])
+        specials = {}
+        for a in tok.get("added_tokens", []):
+            vocab[a["content"]] = a["id"]
+            specials[a["id"]] = 3 if a.get("special") else 4
+        by_id = {i: t for t, i in vocab.items()}
+        if max(by_id) >= n_vocab:
+            raise SlimError(f"{tj}: token id {max(by_id)} is outside the model's vocab_size {n_vocab}")
+        tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+        types = [specials.get(i, 1 if i in by_id else 5) for i in range(n_vocab)]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        pre = _bpe_pre(tok)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre or "default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        kind = f"byte-level BPE, pre-tokenizer {pre!r}" if pre else (
+            "byte-level BPE with a pre-tokenizer llama.cpp does not name: written as 'default', so llama.cpp "
+            "may split text differently from transformers (token ids given directly are unaffected)")
+    else:
+        raise SlimError(f"{slim_dir}: no tokenizer GGUF can carry (byte-level BPE tokenizer.json or SentencePiece "
+                        "tokenizer.model)", "copy the source model's tokenizer files into the output folder")
+    sp = _special_ids(slim_dir, config, vocab)
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        if key in sp["ids"]:
+            add(sp["ids"][key])
+    if sp["add_bos"] is not None:
+        writer.add_add_bos_token(bool(sp["add_bos"]))
+    if sp["add_eos"] is not None:
+        writer.add_add_eos_token(bool(sp["add_eos"]))
+    if isinstance(sp["template"], str):
+        writer.add_chat_template(sp["template"])
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q or k (or their bias) from the half-split RoPE layout (first half of each head's dims rotate
+    with the second half) to interleaved pairs (dims 2j, 2j+1 rotate together)."""
+    shape = w.shape
+    return w.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _plan_tensors(config: dict, ckpt, dtype: str):
+    """Yields (gguf name, torch shape, compute) for every tensor, in file order."""
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    L = "model.layers.{}."
+
+    def src(name, transform=None):
+        return lambda: (transform(ckpt.get(name)) if transform else ckpt.get(name))
+
+    yield "token_embd.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight")
+    for i, s in enumerate(config["slim_layers"]):
+        pre = L.format(i)
+        if s.get("attention"):
+            heads, kv = s["attention"]["num_heads"], s["attention"]["num_key_value_heads"]
+            yield f"blk.{i}.attn_norm.weight", (hidden,), src(pre + "input_layernorm.weight")
+            for p, g, n in (("q", "attn_q", heads), ("k", "attn_k", kv), ("v", "attn_v", None), ("o", "attn_output", None)):
+                for kind in ("weight", "bias"):
+                    name = pre + f"self_attn.{p}_proj.{kind}"
+                    if name in ckpt:
+                        yield (f"blk.{i}.{g}.{kind}", ckpt.shapes[name],
+                               src(name, (lambda t, n=n: _permute(t, n)) if n else None))
+        if s.get("mlp"):
+            yield f"blk.{i}.ffn_norm.weight", (hidden,), src(pre + "post_attention_layernorm.weight")
+            for p, g in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+                for kind in ("weight", "bias"):
+                    name = pre + f"mlp.{p}_proj.{kind}"
+                    if name in ckpt:
+                        yield f"blk.{i}.{g}.{kind}", ckpt.shapes[name], src(name)
+        elif s.get("attention") and _is_deci(config):  # the 1-wide zero MLP (see the module's docstring)
+            yield f"blk.{i}.ffn_norm.weight", (hidden,), lambda: torch.ones(hidden)
+            yield f"blk.{i}.ffn_gate.weight", (1, hidden), lambda: torch.zeros(1, hidden)
+            yield f"blk.{i}.ffn_up.weight", (1, hidden), lambda: torch.zeros(1, hidden)
+            yield f"blk.{i}.ffn_down.weight", (hidden, 1), lambda: torch.zeros(hidden, 1)
+    yield "output_norm.weight", (hidden,), src("model.norm.weight")
+    if "lm_head.weight" in ckpt and not config.get("tie_word_embeddings", False):
+        yield "output.weight", ckpt.shapes["lm_head.weight"], src("lm_head.weight")
+
+
+def _is_deci(config: dict) -> bool:
+    """deci unless every layer has attention and MLP with the source's own head counts (llama is then exact)."""
+    return not all(s.get("attention") and s.get("mlp") for s in config["slim_layers"])
+
+
+def _tensor_type(name: str, shape, dtype: str):
+    from gguf import GGMLQuantizationType as T
+
+    want = _qtype(dtype)
+    if len(shape) < 2:
+        return T.F32
+    if want in (T.Q8_0, T.Q4_0):
+        if shape[-1] % 32:
+            return T.F32
+        if want == T.Q4_0 and name in ("token_embd.weight", "output.weight"):
+            return T.Q8_0
+    return want
+
+
+def _encode(t: torch.Tensor, qtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    a = t.to(torch.float32).contiguous().numpy()
+    if qtype == T.F32:
+        return a
+    if qtype == T.F16:
+        return a.astype(np.float16)
+    return quantize(a, qtype)
+
+
+def _byte_shape(shape, qtype) -> tuple:
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if qtype in (T.F32, T.F16):
+        return tuple(shape)
+    return tuple(quant_shape_to_byte_shape(tuple(shape), qtype))
+
+
+def checked_config(slim_dir: Path, dtype: str) -> dict:
+    """The output's config as slim layers, or a SlimError naming what GGUF cannot carry and what can."""
+    from .layout import as_slim_config
+
+    raw = json.loads((slim_dir / "config.json").read_text())
+    cfg = as_slim_config(raw).to_dict()
+    cfg["early_exit"] = raw.get("early_exit")
+    why = gguf_blockers(cfg)
+    if why:
+        raise SlimError("GGUF cannot carry this model exactly: " + "; ".join(why),
+                        "keep the Hugging Face checkpoint (the slim format runs it) or `slimconv export` to ONNX, "
+                        "which carry parallel groups and every supported architecture")
+    if dtype not in GGUF_DTYPES:
+        raise SlimError(f"--dtype {dtype}: GGUF precisions are {', '.join(GGUF_DTYPES)}")
+    return cfg
+
+
+def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None = None) -> dict:
+    """Writes ``path`` from a slimconv output folder; returns what was written (architecture, tokenizer, sizes)."""
+    import gguf
+
+    from .source import Checkpoint
+
+    cfg = checked_config(slim_dir, dtype)
+    ckpt = Checkpoint(slim_dir)
+    deci = _is_deci(cfg)
+    arch = "deci" if deci else "llama"
+    layers = cfg["slim_layers"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name or slim_dir.name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(len(layers))
+    heads = [s["attention"]["num_heads"] if s.get("attention") else 0 for s in layers]
+    kv = [s["attention"]["num_key_value_heads"] if s.get("attention") else 0 for s in layers]
+    ff = [s["mlp"]["intermediate_size"] if s.get("mlp") else (1 if s.get("attention") else 0) for s in layers]
+    if deci:
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv)
+        writer.add_feed_forward_length(ff)
+    else:
+        writer.add_head_count(heads[0])
+        writer.add_head_count_kv(kv[0])
+        writer.add_feed_forward_length(ff[0])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    rope = cfg.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+    writer.add_file_type(ftype)
+    if dtype in ("q8_0", "q4_0"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer = write_tokenizer(writer, slim_dir, cfg)
+
+    tensors = []
+    for tname, shape, compute in _plan_tensors(cfg, ckpt, dtype):
+        qtype = _tensor_type(tname, shape, dtype)
+        bshape = _byte_shape(shape, qtype)
+        item = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype, 1)
+        nbytes = int(np.prod(bshape)) * item
+        np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
+        writer.add_tensor_info(tname, bshape, np.dtype(np_dtype), nbytes,
+                               raw_dtype=None if np_dtype is not np.uint8 else qtype)
+        tensors.append((tname, shape, qtype, compute))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tname, shape, qtype, compute in tensors:  # one tensor in memory at a time
+        t = compute()
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(f"{tname}: computed {tuple(t.shape)}, planned {tuple(shape)}")
+        writer.write_tensor_data(_encode(t, qtype))
+        del t
+    writer.close()
+    return dict(file=path.name, architecture=arch, dtype=dtype, tokenizer=tokenizer, tensors=len(tensors),
+                bytes=path.stat().st_size, layers=len(layers), head_count=heads, head_count_kv=kv,
+                feed_forward_length=ff)
+
+
+def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False) -> Path:
+    """`slimconv export OUT --format gguf`: writes OUT/gguf/<name>-<dtype>.gguf (or into ``out``)."""
+    from .report import console
+
+    slim_dir = Path(slim_dir)
+    if not (slim_dir / "config.json").is_file():
+        raise SlimError(f"{slim_dir} is not a model folder (no config.json)", "give an output folder of `slimconv convert`")
+    folder = Path(out) if out else slim_dir / "gguf"
+    path = folder / f"{slim_dir.name}-{dtype}.gguf"
+    if path.exists() and not force:
+        raise SlimError(f"output {path} already exists", "pass --force to overwrite it")
+    checked_config(slim_dir, dtype)  # every refusal before anything is written
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        info = write_gguf(slim_dir, tmp, dtype, slim_dir.name)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    console.print(f"[green]wrote[/] {path} ({info['architecture']}, {dtype}, {info['bytes'] / 1e6:.1f} MB; "
+                  f"tokenizer: {info['tokenizer']})")
+    return path
