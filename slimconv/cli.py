@@ -16,6 +16,7 @@ measure what it costs in quality.
   slimconv plan     RECIPE.yaml    print the per-layer plan and costs, change nothing
   slimconv convert  RECIPE.yaml    write the slim checkpoint to the recipe's output.dir
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
+  slimconv heal     OUTPUT_DIR     distil the source into the slim model (-> OUTPUT_DIR-healed, same format)
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
                                    (--format gguf --dtype f32|f16|bf16|q8_0|q4_0: a llama.cpp GGUF file)
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
@@ -104,6 +105,11 @@ def _cmd_run(args):
             code = _validated(run_validate(out or recipe.output.dir))
             if code:
                 return code
+        elif stage == "heal":
+            from .heal import run_heal
+            from .recipe import Heal
+
+            out = run_heal(out or recipe.output.dir, recipe.heal or Heal(), force=args.force)
         elif stage == "export":
             code = _exported(run_export(out or recipe.output.dir, provider="auto", force=args.force))
             if code:
@@ -116,6 +122,30 @@ def _cmd_run(args):
                       BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats))
         elif stage == "push":
             push(out or recipe.output.dir, recipe.push.repo_id, recipe.push.private, recipe.push.include_onnx)
+    return 0
+
+
+HEAL_FLAGS = ("steps", "train", "lr", "seq_len", "batch", "data", "hidden_weight", "lora_rank", "max_minutes",
+              "checkpoint_every", "eval_text", "device", "seed")
+
+
+def _cmd_heal(args):
+    from pydantic import ValidationError
+
+    from .heal import run_heal
+    from .outdir import RECIPE_FILE, require_output
+    from .recipe import Heal, load_recipe
+
+    # The output's own recipe may carry a heal section: its values are the defaults the flags override.
+    out = require_output(args.output)
+    base = load_recipe(out / RECIPE_FILE).heal or Heal()
+    given = {k: getattr(args, k) for k in HEAL_FLAGS if getattr(args, k) is not None}
+    try:
+        settings = Heal.model_validate({**base.model_dump(exclude={"output"}), **given})
+    except ValidationError as e:
+        raise SlimError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}"
+                                  for err in e.errors()), "see `slimconv heal --help`") from None
+    run_heal(out, settings, args.out, args.force, args.resume)
     return 0
 
 
@@ -265,6 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", help="output directory written by `slimconv convert`")
     s.add_argument("--skip-quality", action="store_true", help="run only the exactness check")
     s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("heal", help="distil the source into a validated slim output; writes OUTPUT-healed",
+                       description="Trains part of a validated slim output (student) to match its source model "
+                       "(teacher): KL of the next-token distributions on calibration windows of WikiText-2 valid "
+                       "(never test). Writes a new output of the same format (config, tensor names and shapes; the "
+                       "unhealed output is only read), with the loss curve, and source / unhealed / healed quality "
+                       "on WikiText-2 test and on a second text of another domain. Defaults come from the output "
+                       "recipe's heal: section, then these flags. Ctrl-C leaves no finished-looking folder; "
+                       "--resume continues from the last checkpoint (every --checkpoint-every steps).")
+    s.add_argument("output", help="output directory written by `slimconv convert` and checked by `slimconv validate`")
+    s.add_argument("-o", "--out", help="healed output folder (default: OUTPUT-healed)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    s.add_argument("--train", help="adjacent (default): the layers next to each change and every wide layer, with "
+                   "their norms; all: every decoder layer; lora: low-rank adapters merged at the end")
+    s.add_argument("--lr", type=float, help="peak learning rate, (0, 0.01] (default 1e-4)")
+    s.add_argument("--seq-len", type=int, help="tokens per training window (default 256)")
+    s.add_argument("--batch", type=int, help="windows per step (default 4)")
+    s.add_argument("--data", help='training text: wikitext2 (valid split; default), a text file, or hf:NAME')
+    s.add_argument("--hidden-weight", type=float, help="add this x the normalised MSE of hidden states after each "
+                   "trained layer to the KL (default 0: KL only)")
+    s.add_argument("--lora-rank", type=int, help="adapter rank with --train lora (default 16)")
+    s.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    s.add_argument("--checkpoint-every", type=int, help="resume checkpoint every N steps (default 50)")
+    s.add_argument("--eval-text", help="second evaluation text, another domain: kjv (shipped; default), a file, hf:NAME")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): CUDA when torch sees it")
+    s.add_argument("--seed", type=int, help="seed of the windows and adapters (default 0)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint an interrupted heal left")
+    s.add_argument("--force", action="store_true", help="overwrite an existing healed folder")
+    s.set_defaults(func=_cmd_heal)
 
     s = sub.add_parser("export", help="export a slim output to ONNX (KV cache) and check it against PyTorch")
     s.add_argument("output", help="output directory written by `slimconv convert`")

@@ -20,7 +20,7 @@ from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layer
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
 from .recipe import parse_size
-from .source import Checkpoint, source_paths
+from .source import Checkpoint, source_paths, weights_sha256
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
@@ -173,8 +173,10 @@ def run_convert(recipe, force: bool = False) -> Path:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
         license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)
-        meta = dict(model=recipe.model, source_dir=str(ckpt.dir), base_model=base, license=license,
-                    dtype=_dtype_name(recipe.output.dtype, ckpt), format=fmt, format_reason=why, files=info, plan=plan.model_dump(), costs=cost)
+        # The source's weight hash lets `heal` refuse a source that changed since (same name, other weights).
+        meta = dict(model=recipe.model, source_dir=str(ckpt.dir), source_sha256=weights_sha256(ckpt.dir),
+                    base_model=base, license=license, dtype=_dtype_name(recipe.output.dtype, ckpt), format=fmt,
+                    format_reason=why, files=info, plan=plan.model_dump(), costs=cost)
         write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")

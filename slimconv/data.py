@@ -1,4 +1,5 @@
-"""Held-out text for validation: WikiText-2 (shipped with slimconv), a local file, or a Hub dataset."""
+"""Held-out text for validation: WikiText-2 (shipped with slimconv), a local file, or a Hub dataset; and a
+second text of another domain (the King James Genesis and Exodus, public domain, shipped too)."""
 import gzip
 import os
 from pathlib import Path
@@ -24,10 +25,23 @@ def wikitext(split: str) -> str:
         return f.read()
 
 
+def kjv() -> str:
+    """Genesis and Exodus of the King James Version (public domain; data/kjv/README.md): archaic narrative
+    prose, far from WikiText's encyclopedia articles. For evaluation only; it has no splits."""
+    path = Path(__file__).resolve().parent / "data" / "kjv" / "genesis-exodus.txt.gz"
+    if not path.is_file():
+        raise SlimError(f"the King James text shipped with slimconv is missing ({path})", "reinstall slimconv")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
 def load_text(spec: str, split: str = "test") -> str:
-    """``wikitext2`` (split valid or test), ``hf:NAME[:CONFIG]`` (needs network and `datasets`), or a file."""
+    """``wikitext2`` (split valid or test), ``kjv`` (one text, any split), ``hf:NAME[:CONFIG]`` (needs network
+    and `datasets`), or a file."""
     if spec == "wikitext2":
         return wikitext(split)
+    if spec == "kjv":
+        return kjv()
     if spec.startswith("hf:"):
         try:
             import datasets
@@ -42,7 +56,7 @@ def load_text(spec: str, split: str = "test") -> str:
         return "\n".join(ds[column])
     path = Path(spec)
     if not path.is_file():
-        raise SlimError(f"data {spec!r} is not 'wikitext2', 'hf:NAME' or an existing text file")
+        raise SlimError(f"data {spec!r} is not 'wikitext2', 'kjv', 'hf:NAME' or an existing text file")
     return path.read_text(encoding="utf-8")
 
 

@@ -14,7 +14,7 @@ from .errors import SlimError
 # `true` as layer 1 and 2.5 as a refusal but 2.0 as layer 2.
 Indices = StrictInt | StrictStr | list[StrictInt | StrictStr]
 
-STAGES = ("convert", "validate", "export", "bench", "push")
+STAGES = ("convert", "validate", "heal", "export", "bench", "push")
 
 
 class _Strict(BaseModel):
@@ -140,6 +140,31 @@ class Bench(_Strict):
     repeats: int = Field(3, ge=1, description="interleaved repeats (source, slim, ...); medians are reported")
 
 
+class Heal(_Strict):
+    """Distillation of the source (teacher) into the slim output (student): `slimconv heal` and the heal stage."""
+
+    steps: int = Field(200, ge=1, le=100_000, description="optimizer steps")
+    train: Literal["adjacent", "all", "lora"] = Field(
+        "adjacent", description="adjacent: the layers next to each change (and wide layers) with their norms; "
+        "all: every decoder layer; lora: low-rank adapters on every decoder linear, merged into the weights")
+    lr: float = Field(1e-4, gt=0, le=1e-2, description="peak learning rate (AdamW, warm-up then cosine decay)")
+    seq_len: int = Field(256, ge=8, le=32768, description="tokens per training window")
+    batch: int = Field(4, ge=1, le=4096, description="windows per step")
+    data: str = Field("wikitext2", description='training text: "wikitext2" (its VALID split), a text file, or '
+                      '"hf:NAME[:CONFIG]"; never the test split')
+    hidden_weight: float = Field(0.0, ge=0, le=100, description="weight of the MSE between hidden states after "
+                                 "each changed layer (normalised by the source's), added to the KL; 0 = KL only")
+    lora_rank: int = Field(16, ge=1, le=1024, description="rank of the adapters (train: lora)")
+    max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes, whatever "
+                                      "the steps (the learning-rate schedule still spans `steps`)")
+    checkpoint_every: int = Field(50, ge=1, description="save a --resume checkpoint every N steps")
+    eval_text: str = Field("kjv", description='second evaluation text, of another domain than the first: "kjv" '
+                           "(Genesis and Exodus, shipped), a text file, or \"hf:NAME\"")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when torch sees it")
+    seed: int = Field(0, description="seed of the training windows and the adapters' init")
+    output: str | None = Field(None, description="healed output folder (default: output.dir + '-healed')")
+
+
 class Recipe(_Strict):
     model: str = Field(description='"default", a local HF directory, a .gguf file, or a Hub id')
     description: str | None = None
@@ -155,6 +180,7 @@ class Recipe(_Strict):
                                           "push: upload to the Hub as the push section says)")
     push: Push | None = Field(None, description="Hub upload of the push stage")
     bench: Bench | None = Field(None, description="settings of the bench stage (default: Bench's defaults)")
+    heal: Heal | None = Field(None, description="settings of the heal stage (default: Heal's defaults)")
 
 
 def json_schema() -> dict:
@@ -219,6 +245,13 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if recipe.bench is not None and "bench" not in recipe.stages:
         raise SlimError(f"{source}: there is a bench section, but stages do not include bench",
                         "add bench to stages (after export), or remove the bench section")
+    if recipe.heal is not None and "heal" not in recipe.stages:
+        raise SlimError(f"{source}: there is a heal section, but stages do not include heal",
+                        "add heal to stages (after validate), or remove the heal section")
+    if "heal" in recipe.stages and (recipe.stages.index("heal") < recipe.stages.index("validate")
+                                    if "validate" in recipe.stages else True):
+        raise SlimError(f"{source}: the heal stage needs a validated output",
+                        "put heal after validate in stages, e.g. [convert, validate, heal, export]")
     return recipe
 
 

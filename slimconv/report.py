@@ -1,13 +1,14 @@
 """What a person reads: the plan and validation as terminal tables, and the model card (README.md)."""
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimError
-from .outdir import (BENCH_FILE, CARD_FILE, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json,
-                     write_text)
+from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE,
+                     read_json, write_text)
 from .plan import Plan
 
 console = Console(stderr=False, highlight=False)
@@ -72,8 +73,21 @@ def print_plan(plan: Plan, src_costs: dict, slim_costs: dict, ideal: dict, title
                       f"({src_costs['sequential_layers']} -> {slim_costs['sequential_layers']} sequential steps)")
 
 
+def healed_exactness_text(ex: dict) -> str:
+    """The exactness line of a healed output: its weights were trained, so it is the frozen-tensor check."""
+    if not ex.get("compared"):
+        return f"weights trained by heal ({ex['trained_tensors']} tensors); {ex['note']}"
+    verdict = "pass" if ex["passed"] else "FAIL: " + "; ".join(ex["problems"])
+    return (f"weights trained by heal ({ex['trained_tensors']} tensors); the other {ex['frozen_tensors']} equal the "
+            f"unhealed output's byte for byte ({ex['frozen_identical']}/{ex['frozen_tensors']}), names, shapes "
+            f"and dtypes unchanged: {verdict}")
+
+
 def print_validation(report: dict):
     ex, q = report.get("exactness"), report.get("quality")
+    if ex and ex.get("heal"):
+        console.print(f"exactness: {healed_exactness_text(ex)}")
+        ex = None
     if ex:
         mark = "[green]PASS[/]" if ex["passed"] else "[red]FAIL[/]"
         console.print(f"exactness {mark}: max |logit error| {ex['max_abs_error']:.2e} (tolerance {ex['tolerance']:.0e}, "
@@ -85,6 +99,10 @@ def print_validation(report: dict):
             t.add_column(h, justify="right")
         t.add_row(f"{q['ppl_source']:.3f}", f"{q['ppl_slim']:.3f}", f"{q['ppl_ratio']:.3f}", f"{q['kl']:.4f}",
                   f"{q['top1']:.3f}", "[green]PASS[/]" if q["passed"] else "[red]FAIL: " + "; ".join(q["failures"]))
+        if report.get("quality_unhealed"):
+            u = report["quality_unhealed"]
+            t.add_row(f"{u['ppl_source']:.3f}", f"{u['ppl_slim']:.3f} (unhealed)", f"{u['ppl_ratio']:.3f}",
+                      f"{u['kl']:.4f}", f"{u['top1']:.3f}", "")
         console.print(t)
     if report.get("early_exit"):
         t = Table(title="early exit vs the same model without it", header_style="bold")
@@ -132,6 +150,45 @@ def print_bench(rows: list[dict], repeats: int):
         for r in rows:
             t.add_row(*[f"{r[k]:.3f}" if k.endswith(("speedup", "ideal")) else _cell(r[k]) for k, _ in key + columns])
         console.print(t)
+
+
+HEAL_HEADER = ["text (test split)", "model", "perplexity", "KL to source", "top-1 agreement", "log-ppl gap recovered"]
+
+
+def heal_rows(heal: dict) -> list[list[str]]:
+    """Source / unhealed / healed on both evaluation texts; the last column is 1 - log(ppl healed/ppl source)
+    / log(ppl unhealed/ppl source), the share of the log-perplexity gap that healing won back."""
+    rows = []
+    for text, e in heal["eval"].items():
+        u, h = e["unhealed"], e["healed"]
+        gap = math.log(u["ppl_slim"] / u["ppl_source"])
+        recovered = 1 - math.log(h["ppl_slim"] / h["ppl_source"]) / gap if gap > 0 else float("nan")
+        rows.append([text, "source", f"{u['ppl_source']:.2f}", "0", "1", ""])
+        rows.append([text, "unhealed", f"{u['ppl_slim']:.2f}", f"{u['kl']:.4f}", f"{u['top1']:.3f}", ""])
+        rows.append([text, "healed", f"{h['ppl_slim']:.2f}", f"{h['kl']:.4f}", f"{h['top1']:.3f}",
+                     f"{recovered:.0%}" if gap > 0 else "-"])
+    return rows
+
+
+def heal_summary(heal: dict) -> str:
+    s = heal["settings"]
+    stop = " (stopped by max_minutes)" if heal.get("stopped_by_time") else ""
+    peak = f", peak CUDA memory {heal['peak_cuda_mb']:.0f} MB" if heal.get("peak_cuda_mb") else ""
+    return (f"train `{s['train']}` (output layers {heal['trained_layers']}, {heal['trainable_parameters'] / 1e6:.2f}M "
+            f"trainable parameters), KL(source || student){' + ' + str(s['hidden_weight']) + ' x hidden MSE' if s['hidden_weight'] else ''}"
+            f" on `{s['data']}` (valid split when WikiText-2), lr {s['lr']}: {heal['steps']} of {s['steps']} steps{stop}, "
+            f"{heal['tokens']} tokens ({s['batch']} x {s['seq_len']} per step), {heal['wall_s'] / 60:.1f} min on "
+            f"{heal['device']}, peak RSS {heal['peak_rss_mb']:.0f} MB{peak}")
+
+
+def print_heal(heal: dict):
+    console.print(heal_summary(heal).replace("`", ""))
+    t = Table(title="heal: source / unhealed / healed, held-out text of two domains", header_style="bold")
+    for h in HEAL_HEADER:
+        t.add_column(h, justify="left" if h in ("text (test split)", "model") else "right")
+    for row in heal_rows(heal):
+        t.add_row(*row)
+    console.print(t)
 
 
 def md_table(header, rows) -> str:
@@ -243,6 +300,8 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
         tags.append("layer-parallelism")
     if onnx:
         tags.append("onnx")
+    if (out / HEAL_FILE).is_file():
+        tags.append("distillation")
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
     if meta.get("base_model"):
         front["base_model"] = meta["base_model"]
@@ -262,6 +321,10 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
     ex, q = report.get("exactness"), report.get("quality")
     if not report:
         parts.append("Not validated yet: run `slimconv validate` on this folder.")
+    heal = read_json(out / HEAL_FILE) if (out / HEAL_FILE).is_file() else None
+    if ex and ex.get("heal"):
+        parts.append(f"Exactness: {healed_exactness_text(ex)}.")
+        ex = None
     if ex:
         parts.append(f"Exactness (float32, against the source model with the same changes applied at run time): "
                      f"max |logit error| {ex['max_abs_error']:.2e} (tolerance {ex['tolerance']:.0e}); "
@@ -276,6 +339,17 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
                                  f"{q['kl']:.4f}", f"{q['top1']:.3f}"]]))
     elif ex:
         parts.append("Quality (perplexity, KL, top-1 agreement against the source) was not measured.")
+    if report.get("quality_unhealed"):
+        u = report["quality_unhealed"]
+        parts.append(f"The unhealed output on the same tokens: perplexity {u['ppl_slim']:.3f}, KL {u['kl']:.4f}, "
+                     f"top-1 agreement {u['top1']:.3f}.")
+    if heal:
+        parts += ["## Healing",
+                  f"Distilled from the source model by `slimconv heal` after slimming: {heal_summary(heal)}. "
+                  "Evaluated on held-out text of two domains, so that fitting the training text's domain is not "
+                  "mistaken for healing:",
+                  md_table(HEAL_HEADER, heal_rows(heal)),
+                  f"![loss curve]({HEAL_PLOT})"]
     if report.get("environment"):
         env = report["environment"]
         parts.append(f"Validated with slimconv {env['slimconv']}, transformers {env['transformers']}, "

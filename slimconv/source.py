@@ -209,6 +209,19 @@ def resolve_source(model: str, allow_pickle: bool = False, config_only: bool = F
     raise SlimError(f"{directory} has no weights (*.safetensors)")
 
 
+def weights_sha256(directory) -> str:
+    """SHA-256 over a checkpoint's weight files (every *.safetensors, by name, then its bytes): what
+    `convert` records of its source and `heal` of the output it trains, so that a later stage can tell
+    whether the weights it is handed are still the ones those were made from."""
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 class Checkpoint:
     """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand."""
 

@@ -72,6 +72,11 @@ def quality(source, slim, chunks: torch.Tensor, settings: Quality, batch_size: i
         ppl_source=math.exp(nll_src / count), ppl_slim=math.exp(nll_slim / count),
         kl=kl / count, top1=agree / count,
     )
+    return _judge(out, settings)
+
+
+def _judge(out: dict, settings: Quality) -> dict:
+    """Adds the perplexity ratio and the thresholds' verdict to quality metrics."""
     out["ppl_ratio"] = out["ppl_slim"] / out["ppl_source"]
     failures = []
     if settings.max_ppl_ratio is not None and out["ppl_ratio"] > settings.max_ppl_ratio:
@@ -84,6 +89,80 @@ def quality(source, slim, chunks: torch.Tensor, settings: Quality, batch_size: i
                thresholds=dict(max_ppl_ratio=settings.max_ppl_ratio, max_kl=settings.max_kl,
                                min_top1=settings.min_top1))
     return out
+
+
+def _metrics(ls, lt, target) -> tuple[float, float, float, float]:
+    """Summed NLL of source and slim, summed KL(source || slim) and top-1 agreements over a batch."""
+    return (-ls.gather(-1, target[..., None]).sum().item(), -lt.gather(-1, target[..., None]).sum().item(),
+            F.kl_div(lt, ls, log_target=True, reduction="sum").item(), (ls.argmax(-1) == lt.argmax(-1)).sum().item())
+
+
+@torch.no_grad()
+def compare_three(source, unhealed, healed, chunks: torch.Tensor, settings: Quality, device=None,
+                  batch_size: int = 4) -> dict:
+    """``quality`` of the unhealed and of the healed model against the source, in one pass over ``chunks``
+    (the source runs once per batch). Returns {"unhealed": quality dict, "healed": quality dict}."""
+    sums = {"unhealed": [0.0] * 4, "healed": [0.0] * 4}
+    count = 0
+    for i in tqdm(range(0, len(chunks), batch_size), desc="quality", unit="batch", disable=None):
+        ids = chunks[i: i + batch_size].to(device or "cpu")
+        ls = torch.log_softmax(source(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        for name, model in (("unhealed", unhealed), ("healed", healed)):
+            lt = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+            sums[name] = [a + b for a, b in zip(sums[name], _metrics(ls, lt, ids[:, 1:]))]
+        count += ids[:, 1:].numel()
+    return {name: _judge(dict(tokens=count, samples=len(chunks), seq_len=chunks.shape[1],
+                              ppl_source=math.exp(s[0] / count), ppl_slim=math.exp(s[1] / count),
+                              kl=s[2] / count, top1=s[3] / count), settings)
+            for name, s in sums.items()}
+
+
+def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: list[str]) -> dict:
+    """A healed output's exactness question: its weights were trained by heal, so they are not compared
+    with the run-time reference; instead every tensor heal did not train must equal the unhealed output's,
+    byte for byte, and the trained ones must keep their names, shapes and dtypes."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .source import weights_sha256
+
+    out = dict(heal="weights trained by heal", trained_tensors=len(trained), unhealed=str(unhealed_dir))
+    unhealed_dir = Path(unhealed_dir)
+    if not unhealed_dir.is_dir() or not any(unhealed_dir.glob("*.safetensors")):
+        return dict(out, passed=True, compared=False,
+                    note="the unhealed output is gone: frozen tensors not compared with it")
+    if weights_sha256(unhealed_dir) != unhealed_sha256:
+        return dict(out, passed=True, compared=False,
+                    note="the unhealed output's weights changed since heal: frozen tensors not compared with it")
+
+    def tensors(folder):
+        found = {}
+        for shard in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    found[name] = (shard.name, f.get_slice(name))
+        return found
+
+    a, b = tensors(healed_dir), tensors(unhealed_dir)
+    problems = []
+    if set(a) != set(b):
+        problems.append(f"tensor names differ: {sorted(set(a) ^ set(b))[:5]}")
+    frozen = differ = 0
+    for name in sorted(set(a) & set(b)):
+        (fa, sa), (fb, sb) = a[name], b[name]
+        if fa != fb or sa.get_shape() != sb.get_shape() or sa.get_dtype() != sb.get_dtype():
+            problems.append(f"{name}: file, shape or dtype changed")
+            continue
+        if name in trained:
+            continue
+        frozen += 1
+        with safe_open(Path(healed_dir) / fa, framework="pt") as f, safe_open(unhealed_dir / fb, framework="pt") as g:
+            if not torch.equal(f.get_tensor(name), g.get_tensor(name)):
+                differ += 1
+                problems.append(f"{name}: not trained by heal, yet it differs from the unhealed output")
+    return dict(out, compared=True, frozen_tensors=frozen, frozen_identical=frozen - differ,
+                problems=problems[:10], passed=not problems)
 
 
 def run_validate(out, skip_quality: bool = False) -> dict:
@@ -109,6 +188,9 @@ def run_validate(out, skip_quality: bool = False) -> dict:
     # Questions 1 and 3 are about the converted weights: compare them with every layer run; the early
     # exit's own cost is reported separately below.
     slim.config.early_exit_enabled = False
+    healed = meta.get("heal")
+    if healed:
+        return _validate_healed(out, healed, src_dir, slim, tokenizer, v, skip_quality)
     if v.exactness.enabled:
         console.print("exactness: slim checkpoint vs source with the plan applied at run time (float32)")
         text = load_text(v.quality.data, "test")
@@ -126,6 +208,37 @@ def run_validate(out, skip_quality: bool = False) -> dict:
 
             console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
+    report["passed"] = all(r["passed"] for r in report.values())
+    report["environment"] = environment()
+    write_json(out / REPORT_FILE, report)
+    write_card(out)
+    print_validation(report)
+    return report
+
+
+def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_quality: bool) -> dict:
+    """A healed output: exactness is the frozen-tensor check against the unhealed output (the trained
+    weights have no reference to equal); quality compares it with the source, beside the unhealed output's."""
+    from pathlib import Path
+
+    from .data import load_text, token_chunks
+    from .outdir import REPORT_FILE, write_json
+    from .report import console, print_validation, write_card
+
+    console.print("exactness: weights trained by heal; frozen tensors against the unhealed output "
+                  f"{healed['unhealed']}")
+    report = {"exactness": healed_exactness(out, healed["unhealed"], healed["unhealed_sha256"],
+                                            healed["trained_tensors"])}
+    if v.quality.enabled and not skip_quality:
+        console.print(f"quality: {v.quality.samples} x {v.quality.seq_len} tokens of {v.quality.data} (test split), "
+                      "healed and unhealed against the source")
+        chunks = token_chunks(tokenizer, load_text(v.quality.data, "test"), v.quality.samples, v.quality.seq_len)
+        unhealed_dir = Path(healed["unhealed"])
+        if report["exactness"].get("compared"):
+            both = compare_three(load_model(src_dir), load_model(unhealed_dir), slim, chunks, v.quality)
+            report["quality"], report["quality_unhealed"] = both["healed"], both["unhealed"]
+        else:
+            report["quality"] = quality(load_model(src_dir), slim, chunks, v.quality)
     report["passed"] = all(r["passed"] for r in report.values())
     report["environment"] = environment()
     write_json(out / REPORT_FILE, report)

@@ -1,0 +1,412 @@
+"""Heal: win back some of the quality slimming cost by distilling the source model (teacher) into the slim
+output (student) on calibration text, then write the result as a new output of the same format.
+
+Loss: KL(teacher || student) of the next-token distributions per token, optionally plus the MSE between
+hidden states after each changed layer (normalised by the teacher's mean square). What is trained:
+
+- ``adjacent``: the output layers next to each change, with their norms: the layer holding the MLP that
+  follows a removed attention, the layer after a removed MLP or block (the one before, when the removal
+  is at the end), and every wide (parallel) layer; the final norm when the last layer is among them.
+- ``all``: every decoder layer and the final norm.
+- ``lora``: rank-r adapters on every linear of every decoder layer (hand-written, see ``LoRALinear``),
+  merged into the weights at the end.
+
+Embeddings and the LM head never train: they are shared with the teacher's vocabulary semantics and a
+short run on one domain would only bend them to it. The healed output keeps the unhealed one's config,
+tensor names, shapes and dtypes (frozen tensors byte for byte), so it loads, validates, exports and
+benchmarks like any output; the unhealed output is only read.
+"""
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import SlimError
+from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR, PLAN_FILE, RECIPE_FILE, REPORT_FILE,
+                     AtomicDir, read_json, refuse_overlap, require_output, write_json)
+from .plan import Plan
+from .recipe import Heal
+from .runtime import load_model
+from .source import source_paths, weights_sha256
+
+# Files of the unhealed output that the healed one does not inherit: its reports are about other weights.
+_NOT_INHERITED = {REPORT_FILE, CARD_FILE, BENCH_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR}
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (x A^T) B^T * alpha/r`` with ``base`` frozen; B starts at zero so step 0 is the unhealed
+    model. Hand-written rather than peft: a dozen lines, no new dependency, and nothing that can break on
+    a transformers release (peft patches transformers' modules); merging is one matrix product."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base, self.scale = base, 1.0  # alpha = r: the update's scale does not change with the rank
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator).to(base.weight)
+                                   / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        self.base.weight += (self.lora_b @ self.lora_a) * self.scale
+        return self.base
+
+
+def adjacent_layers(plan: Plan) -> list[int]:
+    """Output layers next to each change (see the module docstring), sorted."""
+    out_of = {m: j for j, s in enumerate(plan.layers) for m in s.source_layers}
+    last = len(plan.layers) - 1
+    picked = set()
+    for j, s in enumerate(plan.layers):
+        if len(s.source_layers) > 1:
+            picked.add(j)
+        if s.attention is None and s.mlp is not None:
+            picked.add(j)  # its MLP now reads what the removed attention used to add to
+        if s.mlp is None:
+            picked.add(min(j + 1, last))
+    for m in range(plan.num_source_layers):
+        if m not in out_of:  # a removed block: the next kept layer, or the last one if none follows
+            after = [out_of[k] for k in range(m + 1, plan.num_source_layers) if k in out_of]
+            picked.add(after[0] if after else last)
+    return sorted(picked)
+
+
+def _layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator) -> tuple[list[int], list[str]]:
+    """Freezes everything, then unfreezes (or wraps with adapters) what ``settings.train`` says.
+
+    Returns the output layers that train and the names of the checkpoint tensors that will change.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = len(_layers(model))
+    layers = adjacent_layers(plan) if settings.train == "adjacent" else list(range(n))
+    names = []
+    for j in layers:
+        layer = _layers(model)[j]
+        if settings.train == "lora":
+            for mod_name, mod in list(layer.named_modules()):
+                for child_name, child in list(mod.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(mod, child_name, LoRALinear(child, settings.lora_rank, generator))
+                        names.append(f"model.layers.{j}.{mod_name + '.' if mod_name else ''}{child_name}.weight")
+        else:
+            for p_name, p in layer.named_parameters():
+                p.requires_grad_(True)
+                names.append(f"model.layers.{j}.{p_name}")
+    if settings.train != "lora" and (n - 1) in layers:
+        model.model.norm.weight.requires_grad_(True)
+        names.append("model.norm.weight")
+    return layers, names
+
+
+def merge_lora(model) -> None:
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(mod, child_name, child.merged())
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu (or auto)")
+    return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def require_validated(out) -> Path:
+    """An output that `convert` wrote and `validate` found exact; anything else is refused (exit 2)."""
+    out = require_output(out)
+    report = read_json(out / REPORT_FILE) if (out / REPORT_FILE).is_file() else None
+    if report is None:
+        raise SlimError(f"{out} has not been validated (no {REPORT_FILE})",
+                        f"run `slimconv validate {out}` first: only an output proven exact is worth healing")
+    ex = report.get("exactness") or {}
+    if ex and not ex.get("passed"):
+        raise SlimError(f"{out} failed its exactness check: its weights are not what the recipe says",
+                        "re-run `slimconv convert --force` and `slimconv validate` before healing")
+    return out
+
+
+def check_source(meta: dict, src_dir: Path, out: Path) -> str:
+    """The source's weight hash, refused unless it equals what convert recorded."""
+    recorded = meta.get("source_sha256")
+    if not recorded:
+        raise SlimError(f"{out / PLAN_FILE} records no source weight hash (written by an older slimconv), so "
+                        "heal cannot tell whether the source is the one this output was made from",
+                        "re-run `slimconv convert --force` and `slimconv validate` on its recipe")
+    actual = weights_sha256(src_dir)
+    if actual != recorded:
+        raise SlimError(f"the source model's weights ({src_dir}) changed since {out} was converted "
+                        f"(sha256 {actual[:12]}, recorded {recorded[:12]}): the teacher would not be its source",
+                        "re-run `slimconv convert --force` from the current source, or restore the original one")
+    return actual
+
+
+def default_target(out: Path) -> Path:
+    return out.parent / f"{out.name}-healed"
+
+
+def _windows(src_dir: Path, settings: Heal, count: int) -> torch.Tensor:
+    from .data import calibration_ids
+
+    return calibration_ids(src_dir, settings.data, count, settings.seq_len, settings.seed)
+
+
+def _hidden_pairs(plan: Plan, layers: list[int], num_source: int) -> list[tuple[int, int]]:
+    """(student output layer, teacher source layer) whose outputs should agree: each trained layer against
+    the last source layer it stands for; not the last layers (the logits' KL covers those)."""
+    pairs = []
+    for j in layers:
+        s = max(plan.layers[j].source_layers)
+        if j < len(plan.layers) - 1 and s < num_source - 1:
+            pairs.append((j, s))
+    return pairs
+
+
+def _capture(layers: nn.ModuleList, which: list[int], store: dict):
+    def hook(i):
+        return lambda mod, args, out: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+    return [layers[i].register_forward_hook(hook(i)) for i in sorted(set(which))]
+
+
+def _lr_at(step: int, settings: Heal) -> float:
+    warm = max(1, min(20, settings.steps // 10))
+    if step < warm:
+        return settings.lr * (step + 1) / warm
+    t = (step - warm) / max(1, settings.steps - warm)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _resume_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.heal-resume.pt"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, device: torch.device,
+           layers: list[int], resume_file: Path | None = None, resume: bool = False,
+           fingerprint: dict | None = None) -> dict:
+    """Trains ``student``'s trainable parameters towards ``teacher`` on ``windows`` (steps*batch x seq_len).
+
+    Returns the loss curve and what the run cost. Saves a resume checkpoint every
+    ``settings.checkpoint_every`` steps to ``resume_file`` when given.
+    """
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    curve, start_step, elapsed_before = [], 0, 0.0
+    if resume and resume_file is not None and resume_file.is_file():
+        state = torch.load(resume_file, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise SlimError(f"{resume_file} was saved by a heal with other settings or inputs",
+                            "run without --resume to start over (or with the same settings as before)")
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        curve, start_step, elapsed_before = state["curve"], state["step"], state["elapsed_s"]
+        print(f"resuming at step {start_step} of {settings.steps} from {resume_file}")
+    pairs = _hidden_pairs(plan, layers, plan.num_source_layers) if settings.hidden_weight > 0 else []
+    s_store, t_store = {}, {}
+    hooks = (_capture(_layers(student), [j for j, _ in pairs], s_store)
+             + _capture(_layers(teacher), [s for _, s in pairs], t_store))
+    student.train()
+    start = time.time()
+    stopped_early = False
+    tokens = 0
+    try:
+        bar = tqdm(range(start_step, settings.steps), desc=f"heal ({settings.train})", unit="step", disable=None,
+                   initial=start_step, total=settings.steps)
+        for step in bar:
+            if settings.max_minutes is not None and elapsed_before + time.time() - start > settings.max_minutes * 60:
+                stopped_early = True
+                break
+            ids = windows[step * settings.batch:(step + 1) * settings.batch].to(device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, settings)
+            with torch.no_grad():
+                target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
+            logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
+            kl = F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = kl
+            mse = None
+            if pairs:
+                mse = sum(((s_store[j] - t_store[s]) ** 2).mean() / (t_store[s] ** 2).mean() for j, s in pairs) / len(pairs)
+                loss = kl + settings.hidden_weight * mse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            tokens += ids.numel()
+            row = dict(step=step + 1, kl=kl.item(), seconds=elapsed_before + time.time() - start)
+            if mse is not None:
+                row["hidden_mse"] = mse.item()
+            curve.append(row)
+            bar.set_postfix(kl=f"{row['kl']:.4f}", refresh=False)
+            if resume_file is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+                _save_resume(resume_file, named, opt, curve, step + 1, row["seconds"], fingerprint)
+    finally:
+        for h in hooks:
+            h.remove()
+        student.eval()
+    return dict(steps=len(curve), tokens=len(curve) * settings.batch * settings.seq_len,
+                tokens_this_run=tokens, wall_s=elapsed_before + time.time() - start,
+                stopped_by_time=stopped_early, resumed_from=start_step or None, curve=curve)
+
+
+def _save_resume(path: Path, named: dict, opt, curve: list, step: int, elapsed: float, fingerprint) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(dict(params={n: p.detach().cpu() for n, p in named.items()}, optimizer=opt.state_dict(),
+                    curve=curve, step=step, elapsed_s=elapsed, fingerprint=fingerprint), tmp)
+    os.replace(tmp, path)
+
+
+def _write_weights(student, unhealed: Path, dest: Path, changed: set[str]) -> None:
+    """The unhealed output's weight files again, same names, shapes, dtypes and sharding; tensors in
+    ``changed`` from the trained student, every other one copied as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = student.state_dict()
+    for shard in sorted(unhealed.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                old = f.get_tensor(name)
+                if name in changed:
+                    new = state[name].detach().to("cpu", old.dtype).contiguous()
+                    if new.shape != old.shape:
+                        raise RuntimeError(f"{name}: trained {tuple(new.shape)}, stored {tuple(old.shape)}")
+                    tensors[name] = new
+                else:
+                    tensors[name] = old
+        save_file(tensors, dest / shard.name, metadata={"format": "pt"})
+
+
+def _plot(curve: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in curve]
+    ax.plot(steps, [r["kl"] for r in curve], lw=0.8, alpha=0.4, label="KL per step")
+    k = max(1, len(curve) // 20)
+    smooth = [sum(r["kl"] for r in curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1])
+              for i in range(len(curve))]
+    ax.plot(steps, smooth, lw=1.8, label=f"running mean ({k})")
+    if curve and "hidden_mse" in curve[0]:
+        ax.plot(steps, [r["hidden_mse"] for r in curve], lw=0.8, label="hidden MSE (normalised)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(source || student), nats/token")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
+    """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
+    from transformers import AutoTokenizer
+
+    from .data import load_text, token_chunks
+    from .recipe import load_recipe
+    from .report import console, print_heal, write_card
+    from .source import resolve_source
+    from .validate import compare_three, environment, healed_exactness
+
+    out = require_validated(out)
+    meta = read_json(out / PLAN_FILE)
+    recipe = load_recipe(out / RECIPE_FILE)
+    plan = Plan(**meta["plan"])
+    if settings.data == "kjv":
+        raise SlimError("heal.data kjv: that text is heal's out-of-domain evaluation text, never training data",
+                        "train on wikitext2 (its valid split), a text file or hf:NAME")
+    device = pick_device(settings.device)
+    src_dir = resolve_source(recipe.model, recipe.allow_pickle)
+    source_hash = check_source(meta, src_dir, out)
+    target = Path(target) if target else Path(settings.output) if settings.output else default_target(out)
+    refuse_overlap(target, [(out, "unhealed output")] + source_paths(recipe.model, src_dir), "-o/--out")
+    atomic = AtomicDir(target, force, "-o/--out")
+    q = recipe.validation.quality
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    # Every text is read before any work, so a missing file fails now, not after an hour of training.
+    texts = {q.data: load_text(q.data, "test"), settings.eval_text: load_text(settings.eval_text, "test")}
+    windows = _windows(src_dir, settings, settings.steps * settings.batch)
+    resume_file = _resume_path(atomic.path)
+    console.print(f"heal {out} -> {target}: teacher {recipe.model}, {settings.train}, {settings.steps} steps x "
+                  f"{settings.batch} x {settings.seq_len} tokens of {settings.data} (valid), lr {settings.lr}, "
+                  f"device {device}")
+    with atomic as tmp:
+        torch.manual_seed(settings.seed)
+        gen = torch.Generator().manual_seed(settings.seed)
+        teacher = load_model(src_dir).to(device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student = load_model(out).to(device)
+        student.config.early_exit_enabled = False
+        layers, changed = trainable(student, plan, settings, gen)
+        student.to(device)
+        n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        console.print(f"training output layers {layers} ({n_train / 1e6:.2f}M parameters"
+                      f"{', adapters' if settings.train == 'lora' else ''})")
+        unhealed_hash = weights_sha256(out)
+        fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
+                           source=source_hash, unhealed=unhealed_hash)
+        run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint)
+        if settings.train == "lora":
+            merge_lora(student)
+        _write_weights(student, out, tmp, set(changed))
+        for f in out.iterdir():
+            if f.name in _NOT_INHERITED or f.name.startswith(".") or f.suffix == ".safetensors":
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        healed_meta = dict(meta, heal=dict(unhealed=str(out.resolve()), unhealed_sha256=unhealed_hash,
+                                           source_sha256=source_hash, train=settings.train, trained_layers=layers,
+                                           trained_tensors=changed))
+        write_json(tmp / PLAN_FILE, healed_meta)
+        del student
+        console.print("quality: source / unhealed / healed on held-out text of two domains")
+        source = teacher.eval()
+        unhealed_model, healed_model = load_model(out).to(device), load_model(tmp).to(device)
+        for m in (unhealed_model, healed_model):
+            m.config.early_exit_enabled = False
+        evals = {}
+        for name, text in texts.items():
+            chunks = token_chunks(tokenizer, text, q.samples, q.seq_len)
+            evals[name] = compare_three(source, unhealed_model, healed_model, chunks, q, device)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+        report = dict(settings=settings.model_dump(), unhealed=str(out.resolve()), trained_layers=layers,
+                      trainable_parameters=n_train, device=device_name, peak_rss_mb=_peak_rss_mb(),
+                      peak_cuda_mb=peak, eval=evals, first_text=q.data, second_text=settings.eval_text,
+                      **{k: v for k, v in run.items()})
+        write_json(tmp / HEAL_FILE, report)
+        _plot(run["curve"], tmp / HEAL_PLOT, f"heal {out.name} ({settings.train})")
+        validation = dict(exactness=healed_exactness(tmp, out, unhealed_hash, changed),
+                          quality=evals[q.data]["healed"], quality_unhealed=evals[q.data]["unhealed"])
+        validation["passed"] = all(validation[k]["passed"] for k in ("exactness", "quality"))
+        validation["environment"] = environment()
+        write_json(tmp / REPORT_FILE, validation)
+        write_card(tmp)
+    resume_file.unlink(missing_ok=True)
+    print_heal(read_json(target / HEAL_FILE))
+    console.print(f"[green]wrote[/] {target}")
+    return target

@@ -1,0 +1,216 @@
+"""slimconv heal on tiny models: it reduces KL to the source on held-out windows, keeps the format, refuses
+bad input with nothing written, and an interrupted run leaves nothing that looks finished."""
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from helpers import with_word_tokenizer
+from slimconv import heal as heal_mod
+from slimconv.cli import main
+from slimconv.heal import adjacent_layers
+from slimconv.outdir import HEAL_FILE, HEAL_PLOT, PLAN_FILE, REPORT_FILE
+from slimconv.plan import build_plan
+from slimconv.recipe import parse_recipe
+from slimconv.runtime import load_model
+
+WORDS = 127  # the tiny vocabulary is 128: words w0..w126 and [UNK]
+
+
+def _text(path, seed, n=6000):
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"w{rng.randrange(WORDS)}" for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    return {k: _text(root / f"{k}.txt", i) for i, k in enumerate(("train", "test", "other"))}
+
+
+@pytest.fixture(scope="module")
+def src(tiny_models, tmp_path_factory):
+    """A tiny model whose next-token distributions are peaked (final norm gain x 8), as a trained model's
+    are: a random one's are near uniform, so KL and top-1 would say little."""
+    root = tmp_path_factory.mktemp("heal")
+    model = load_model(tiny_models["llama-tied"])
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    model.save_pretrained(root / "sharp")
+    return with_word_tokenizer(root / "sharp", root / "src", WORDS)
+
+
+def _output(tmp_path, src, texts, name="out", **remove):
+    recipe = dict(model=str(src), remove=remove or {"attention": "2-3"}, output={"dir": str(tmp_path / name)},
+                  validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                            "quality": {"data": str(texts["test"]), "samples": 4, "seq_len": 32}})
+    r = tmp_path / f"{name}.yaml"
+    r.write_text(yaml.safe_dump(recipe))
+    assert main(["convert", str(r)]) == 0
+    assert main(["validate", str(tmp_path / name)]) == 0
+    return tmp_path / name
+
+
+def _flags(texts, steps=40, **extra):
+    flags = ["--steps", str(steps), "--seq-len", "32", "--batch", "4", "--lr", "3e-3", "--data", str(texts["train"]),
+             "--eval-text", str(texts["other"]), "--checkpoint-every", "10"]
+    for k, v in extra.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def _tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            out.update({n: (shard.name, tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype())
+                        for n in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["adjacent", "all", "lora"])
+def test_heal_reduces_kl_on_held_out_text_and_keeps_the_format(tmp_path, src, texts, mode):
+    out = _output(tmp_path, src, texts)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    healed = tmp_path / "healed"
+    assert main(["heal", str(out), "-o", str(healed), "--train", mode, *_flags(texts)]) == 0
+    # The unhealed output is untouched.
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    report = json.loads((healed / HEAL_FILE).read_text())
+    for text in (str(texts["test"]), str(texts["other"])):  # held-out windows of both texts
+        e = report["eval"][text]
+        assert e["healed"]["kl"] < 0.8 * e["unhealed"]["kl"], (mode, text, e)
+    assert report["steps"] == 40 and report["tokens"] == 40 * 4 * 32 and report["peak_rss_mb"] > 0
+    assert (healed / HEAL_PLOT).stat().st_size > 1000
+    # Same config, tensor names, shapes, dtypes and files; it loads and generates.
+    assert json.loads((healed / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+    assert _tensors(healed) == _tensors(out)
+    model = load_model(healed)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                          do_sample=False, pad_token_id=0).shape == (1, 9)
+    # Its validation: exactness is the frozen-tensor check; quality beside the unhealed output's.
+    v = json.loads((healed / REPORT_FILE).read_text())
+    assert v["exactness"]["heal"] == "weights trained by heal" and v["exactness"]["passed"]
+    assert v["exactness"]["frozen_identical"] == v["exactness"]["frozen_tensors"] > 0
+    assert v["quality"]["kl"] < v["quality_unhealed"]["kl"]
+    assert main(["validate", str(healed)]) == 0
+    card = (healed / "README.md").read_text()
+    assert "## Healing" in card and "weights trained by heal" in card and HEAL_PLOT in card
+
+
+def test_blocks_only_stays_stock_and_adjacent_picks_the_next_layer(tmp_path, src, texts):
+    out = _output(tmp_path, src, texts, blocks=[1, 5])
+    healed = tmp_path / "healed"
+    assert main(["heal", str(out), "-o", str(healed), *_flags(texts, steps=5)]) == 0
+    config = json.loads((healed / "config.json").read_text())
+    assert config["model_type"] == "llama" and not (healed / "modeling_slim.py").exists()
+    # Block 1 removed -> output layer 1 (source 2) trains; block 5 (the last) -> the last output layer.
+    assert json.loads((healed / HEAL_FILE).read_text())["trained_layers"] == [1, 3]
+    assert _tensors(healed) == _tensors(out)
+
+
+def test_adjacent_layers():
+    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128)
+    plan = lambda **r: build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}, **r}), cfg)
+    assert adjacent_layers(plan(remove={"attention": "5-7"})) == [5, 6, 7]
+    assert adjacent_layers(plan(remove={"mlp": [2]})) == [3]
+    assert adjacent_layers(plan(remove={"blocks": [0, 7]})) == [0, 5]
+    assert adjacent_layers(plan(parallel={"groups": [[3, 4]]})) == [3]
+
+
+def _nothing_written(tmp_path, before):
+    return sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bad_inputs_exit_2_with_nothing_written(tmp_path, src, texts, capsys):
+    out = _output(tmp_path, src, texts)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (["heal", str(tmp_path / "nope")], "not a slimconv output"),
+        (["heal", str(src)], "not a slimconv output"),
+        (["heal", str(out), "--train", "everything"], "--train"),
+        (["heal", str(out), "--lr", "0.5"], "--lr"),
+        (["heal", str(out), "--lr", "0"], "--lr"),
+        (["heal", str(out), "--steps", "0"], "--steps"),
+        (["heal", str(out), "--data", "kjv"], "never training data"),
+        (["heal", str(out), "--data", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["heal", str(out), "-o", str(out)], "unhealed output"),
+        (["heal", str(out), "-o", str(src / "x")], "source model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert _nothing_written(tmp_path, before), argv
+    # Not validated: the report is missing.
+    (out / REPORT_FILE).rename(tmp_path / "report.bak")
+    assert main(["heal", str(out)]) == 2 and "not been validated" in capsys.readouterr().err
+    (tmp_path / "report.bak").rename(out / REPORT_FILE)
+    # A source whose weights changed since convert.
+    meta = json.loads((out / PLAN_FILE).read_text())
+    meta["source_sha256"] = "0" * 64
+    (out / PLAN_FILE).write_text(json.dumps(meta))
+    assert main(["heal", str(out)]) == 2 and "changed since" in capsys.readouterr().err
+    assert _nothing_written(tmp_path, before)
+
+
+def test_interrupted_heal_leaves_nothing_finished_and_resumes(tmp_path, src, texts, monkeypatch):
+    out = _output(tmp_path, src, texts)
+    healed = tmp_path / "healed"
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    assert main(["heal", str(out), "-o", str(healed), *_flags(texts)]) == 130
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert not healed.exists()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".healed"))
+    assert leftovers == [".healed.heal-resume.pt"]  # no .tmp-* folder, no lock
+    assert main(["heal", str(out), "-o", str(healed), "--resume", *_flags(texts)]) == 0
+    report = json.loads((healed / HEAL_FILE).read_text())
+    assert report["resumed_from"] == 20 and report["steps"] == 40
+    assert not (tmp_path / ".healed.heal-resume.pt").exists()
+    # A resume checkpoint of other settings is refused.
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    calls["n"] = 0
+    assert main(["heal", str(out), "-o", str(tmp_path / "h2"), *_flags(texts)]) == 130
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert main(["heal", str(out), "-o", str(tmp_path / "h2"), "--resume", *_flags(texts, lr=1e-3)]) == 2
+
+
+def test_run_stage_heals_then_exports(tmp_path, src, texts):
+    recipe = dict(model=str(src), remove={"mlp": [1]}, output={"dir": str(tmp_path / "out")},
+                  validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                            "quality": {"data": str(texts["test"]), "samples": 4, "seq_len": 32}},
+                  stages=["convert", "validate", "heal", "export"],
+                  heal={"steps": 4, "seq_len": 32, "batch": 2, "data": str(texts["train"]),
+                        "eval_text": str(texts["other"])})
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(r)]) == 0
+    assert (tmp_path / "out-healed" / HEAL_FILE).is_file()
+    assert (tmp_path / "out-healed" / "onnx" / "model.onnx").is_file()
+    assert not (tmp_path / "out" / "onnx").exists()
+
+
+def test_heal_section_needs_the_stage(tmp_path):
+    from slimconv.errors import SlimError
+
+    base = {"model": "x", "output": {"dir": "o"}}
+    with pytest.raises(SlimError, match="heal section"):
+        parse_recipe({**base, "heal": {"steps": 3}})
+    with pytest.raises(SlimError, match="validated output"):
+        parse_recipe({**base, "stages": ["convert", "heal"]})
+    assert heal_mod.default_target(tmp_path / "a").name == "a-healed"
