@@ -92,6 +92,23 @@ def test_int4_graph_matches_the_int4_rounded_model(tiny_models, tmp_path, arch):
         assert case["kl"] < case["against_float_model"]["kl"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_nemotron_nas_output_exports(tiny_models, tmp_path, dtype):
+    """The default recipe's format (sublayers removed, written as nemotron-nas) exports and checks like any
+    other: the graph is built from the same layer specs."""
+    from helpers import make_tiny
+
+    # nemotron-nas needs an MLP width its ffn_mult formula reproduces (a multiple of 256 here).
+    src = make_tiny(tmp_path / "src", "llama-bias-untied", intermediate_size=256)
+    convert(src, tmp_path / "slim", fmt="nemotron-nas", remove={"attention": [3, 5], "mlp": [1]})
+    assert json.loads((tmp_path / "slim" / "config.json").read_text())["model_type"] == "nemotron-nas"
+    (tmp_path / "onnx").mkdir()
+    info = export_onnx(tmp_path / "slim", tmp_path / "onnx", dtype, block_size=16)
+    assert info["cache_pairs"] == 4
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    assert validate_onnx(tmp_path / "onnx", tmp_path / "slim", prompts, steps=8, provider="cpu")["passed"]
+
+
 def test_cuda_graphs_are_written_for_half_precision_activations(tiny_models, tmp_path):
     """No GPU here: the CUDA graphs are checked for structure (ops ONNX Runtime registers, float16
     activations and cache with int4 weights), and fp32 for CUDA is refused (GroupQueryAttention has no
