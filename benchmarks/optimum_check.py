@@ -26,13 +26,16 @@ OPTIMUM = ["torch==2.13.0", "optimum-onnx==0.1.0", "onnxruntime"]
 INNER = r'''
 import json, sys
 from optimum.onnxruntime import ORTModelForCausalLM
-from transformers import AutoTokenizer
-import transformers, optimum.onnxruntime as ortm
+from transformers import PreTrainedTokenizerFast
+import transformers
 folder, n = sys.argv[1], int(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(folder)
+# tokenizer_config.json names transformers 5's TokenizersBackend, which 4.x does not know; the tokenizer
+# itself (tokenizer.json) is the same.
+tok = PreTrainedTokenizerFast(tokenizer_file=folder + "/tokenizer.json")
 model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
 ids = tok(sys.argv[3], return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+out = model.generate(input_ids=ids.input_ids, attention_mask=ids.attention_mask, max_new_tokens=n,
+                     min_new_tokens=n, do_sample=False)
 print(json.dumps({"tokens": out[0, ids.input_ids.shape[1]:].tolist(), "transformers": transformers.__version__}))
 '''
 
