@@ -168,7 +168,8 @@ def _cmd_export(args):
     from .export import run_export
 
     return _exported(run_export(args.output, args.out, args.provider, args.force, DTYPE_NAMES[args.dtype],
-                                args.external_data, args.int4_block_size, args.int4_accuracy_level))
+                                args.external_data, args.int4_block_size, args.int4_accuracy_level,
+                                args.int4_symmetric))
 
 
 def _cmd_generate(args):
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int4-accuracy-level", type=int, default=4, choices=range(5),
                    help="int4: MatMulNBits accuracy_level; 4 = int8 activations (fastest on CPU, the builder's "
                         "default), 0 = compute in the activation dtype")
+    s.add_argument("--int4-symmetric", action="store_true",
+                   help="int4: symmetric blocks, no zero points (onnxruntime-genai's builder's choice): about 4%% "
+                        "faster decode on CPU, but KL to the float model 0.57 against 0.44 on SmolLM2 (README)")
     s.add_argument("--external-data", choices=["auto", "always", "never"], default="always",
                    help="weights in model.onnx.data beside the graph, streamed one tensor at a time (always, the "
                         "default); never = one self-contained model.onnx (holds the weights in memory twice "

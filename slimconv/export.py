@@ -18,13 +18,13 @@ from .source import AUX_FILES, Checkpoint
 
 
 def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "always",
-                provider: str = "cpu", block_size: int = 32, accuracy_level: int = 4) -> dict:
+                provider: str = "cpu", block_size: int = 32, accuracy_level: int = 4, symmetric: bool = False) -> dict:
     """Writes model.onnx (built for ``dtype`` on ``provider``) and the files consumers read into ``out``.
 
     ``external_data``: "always" (default) streams the weights into model.onnx.data beside the graph, one
     tensor at a time; "never" puts them inside model.onnx, which holds every weight in memory twice while
     it is serialised (a single file, for small models); "auto" inside unless over 2 GB (protobuf limit)."""
-    precision = Precision(dtype, provider, block_size, accuracy_level)
+    precision = Precision(dtype, provider, block_size, accuracy_level, symmetric=symmetric)
     ckpt = Checkpoint(slim_dir)
     nbytes = int(sum(np.prod(s) for s in ckpt.shapes.values()) * bytes_per_weight(dtype, block_size))
     external = external_data == "always" or (external_data == "auto" and nbytes > INLINE_LIMIT)
@@ -211,7 +211,8 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
 
 
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
-               external_data: str = "always", block_size: int = 32, accuracy_level: int = 4) -> dict:
+               external_data: str = "always", block_size: int = 32, accuracy_level: int = 4,
+               symmetric: bool = False) -> dict:
     """Exports ``slim_dir`` for ``provider`` (auto: CUDA when ONNX Runtime sees it) and checks the graph
     at once on that provider; a graph that cannot be checked here is not written."""
     from .outdir import AtomicDir, refuse_overlap
@@ -225,7 +226,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     if provider == "auto" and target_provider == "cpu" and "cpu" not in ACTIVATIONS.get(dtype, {"cpu": 0}):
         raise SlimError(f"a {dtype} graph runs only on the CUDA provider, which ONNX Runtime does not see here",
                         "use --dtype fp32, fp16 or int4 on CPU; bf16 needs onnxruntime-gpu and an NVIDIA GPU")
-    Precision(dtype, target_provider, block_size, accuracy_level)  # refuses a bad combination before any work
+    Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
     if out:
         refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
     target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")
@@ -234,11 +235,13 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "
                       "stop per token needs control flow in the graph, not done yet); the policy stays in the "
                       "PyTorch checkpoint, and is recorded as not exported in slimconv_onnx_report.json")
-    detail = f", int4 blocks of {block_size}, accuracy level {accuracy_level}" if dtype == "int4" else ""
+    detail = (f", int4 {'symmetric' if symmetric else 'asymmetric'} blocks of {block_size}, accuracy level "
+              f"{accuracy_level}" if dtype == "int4" else "")
     console.print(f"exporting {slim_dir} to ONNX ({dtype} for {target_provider}{detail}, opset {OPSET}) "
                   f"-> {target.target}")
     with target as tmp:
-        info = export_onnx(slim_dir, tmp, dtype, external_data, target_provider, block_size, accuracy_level)
+        info = export_onnx(slim_dir, tmp, dtype, external_data, target_provider, block_size, accuracy_level,
+                           symmetric)
         where = f"weights in {DATA_FILE}" if info["external_data"] else "weights inside model.onnx"
         console.print(f"exported in {info['seconds']:.1f} s: {info['nodes']} nodes, {info['cache_pairs']} "
                       f"past/present pairs, {info['weight_bytes'] / 1e6:.0f} MB of weights ({where})")
