@@ -104,7 +104,7 @@ class Precision:
 def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool):
     """MatMulNBits' int4 blocks of a (N, K) weight by ONNX Runtime's own quantiser (round to nearest per
     block of ``block`` weights along K): packed (N, blocks, block/2) uint8, scales (N, blocks), zero points
-    (N, ceil(blocks/2)) uint8 (8 everywhere when symmetric)."""
+    (N, ceil(blocks/2)) uint8 (unused when symmetric: MatMulNBits then subtracts 8)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     n, k = weight.shape
