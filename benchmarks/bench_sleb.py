@@ -1,9 +1,13 @@
-"""SLEB with and without the prefix cache, on the same calibration data, interleaved (A B B A ...).
+"""SLEB as the naive loop and as slimconv runs it, on the same calibration data, interleaved (A B B A ...).
 
-    python benchmarks/bench_sleb.py [--model default] [--samples 4 --seq-len 128 --steps 1 --rounds 3]
+    python benchmarks/bench_sleb.py [--model default] [--samples 4 --seq-len 128 --steps 9 --rounds 1]
+        [--modes naive,fast]
 
-Prints the median seconds per SLEB run for both, the measured speedup, the speedup expected from the
-FLOPs each does (layer applications and LM-head evaluations), and whether both made the same choices.
+Modes: naive (every candidate runs the whole model on every window), cache (prefix cache, every candidate
+on every window: `analyze --sleb-exact`), fast (prefix cache + successive halving over the windows + the
+previous step's ranking: `analyze`'s default). Prints the median seconds per SLEB run of each, the
+speedups over the naive loop, the prefix cache's speedup expected from FLOPs, and whether the removed
+blocks agree after every step (SLEB is greedy, so a 9-step run holds the 3- and 6-step choices).
 """
 import argparse
 import statistics
@@ -32,6 +36,9 @@ def expected_speedup(config: dict, steps: int) -> float:
     return naive / cached
 
 
+MODES = {"naive": dict(prefix_cache=False), "cache": dict(exact=True), "fast": dict()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -39,26 +46,34 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--modes", default="naive,fast", help="comma-separated: naive, cache, fast")
     args = p.parse_args()
+    modes = args.modes.split(",")
     src = resolve_source(args.model)
     ckpt = Checkpoint(src)
     runner = Runner(LayerBank(ckpt), calibration_ids(src, "wikitext2", args.samples, args.seq_len, 0))
-    times, choices = {True: [], False: []}, {}
+    times, choices, ppls = {m: [] for m in modes}, {}, {}
     for r in range(args.rounds):
-        for cached in ((True, False) if r % 2 == 0 else (False, True)):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             start = time.perf_counter()
-            steps = sleb(runner, ckpt.config, args.steps, prefix_cache=cached)
-            times[cached].append(time.perf_counter() - start)
-            choices[cached] = [s["removed"] for s in steps]
-    naive, cached = statistics.median(times[False]), statistics.median(times[True])
+            steps = sleb(runner, ckpt.config, args.steps, **MODES[mode])
+            times[mode].append(time.perf_counter() - start)
+            choices[mode] = [s["removed"] for s in steps]
+            ppls[mode] = [s["ppl"] for s in steps]
+    med = {m: statistics.median(times[m]) for m in modes}
     print(f"SLEB, {args.steps} step(s), {args.samples} x {args.seq_len} calibration tokens of WikiText-2 valid, "
-          f"{args.rounds} interleaved rounds, torch {torch.__version__} CPU, {torch.get_num_threads()} threads\n")
-    print("| | naive loop | prefix cache |\n|---|---|---|")
-    print(f"| seconds (median) | {naive:.1f} | {cached:.1f} |")
-    print(f"| all runs (s) | {', '.join(f'{t:.1f}' for t in times[False])} | {', '.join(f'{t:.1f}' for t in times[True])} |")
-    print(f"| removed blocks | {choices[False]} | {choices[True]} |")
-    print(f"\nmeasured speedup {naive / cached:.2f}x; expected from FLOPs {expected_speedup(ckpt.config, args.steps):.2f}x; "
-          f"same choices: {choices[False] == choices[True]}")
+          f"{args.rounds} interleaved round(s), torch {torch.__version__} CPU, {torch.get_num_threads()} threads\n")
+    print("| | " + " | ".join(modes) + " |\n|---" * (len(modes) + 1) + "|")
+    print("| seconds (median) | " + " | ".join(f"{med[m]:.1f}" for m in modes) + " |")
+    print("| all runs (s) | " + " | ".join(", ".join(f"{t:.1f}" for t in times[m]) for m in modes) + " |")
+    print("| removed blocks, in order | " + " | ".join(str(choices[m]) for m in modes) + " |")
+    print("| calibration ppl after the last step | " + " | ".join(f"{ppls[m][-1]:.3f}" for m in modes) + " |")
+    base = modes[0]
+    for m in modes[1:]:
+        same = [k for k in range(1, args.steps + 1) if sorted(choices[m][:k]) == sorted(choices[base][:k])]
+        print(f"\n{m}: {med[base] / med[m]:.2f}x faster than {base}; same blocks as {base} after "
+              f"{len(same)}/{args.steps} steps (all steps: {len(same) == args.steps})")
+    print(f"prefix cache alone, expected from FLOPs: {expected_speedup(ckpt.config, args.steps):.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import calibration_ids
 from .errors import SlimError
-from .layerwise import LayerBank, Runner, candidate_nlls, group_spec, ppl
+from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
 from .plan import source_plan
 
 PAPER_DEFAULTS = "SLEB and ShortGPT calibrate on 128 samples of 2048 tokens; Gromov et al. use the last token"
@@ -40,6 +40,7 @@ class AnalysisSettings(BaseModel):
     group_sizes: list[int] = [2]
     group_ppl: bool = True
     naive_check: int = Field(0, ge=0, description="SLEB iterations to repeat without the prefix cache")
+    sleb_exact: bool = Field(False, description="SLEB scores every candidate on every window (no successive halving)")
     max_memory: int | None = Field(None, description="bytes of layer weights kept in memory; None: all")
     batch_size: int = Field(8, ge=1)
     angular_tokens: int = Field(2048, ge=1, description="tokens sampled for the angular distances")
@@ -97,20 +98,40 @@ def group_ppls(runner: Runner, config: dict, groups: list[dict]) -> None:
         g["ppl"] = ppl(v)
 
 
-def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, label: str = "SLEB") -> list[dict]:
+def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, exact: bool = False,
+         label: str = "SLEB") -> list[dict]:
     """SLEB's iterative elimination: at every step try removing each remaining block, keep the removal with
-    the lowest calibration perplexity, and verify the rest again against the model without it."""
+    the lowest calibration perplexity, and verify the rest again against the model without it.
+
+    ``prefix_cache=False`` is the naive loop (every candidate runs the whole model on every window).
+    Otherwise candidates share the hidden states before them, and unless ``exact`` they are ranked by
+    successive halving over the windows (``layerwise.Halving``), the previous step's perplexities deciding
+    which candidates enter the first round; the block removed is the best of those scored on every window.
+    A candidate's entry in ``candidates`` is its perplexity on the ``windows`` it was scored on.
+    """
     stack = list(source_plan(config).layers)
     steps = []
+    prior: dict[int, float] = {}
+    halving = None if exact or not prefix_cache else Halving()
     for step in range(blocks):
         cands = [(p, 1, []) for p in range(len(stack))]
+        layers = [spec.source_layers[0] for spec in stack]
         start = time.perf_counter()
-        with tqdm(total=len(cands), desc=f"{label} step {step + 1}/{blocks}", unit="candidate", disable=None) as bar:
-            nlls = candidate_nlls(runner, stack, cands, prefix_cache=prefix_cache, progress=bar)
-        best = min(range(len(nlls)), key=nlls.__getitem__)
-        steps.append(dict(removed=stack[best].source_layers[0], ppl=ppl(nlls[best]),
-                          candidates={str(spec.source_layers[0]): ppl(v) for spec, v in zip(stack, nlls)},
+        with tqdm(total=None if halving else len(cands), desc=f"{label} step {step + 1}/{blocks}", unit="candidate",
+                  disable=None) as bar:
+            if prefix_cache:
+                nlls, seen = ranked_nlls(runner, stack, cands, halving=halving,
+                                         prior=[prior.get(l) for l in layers] if prior else None, progress=bar)
+            else:
+                nlls = candidate_nlls(runner, stack, cands, prefix_cache=False, progress=bar)
+                seen = [runner.windows] * len(cands)
+        full = [i for i in range(len(cands)) if seen[i] == runner.windows]
+        best = min(full, key=nlls.__getitem__)
+        steps.append(dict(removed=layers[best], ppl=ppl(nlls[best]),
+                          candidates={str(l): ppl(v) for l, v in zip(layers, nlls) if v is not None},
+                          windows={str(l): w for l, w in zip(layers, seen) if w},
                           seconds=time.perf_counter() - start))
+        prior = {l: v for l, v in zip(layers, nlls) if v is not None}
         del stack[best]
     return steps
 
@@ -127,8 +148,11 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
         console.print(f"  2. calibration perplexity with each group parallel "
                       f"({sum(max(n - k + 1, 0) for k in s.group_sizes)} candidates)")
     if s.sleb_blocks:
-        console.print(f"  3. SLEB: {s.sleb_blocks} removals, {sum(n - i for i in range(s.sleb_blocks))} candidate "
-                      "evaluations, each reusing the hidden states before the candidate")
+        how = ("every candidate on every window" if s.sleb_exact or s.samples == 1 else
+               f"successive halving over the windows ({', '.join(map(str, Halving().rounds(s.samples)))} of "
+               f"{s.samples}; --sleb-exact: all on all)")
+        console.print(f"  3. SLEB: {s.sleb_blocks} removals, up to {sum(n - i for i in range(s.sleb_blocks))} candidate "
+                      f"evaluations, each reusing the hidden states before the candidate; {how}")
     if s.naive_check:
         console.print(f"  4. the first {s.naive_check} SLEB step(s) again without that cache, to time and check it")
     console.print(f"  layers kept in memory: {'all' if s.max_memory is None else f'up to {s.max_memory / 1e6:.0f} MB'}"
@@ -165,13 +189,13 @@ def analyse(s: AnalysisSettings, src_dir: Path, ids: torch.Tensor | None = None)
         seconds["group_ppl"] = time.perf_counter() - t
     if s.sleb_blocks:
         t = time.perf_counter()
-        out["sleb"] = dict(steps=sleb(runner, config, s.sleb_blocks))
+        out["sleb"] = dict(steps=sleb(runner, config, s.sleb_blocks, exact=s.sleb_exact))
         seconds["sleb"] = time.perf_counter() - t
         out["block_removal_ppl"] = out["sleb"]["steps"][0]["candidates"]
     if s.naive_check:
         k = min(s.naive_check, s.sleb_blocks) or s.naive_check
         naive = sleb(runner, config, k, prefix_cache=False, label="SLEB without prefix cache")
-        cached = out.get("sleb", {}).get("steps", [])[:k] or sleb(runner, config, k)
+        cached = out.get("sleb", {}).get("steps", [])[:k] or sleb(runner, config, k, exact=s.sleb_exact)
         out["sleb_naive_check"] = dict(
             steps=k, same_choices=[a["removed"] for a in naive] == [b["removed"] for b in cached],
             max_ppl_difference=max(abs(a["ppl"] - b["ppl"]) for a, b in zip(naive, cached)),
@@ -258,9 +282,11 @@ def report_markdown(m: dict, plots: list[str]) -> str:
              "He et al. / Tyukin et al. for sublayers)."]
     rows = []
     removal = m.get("block_removal_ppl", {})
+    seen = m.get("sleb", {}).get("steps", [{}])[0].get("windows", {})
+    part = lambda i: "" if seen.get(str(i), s["samples"]) == s["samples"] else f" ({seen[str(i)]}/{s['samples']} windows)"
     for i in range(n):
         rows.append([i, f"{m['block_influence'][i]:.4f}", f"{m['attention_importance'][i]:.4f}",
-                     f"{m['mlp_importance'][i]:.4f}", f"{removal[str(i)]:.2f}" if str(i) in removal else "-"])
+                     f"{m['mlp_importance'][i]:.4f}", f"{removal[str(i)]:.2f}{part(i)}" if str(i) in removal else "-"])
     parts += ["## Per layer", md_table(["layer", "block influence", "attention", "MLP", "ppl without this block"], rows)]
     ad = m["angular_distance"]
     parts += ["## Angular distance (Gromov et al.)",

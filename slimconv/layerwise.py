@@ -6,6 +6,7 @@ are built by the converter's own weight rewrite (``layout.layer_jobs``) into the
 code's layer class, so a candidate (a removed sublayer, a wide parallel layer) is evaluated exactly as
 the converted checkpoint would compute it.
 """
+import copy
 import math
 from collections import OrderedDict
 
@@ -83,6 +84,16 @@ class Runner:
     def embed(self) -> torch.Tensor:
         return F.embedding(self.ids, self.bank.embed)
 
+    @property
+    def windows(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, windows: slice) -> "Runner":
+        """The same engine on calibration windows ``windows`` only (exact for them: windows are independent)."""
+        view = copy.copy(self)
+        view.ids = self.ids[windows]
+        return view
+
     def batches(self, n: int):
         for i in range(0, n, self.batch_size):
             yield slice(i, min(i + self.batch_size, n))
@@ -125,7 +136,10 @@ def ppl(nll: float) -> float:
     return math.exp(nll)
 
 
-def candidate_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[tuple[int, int, list[LayerSpec]]],
+Candidate = tuple[int, int, list[LayerSpec]]  # (position in the stack, layers replaced, replacement)
+
+
+def candidate_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Candidate],
                    prefix_cache: bool = True, progress=None) -> list[float]:
     """Calibration NLL of the model ``stack`` with, for each candidate ``(pos, span, replacement)``,
     ``stack[pos:pos + span]`` replaced by ``replacement``.
@@ -155,3 +169,84 @@ def candidate_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[tupl
         if progress is not None:
             progress.update(1)
     return result
+
+
+class Halving:
+    """Successive halving over the calibration windows: every candidate is scored on the first ``first``
+    fraction of the windows, the best ``keep`` fraction (at least ``min_keep``) goes on to twice as many
+    windows (only the new ones are run: a window's loss does not depend on the others), and so on until
+    the survivors are scored on every window. ``prior`` scores (the previous step's ranking) let only the
+    best ``prior_keep`` fraction of the candidates that have one into the first round. Only candidates
+    scored on every window can be chosen; with few windows (or ``exact``) it is one round on all of them.
+    """
+
+    def __init__(self, first: float = 0.25, keep: float = 1 / 3, min_keep: int = 3, prior_keep: float = 0.5):
+        self.first, self.keep, self.min_keep, self.prior_keep = first, keep, min_keep, prior_keep
+
+    def rounds(self, windows: int) -> list[int]:
+        """Cumulative window counts of the rounds, ending with ``windows``."""
+        counts = [max(1, math.ceil(windows * self.first))]
+        while counts[-1] < windows:
+            counts.append(min(windows, 2 * counts[-1]))
+        return counts
+
+
+def ranked_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Candidate], score=None,
+                halving: Halving | None = None, prior: list[float | None] | None = None,
+                progress=None) -> tuple[list[float | None], list[int]]:
+    """Calibration NLL of each candidate (as ``candidate_nlls``) and the number of windows it was scored on,
+    with successive halving (``halving``; None: every candidate on every window, exact).
+
+    ``score(i, nll)`` is what ranks candidate ``i`` (lower is better; default the NLL itself). A candidate
+    dropped before the first round has NLL None. Candidates are compared on the windows they share, and
+    the windows are the same for every candidate in a round, so halving only decides who is scored further;
+    the final choice is made among candidates scored on every window, on their exact full-window losses.
+    """
+    score = score or (lambda i, v: v)
+    n, windows = len(candidates), runner.windows
+    if halving is None or windows == 1:
+        nlls = candidate_nlls(runner, stack, candidates, progress=progress)
+        return nlls, [windows] * n
+    alive = list(range(n))
+    if prior is not None:
+        known = sorted((i for i in alive if prior[i] is not None), key=lambda i: prior[i])
+        cut = max(halving.min_keep, math.ceil(len(known) * halving.prior_keep))
+        alive = sorted(set(alive) - set(known[cut:]))
+    sums, seen = [0.0] * n, [0] * n
+    done = 0
+    rounds = halving.rounds(windows)
+    for r, upto in enumerate(rounds):
+        part = runner.subset(slice(done, upto))
+        if progress is not None:
+            progress.total = (progress.total or 0) + len(alive)
+            progress.set_postfix_str(f"windows {done + 1}-{upto} of {windows}", refresh=True)
+        nlls = candidate_nlls(part, stack, [candidates[i] for i in alive], progress=progress)
+        for i, v in zip(alive, nlls):
+            sums[i] += v * (upto - done)
+            seen[i] = upto
+        done = upto
+        if r + 1 < len(rounds):
+            ranked = sorted(alive, key=lambda i: score(i, sums[i] / seen[i]))
+            alive = sorted(ranked[:max(halving.min_keep, math.ceil(len(alive) * halving.keep))])
+    return [sums[i] / seen[i] if seen[i] else None for i in range(n)], seen
+
+
+@torch.no_grad()
+def final_hidden(runner: Runner, stack: list[LayerSpec]) -> torch.Tensor:
+    """The last hidden states of the model ``stack`` on the runner's windows."""
+    h = runner.embed()
+    for spec in stack:
+        h = runner.apply(spec, h)
+    return h
+
+
+@torch.no_grad()
+def kl_divergence(runner: Runner, reference: torch.Tensor, h: torch.Tensor, rows: int = 2048) -> float:
+    """Mean KL(reference || h) of the next-token distributions of two final hidden states, nats per token."""
+    a, b = (t[:, :-1].reshape(-1, t.shape[-1]) for t in (reference, h))
+    total = 0.0
+    for i in range(0, len(a), rows):
+        p = F.log_softmax(runner.logits(a[i:i + rows]), -1)
+        q = F.log_softmax(runner.logits(b[i:i + rows]), -1)
+        total += F.kl_div(q, p, log_target=True, reduction="sum").item()
+    return total / len(a)

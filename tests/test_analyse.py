@@ -52,7 +52,7 @@ def test_sleb_prefix_cache_gives_the_naive_loops_choices(tiny_models):
     src = tiny_models["qwen2"]
     ckpt = Checkpoint(src)
     runner = Runner(LayerBank(ckpt), IDS)
-    cached = sleb(runner, ckpt.config, 3)
+    cached = sleb(runner, ckpt.config, 3, exact=True)
     naive = sleb(runner, ckpt.config, 3, prefix_cache=False)
     assert [s["removed"] for s in cached] == [s["removed"] for s in naive]
     for a, b in zip(cached, naive):
@@ -61,6 +61,37 @@ def test_sleb_prefix_cache_gives_the_naive_loops_choices(tiny_models):
     assert str(cached[0]["removed"]) not in cached[1]["candidates"]
     assert _model_nll(src, IDS, remove={"blocks": [s["removed"] for s in cached]}) == pytest.approx(
         torch.log(torch.tensor(cached[-1]["ppl"])).item(), abs=1e-5)
+
+
+@torch.no_grad()
+def _own_text(src, windows: int = 8, length: int = 24) -> torch.Tensor:
+    """Windows sampled from the model itself: on them a random model's losses differ by more than noise
+    (on uniform random tokens every candidate is about as bad, and the ranking is the windows' noise)."""
+    torch.manual_seed(0)
+    model = load_model(src)
+    start = torch.randint(0, 128, (windows, 1))
+    return model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=length - 1,
+                          min_new_tokens=length - 1, do_sample=True, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch, text", [("qwen2", "own"), ("llama-tied", "repeated")])
+def test_fast_sleb_makes_the_naive_loops_choices(tiny_models, arch, text):
+    """The default SLEB (prefix cache, successive halving over 8 windows, the previous step's ranking) removes
+    the same blocks as the naive loop, and the perplexity of each removal is the exact all-window one.
+
+    Halving is a heuristic: when the first windows rank the candidates differently from all of them it can
+    miss the best (on llama-tied's own text it takes block 4 before 5). With one window repeated the ranking
+    cannot change, so that case checks the bookkeeping; qwen2's own text is a case where the windows
+    disagree and the choices still agree. SmolLM2 is measured in benchmarks/bench_sleb.py."""
+    src = tiny_models[arch]
+    ckpt = Checkpoint(src)
+    ids = _own_text(src) if text == "own" else IDS[:1].repeat(8, 1)
+    runner = Runner(LayerBank(ckpt), ids)
+    fast = sleb(runner, ckpt.config, 4)
+    naive = sleb(runner, ckpt.config, 4, prefix_cache=False)
+    assert [s["removed"] for s in fast] == [s["removed"] for s in naive]
+    assert [s["ppl"] for s in fast] == pytest.approx([s["ppl"] for s in naive], rel=1e-6)
+    assert min(fast[0]["windows"].values()) == 2 and fast[0]["windows"][str(fast[0]["removed"])] == 8
 
 
 def test_metrics_are_the_same_with_layers_streamed(tiny_models):
