@@ -29,6 +29,9 @@ measure what it costs in quality.
                                    distance, attention/MLP importance, parallel pairs; report and plots
   slimconv recipe   DIR --method M write a recipe from an analysis (sleb, block-influence, angular, last,
                                    attention, mlp, parallel)
+  slimconv search   MODEL --target decode:1.25 -o DIR
+                                   greedy search over blocks, sublayers and parallel groups for the recipe
+                                   that reaches a speed target with the least calibration loss
   slimconv schema                  print the recipe's JSON Schema
 
 Exit codes: 0 success, 1 a validation check failed, 2 a problem with the input (recipe, model, paths).
@@ -212,7 +215,7 @@ def _cmd_analyze(args):
         settings = AnalysisSettings(
             model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes,
-            group_ppl=not args.no_group_ppl, naive_check=args.naive_check,
+            group_ppl=not args.no_group_ppl, naive_check=args.naive_check, sleb_exact=args.sleb_exact,
             max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
             batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
     except ValidationError as e:
@@ -225,6 +228,34 @@ def _cmd_analyze(args):
         run_analyse_early_exit(settings, args.out, args.force)
     else:
         run_analyse(settings, args.out, args.force)
+    return 0
+
+
+def _cmd_search(args):
+    import torch
+    from pydantic import ValidationError
+
+    from .recipe import parse_size
+    from .search import SearchSettings, parse_ops, run_search
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu")
+    for flag, v in (("--eval-samples", args.eval_samples), ("--eval-seq-len", args.eval_seq_len)):
+        if v < 1:
+            raise SlimError(f"{flag} {v}: must be at least 1")
+    try:
+        settings = SearchSettings(
+            model=args.model, target=args.target, ops=parse_ops(args.ops), calib=args.calib, samples=args.samples,
+            seq_len=args.seq_len, seed=args.seed, exact=args.exact, max_group=args.max_group, context=args.context,
+            gpu_bandwidth=args.gpu_bandwidth, layer_latency_us=args.layer_latency_us,
+            max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
+            batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
+    except ValidationError as e:
+        raise SlimError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}"
+                                  for err in e.errors()), "see `slimconv search --help`") from None
+    run_search(settings, args.out, args.force, args.verify, "slimconv " + " ".join(args.argv),
+               args.eval_samples, args.eval_seq_len)
     return 0
 
 
@@ -405,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers/2 forward passes of the calibration set")
     s.add_argument("--naive-check", type=int, default=0, metavar="K",
                    help="repeat the first K SLEB steps without the prefix cache: time both, check same choices")
+    s.add_argument("--sleb-exact", action="store_true",
+                   help="score every SLEB candidate on every window (default: successive halving over the windows, "
+                        "the full-window loss of the best candidates decides)")
     s.add_argument("--max-window", type=int, help="largest window n for the angular distance (default: half the layers)")
     s.add_argument("--group-sizes", default="2", help="parallel group sizes to score, e.g. 2,3 (default 2)")
     s.add_argument("--no-group-ppl", action="store_true",
@@ -442,6 +476,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-samples", type=int, default=16)
     s.add_argument("--eval-seq-len", type=int, default=512)
     s.set_defaults(func=_cmd_recipe)
+
+    from .search import METRICS, OPS
+
+    s = sub.add_parser("search", help="find the recipe that reaches a speed target with the least calibration loss",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Greedy search (SLEB's verified elimination generalised to every kind of change): "
+                       "each step scores every valid change by the calibration loss of the plan with it applied and "
+                       "keeps the one with the lowest loss increase per unit of ideal speedup. Writes recipe.yaml, "
+                       "report.md (the path), search.json and pareto.png to -o.\n\ntarget metrics:\n"
+                       + "\n".join(f"  {k:11} {v}" for k, v in METRICS.items()))
+    s.add_argument("model", help='"default" (SmolLM2-135M-Instruct), a local HF dir, a .gguf file, or a Hub id')
+    s.add_argument("--target", required=True, help="METRIC:VALUE, e.g. decode:1.25, prefill:1.3, layers:24, params:0.8")
+    s.add_argument("-o", "--out", required=True, help="folder to write")
+    s.add_argument("--ops", default=",".join(OPS), help=f"kinds of change, comma-separated (default {','.join(OPS)})")
+    s.add_argument("--calib", default="wikitext2",
+                   help='calibration text: "wikitext2" (its valid split), a text file, or "hf:NAME[:CONFIG]"')
+    s.add_argument("--samples", type=int, default=8, help="calibration windows (default 8)")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--exact", action="store_true",
+                   help="score every candidate on every window (default: successive halving over the windows)")
+    s.add_argument("--max-group", type=int, default=3, help="largest parallel group the search builds (default 3)")
+    s.add_argument("--context", type=int, default=512, help="context length of the cost model (default 512)")
+    s.add_argument("--gpu-bandwidth", type=float, default=3.0e12,
+                   help="decode-gpu: bytes/s read from GPU memory (default 3e12)")
+    s.add_argument("--layer-latency-us", type=float, default=40.0,
+                   help="decode-gpu: fixed microseconds per sequential layer at batch 1 (default 40: ~10 kernels "
+                        "of ~4 us)")
+    s.add_argument("--verify", action="store_true",
+                   help="measure the chosen recipe's perplexity, KL and top-1 on WikiText-2 test")
+    s.add_argument("--eval-samples", type=int, default=16)
+    s.add_argument("--eval-seq-len", type=int, default=512)
+    s.add_argument("--max-memory", help="layer weights kept in memory at once, e.g. 2GB (default: all layers)")
+    s.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--allow-pickle", action="store_true", help="accept .bin (pickle) source weights")
+    s.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("push", help="upload a validated slim output to the Hugging Face Hub in one commit",
                        description="Upload a slim output folder to a Hub model repository (created if missing) in "
