@@ -126,6 +126,11 @@ class Runner:
             total += F.cross_entropy(self.logits(h[i:i + rows]), target[i:i + rows], reduction="sum").item()
         return total / len(h)
 
+    @torch.no_grad()
+    def window_nlls(self, x: torch.Tensor) -> list[float]:
+        """Mean next-token NLL of each window (the mean of these is ``nll``)."""
+        return [self.subset(slice(i, i + 1)).nll(x[i:i + 1]) for i in range(len(x))]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head of hidden states ``h`` (rows, hidden)."""
         b = self.bank
@@ -197,12 +202,13 @@ def ranked_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Candida
     """Calibration NLL of each candidate (as ``candidate_nlls``) and the number of windows it was scored on,
     with successive halving (``halving``; None: every candidate on every window, exact).
 
-    ``score(i, nll)`` is what ranks candidate ``i`` (lower is better; default the NLL itself). A candidate
+    ``score(i, nll, windows)`` is what ranks candidate ``i`` from its NLL on the first ``windows`` windows
+    (lower is better; default the NLL itself). A candidate
     dropped before the first round has NLL None. Candidates are compared on the windows they share, and
     the windows are the same for every candidate in a round, so halving only decides who is scored further;
     the final choice is made among candidates scored on every window, on their exact full-window losses.
     """
-    score = score or (lambda i, v: v)
+    score = score or (lambda i, v, w: v)
     n, windows = len(candidates), runner.windows
     if halving is None or windows == 1:
         nlls = candidate_nlls(runner, stack, candidates, progress=progress)
@@ -226,7 +232,7 @@ def ranked_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Candida
             seen[i] = upto
         done = upto
         if r + 1 < len(rounds):
-            ranked = sorted(alive, key=lambda i: score(i, sums[i] / seen[i]))
+            ranked = sorted(alive, key=lambda i: score(i, sums[i] / seen[i], seen[i]))
             alive = sorted(ranked[:max(halving.min_keep, math.ceil(len(alive) * halving.keep))])
     return [sums[i] / seen[i] if seen[i] else None for i in range(n)], seen
 

@@ -279,8 +279,9 @@ def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tu
                   f"the most --ops {','.join(s.ops)} can give: {fmt_target(target, reach[0], config)} ({reach[1]})")
     console.print(f"  calibration {s.calib} (valid) {s.samples} x {s.seq_len} = {tokens} tokens, seed {s.seed}; "
                   f"cost model at {s.context} tokens of context")
-    console.print(f"  step 1: {n_changes} candidate changes (blocks, sublayers, groups of 2..{s.max_group}, grown groups "
-                  "as --ops allow); each step keeps the lowest loss increase per unit of speedup still missing")
+    console.print(f"  step 1: {n_changes} candidate changes that gain {target.metric} (of blocks, sublayers, groups of "
+                  f"2..{s.max_group}, grown groups, as --ops allow); each step keeps the lowest loss increase per unit "
+                  "of speedup still missing")
     how = ("every candidate on every window (--exact)" if halving is None else
            f"successive halving: all on {halving.rounds(s.samples)[0]} window(s), then the best "
            f"{halving.keep:.0%} on {', '.join(map(str, halving.rounds(s.samples)[1:]))}; later steps let the best "
@@ -312,6 +313,36 @@ def estimate(runner: Runner, bank: LayerBank, stack: list, n_changes: int, halvi
     return dict(layer_s=layer_s, head_s=head_s, step_s=step, steps=steps)
 
 
+MIN_GAIN = 1e-4  # below this a change gains nothing that matters (a group's folded norm saves a few params)
+
+
+def efficiency(dloss: float, gain: float) -> float:
+    """The step's ranking (lower is better): loss increase per unit of speedup; a change that lowers the loss
+    ranks before every change that raises it, the more so the more it gains."""
+    return dloss / gain if dloss >= 0 else dloss * gain
+
+
+def step_candidates(design: Design, plan: Plan, cur: float, goal: float, config: dict, src_costs: dict,
+                    target: Target, s: SearchSettings) -> tuple[list[Change], list, list[float]]:
+    """The changes worth scoring on top of ``design``: valid, gaining speed for the target, one per distinct
+    plan; with their (pos, span, replacement) against ``plan`` and their gain capped at what is missing."""
+    cands, specs, gains, seen_plans = [], [], [], set()
+    for ch in changes(design, config["num_hidden_layers"], s.ops, s.max_group):
+        try:
+            p = ch.apply(design).plan(s.model, config, s.norm)
+        except SlimError:
+            continue
+        key = json.dumps([l.model_dump() for l in p.layers])
+        g = speed(costs(p, config, s.context, s.bytes_per_param), src_costs, target.metric, s) - cur
+        if g < MIN_GAIN or key in seen_plans:
+            continue
+        seen_plans.add(key)
+        cands.append(ch)
+        specs.append(diff(plan.layers, p.layers))
+        gains.append(min(g, goal - cur))
+    return cands, specs, gains
+
+
 def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, quiet: bool = False) -> dict:
     """Runs the greedy search; returns everything search.json holds."""
     from tqdm import tqdm
@@ -332,7 +363,8 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
     src_costs = costs(plan, config, s.context, s.bytes_per_param)
     bank = LayerBank(ckpt, s.norm, s.max_memory, s.device)
     runner = Runner(bank, ids, s.batch_size)
-    first = changes(design, n, s.ops, s.max_group)
+    src_speed = speed(src_costs, src_costs, target.metric, s)
+    first = step_candidates(design, plan, src_speed, goal, config, src_costs, target, s)[0]
     if not quiet:
         print_search_plan(s, config, target, reach, len(first), ids.numel(), halving)
     est = estimate(runner, bank, plan.layers, len(first), halving, config, target, s, src_costs)
@@ -343,43 +375,33 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
                       f"LM head {est['head_s'] * 1e3:.0f} ms on all windows), at least {est['steps']} step(s)")
     start = time.perf_counter()
     ref = final_hidden(runner, plan.layers)
-    nll = runner.nll(ref)
-    cur = speed(src_costs, src_costs, target.metric, s)
+    per_window = runner.window_nlls(ref)
+    nll = sum(per_window) / len(per_window)
+    cur = src_speed
     path = [Step("source", {}, all_speeds(src_costs, src_costs, s), nll, 0.0, 0, 0, 0.0)]
     prior: dict[Change, float] = {}
     while cur < goal - 1e-9:
         t0 = time.perf_counter()
-        cands, specs, gains = [], [], []
-        seen_plans = set()
-        for ch in changes(design, n, s.ops, s.max_group):
-            try:
-                p = ch.apply(design).plan(s.model, config, s.norm)
-            except SlimError:
-                continue
-            key = json.dumps([l.model_dump() for l in p.layers])
-            g = speed(costs(p, config, s.context, s.bytes_per_param), src_costs, target.metric, s) - cur
-            if g <= 1e-12 or key in seen_plans:
-                continue
-            seen_plans.add(key)
-            cands.append(ch)
-            specs.append(diff(plan.layers, p.layers))
-            gains.append(min(g, goal - cur))
+        cands, specs, gains = step_candidates(design, plan, cur, goal, config, src_costs, target, s)
         if not cands:
             break
-        score = lambda i, v: (v - nll) / gains[i]
+        # Against the current plan's loss on the same windows: a partial score is compared like with like.
+        score = lambda i, v, w: efficiency(v - sum(per_window[:w]) / w, gains[i])
         with tqdm(total=None if halving else len(cands), desc=f"search step {len(path)}", unit="candidate",
                   disable=None if not quiet else True) as bar:
             nlls, seen = ranked_nlls(runner, plan.layers, specs, score=score, halving=halving,
                                      prior=[prior.get(c) for c in cands] if prior else None, progress=bar)
         full = [i for i in range(len(cands)) if seen[i] == runner.windows]
-        best = min(full, key=lambda i: score(i, nlls[i]))
-        prior = {c: score(i, v) for i, (c, v) in enumerate(zip(cands, nlls)) if v is not None}
+        best = min(full, key=lambda i: score(i, nlls[i], runner.windows))
+        prior = {c: score(i, v, w) for i, (c, v, w) in enumerate(zip(cands, nlls, seen)) if v is not None}
         design = cands[best].apply(design)
         plan = design.plan(s.model, config, s.norm)
         c = costs(plan, config, s.context, s.bytes_per_param)
         cur = speed(c, src_costs, target.metric, s)
         nll = nlls[best]
-        kl = kl_divergence(runner, ref, final_hidden(runner, plan.layers))
+        h = final_hidden(runner, plan.layers)
+        kl = kl_divergence(runner, ref, h)
+        per_window = runner.window_nlls(h)
         path.append(Step(str(cands[best]), design.sections(), all_speeds(c, src_costs, s), nll, kl, len(cands),
                          len(full), time.perf_counter() - t0))
     reached = cur >= goal - 1e-9
