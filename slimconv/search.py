@@ -527,9 +527,14 @@ def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool =
         (tmp / "search.json").write_text(json.dumps(m, indent=2))
         plot(m, tmp, m["target"].split(":")[0])
         (tmp / "report.md").write_text(report_markdown(m, text, v))
-    from .report import md_table
+    from rich import box
+    from rich.table import Table
 
-    console.print(md_table(PATH_HEADER, path_rows(m)))
+    table = Table("step", "change", "prefill", "decode", "decode-gpu", "layers", "ppl", "KL", box=box.SIMPLE,
+                  title=f"search path to {m['target']}: ideal speedups, calibration ppl and KL (all: report.md)")
+    for row in path_rows(m):
+        table.add_row(*map(str, row[:5] + row[6:9]))
+    console.print(table)
     console.print(f"[green]wrote[/] {target.target}: recipe.yaml, report.md, search.json, pareto.png "
                   f"({len(m['path']) - 1} steps, {m['seconds']:.0f} s)")
     return m
