@@ -39,6 +39,32 @@ def expected_speedup(config: dict, steps: int) -> float:
 MODES = {"naive": dict(prefix_cache=False), "cache": dict(exact=True), "fast": dict()}
 
 
+class Work:
+    """Counts what a SLEB run computes, in window-passes: layer applications and LM-head evaluations, each
+    times the windows it ran on, weighted by their matmul FLOPs (load-independent, unlike seconds)."""
+
+    def __init__(self, runner: Runner, config: dict):
+        h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+        heads, kv, hd = config["num_attention_heads"], kv_heads(config), head_dim(config)
+        self.layer, self.head = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter, h * v
+        self.flops = 0
+        apply, nll = Runner.apply, Runner.nll
+
+        def counted_apply(r, spec, x):
+            self.flops += self.layer * len(x)
+            return apply(r, spec, x)
+
+        def counted_nll(r, x, *a, **k):
+            self.flops += self.head * len(x)
+            return nll(r, x, *a, **k)
+
+        Runner.apply, Runner.nll = counted_apply, counted_nll
+
+    def naive(self, config: dict, steps: int, windows: int) -> int:
+        n0 = config["num_hidden_layers"]
+        return sum(n * ((n - 1) * self.layer + self.head) * windows for n in range(n0, n0 - steps, -1))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -52,12 +78,14 @@ def main():
     src = resolve_source(args.model)
     ckpt = Checkpoint(src)
     runner = Runner(LayerBank(ckpt), calibration_ids(src, "wikitext2", args.samples, args.seq_len, 0))
-    times, choices, ppls = {m: [] for m in modes}, {}, {}
+    times, choices, ppls, work = {m: [] for m in modes}, {}, {}, {}
+    counter = Work(runner, ckpt.config)
     for r in range(args.rounds):
         for mode in (modes if r % 2 == 0 else modes[::-1]):
-            start = time.perf_counter()
+            start, counter.flops = time.perf_counter(), 0
             steps = sleb(runner, ckpt.config, args.steps, **MODES[mode])
             times[mode].append(time.perf_counter() - start)
+            work[mode] = counter.flops
             choices[mode] = [s["removed"] for s in steps]
             ppls[mode] = [s["ppl"] for s in steps]
     med = {m: statistics.median(times[m]) for m in modes}
@@ -67,6 +95,8 @@ def main():
     print("| seconds (median) | " + " | ".join(f"{med[m]:.1f}" for m in modes) + " |")
     print("| all runs (s) | " + " | ".join(", ".join(f"{t:.1f}" for t in times[m]) for m in modes) + " |")
     print("| removed blocks, in order | " + " | ".join(str(choices[m]) for m in modes) + " |")
+    print("| work (layer + LM-head matmul FLOPs per window position, x1e9) | "
+          + " | ".join(f"{work[m] / 1e9:.0f}" for m in modes) + " |")
     print("| calibration ppl after the last step | " + " | ".join(f"{ppls[m][-1]:.3f}" for m in modes) + " |")
     base = modes[0]
     for m in modes[1:]:
@@ -74,6 +104,9 @@ def main():
         print(f"\n{m}: {med[base] / med[m]:.2f}x faster than {base}; same blocks as {base} after "
               f"{len(same)}/{args.steps} steps (all steps: {len(same) == args.steps})")
     print(f"prefix cache alone, expected from FLOPs: {expected_speedup(ckpt.config, args.steps):.2f}x")
+    naive = counter.naive(ckpt.config, args.steps, args.samples)
+    print("work of the naive loop (counted, not run: every candidate all other layers + head on every window): "
+          f"{naive / 1e9:.0f}; " + ", ".join(f"{m} {naive / work[m]:.2f}x less" for m in modes))
 
 
 if __name__ == "__main__":
