@@ -40,7 +40,8 @@ class AnalysisSettings(BaseModel):
     group_sizes: list[int] = [2]
     group_ppl: bool = True
     naive_check: int = Field(0, ge=0, description="SLEB iterations to repeat without the prefix cache")
-    sleb_exact: bool = Field(False, description="SLEB scores every candidate on every window (no successive halving)")
+    sleb_halving: bool = Field(False, description="SLEB ranks candidates by successive halving over the windows "
+                               "(less work; the choices may differ from the naive loop's)")
     max_memory: int | None = Field(None, description="bytes of layer weights kept in memory; None: all")
     batch_size: int = Field(8, ge=1)
     angular_tokens: int = Field(2048, ge=1, description="tokens sampled for the angular distances")
@@ -98,21 +99,22 @@ def group_ppls(runner: Runner, config: dict, groups: list[dict]) -> None:
         g["ppl"] = ppl(v)
 
 
-def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, exact: bool = False,
+def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, halving: bool = False,
          label: str = "SLEB") -> list[dict]:
     """SLEB's iterative elimination: at every step try removing each remaining block, keep the removal with
     the lowest calibration perplexity, and verify the rest again against the model without it.
 
     ``prefix_cache=False`` is the naive loop (every candidate runs the whole model on every window).
-    Otherwise candidates share the hidden states before them, and unless ``exact`` they are ranked by
-    successive halving over the windows (``layerwise.Halving``), the previous step's perplexities deciding
-    which candidates enter the first round; the block removed is the best of those scored on every window.
+    Otherwise candidates share the hidden states before them (exact: the naive loop's choices). With
+    ``halving`` they are also ranked by successive halving over the windows (``layerwise.Halving``), the
+    previous step's perplexities deciding which candidates enter the first round, and the block removed is
+    the best of those scored on every window: less work, but not always the same choices (README).
     A candidate's entry in ``candidates`` is its perplexity on the ``windows`` it was scored on.
     """
     stack = list(source_plan(config).layers)
     steps = []
     prior: dict[int, float] = {}
-    halving = None if exact or not prefix_cache else Halving()
+    halving = Halving() if halving and prefix_cache else None
     for step in range(blocks):
         cands = [(p, 1, []) for p in range(len(stack))]
         layers = [spec.source_layers[0] for spec in stack]
@@ -148,9 +150,9 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
         console.print(f"  2. calibration perplexity with each group parallel "
                       f"({sum(max(n - k + 1, 0) for k in s.group_sizes)} candidates)")
     if s.sleb_blocks:
-        how = ("every candidate on every window" if s.sleb_exact or s.samples == 1 else
+        how = ("every candidate on every window" if not s.sleb_halving or s.samples == 1 else
                f"successive halving over the windows ({', '.join(map(str, Halving().rounds(s.samples)))} of "
-               f"{s.samples}; --sleb-exact: all on all)")
+               f"{s.samples})")
         console.print(f"  3. SLEB: {s.sleb_blocks} removals, up to {sum(n - i for i in range(s.sleb_blocks))} candidate "
                       f"evaluations, each reusing the hidden states before the candidate; {how}")
     if s.naive_check:
@@ -189,13 +191,13 @@ def analyse(s: AnalysisSettings, src_dir: Path, ids: torch.Tensor | None = None)
         seconds["group_ppl"] = time.perf_counter() - t
     if s.sleb_blocks:
         t = time.perf_counter()
-        out["sleb"] = dict(steps=sleb(runner, config, s.sleb_blocks, exact=s.sleb_exact))
+        out["sleb"] = dict(steps=sleb(runner, config, s.sleb_blocks, halving=s.sleb_halving))
         seconds["sleb"] = time.perf_counter() - t
         out["block_removal_ppl"] = out["sleb"]["steps"][0]["candidates"]
     if s.naive_check:
         k = min(s.naive_check, s.sleb_blocks) or s.naive_check
         naive = sleb(runner, config, k, prefix_cache=False, label="SLEB without prefix cache")
-        cached = out.get("sleb", {}).get("steps", [])[:k] or sleb(runner, config, k, exact=s.sleb_exact)
+        cached = out.get("sleb", {}).get("steps", [])[:k] or sleb(runner, config, k, halving=s.sleb_halving)
         out["sleb_naive_check"] = dict(
             steps=k, same_choices=[a["removed"] for a in naive] == [b["removed"] for b in cached],
             max_ppl_difference=max(abs(a["ppl"] - b["ppl"]) for a, b in zip(naive, cached)),

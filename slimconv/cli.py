@@ -215,7 +215,7 @@ def _cmd_analyze(args):
         settings = AnalysisSettings(
             model=args.model, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             sleb_blocks=args.sleb_blocks, max_window=args.max_window, group_sizes=sizes,
-            group_ppl=not args.no_group_ppl, naive_check=args.naive_check, sleb_exact=args.sleb_exact,
+            group_ppl=not args.no_group_ppl, naive_check=args.naive_check, sleb_halving=args.sleb_halving,
             max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None,
             batch_size=args.batch_size, device=device, allow_pickle=args.allow_pickle)
     except ValidationError as e:
@@ -436,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers/2 forward passes of the calibration set")
     s.add_argument("--naive-check", type=int, default=0, metavar="K",
                    help="repeat the first K SLEB steps without the prefix cache: time both, check same choices")
-    s.add_argument("--sleb-exact", action="store_true",
-                   help="score every SLEB candidate on every window (default: successive halving over the windows, "
-                        "the full-window loss of the best candidates decides)")
+    s.add_argument("--sleb-halving", action="store_true",
+                   help="rank SLEB candidates by successive halving over the windows: less work, but the choices "
+                        "may differ from the naive loop's (default: every candidate on every window)")
     s.add_argument("--max-window", type=int, help="largest window n for the angular distance (default: half the layers)")
     s.add_argument("--group-sizes", default="2", help="parallel group sizes to score, e.g. 2,3 (default 2)")
     s.add_argument("--no-group-ppl", action="store_true",
