@@ -15,7 +15,7 @@ candidate on every window.
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -267,7 +267,6 @@ class Step:
     candidates: int
     scored_full: int
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tuple, n_changes: int, tokens: int,
@@ -289,12 +288,15 @@ def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tu
     console.print(f"  {how}")
 
 
-def estimate(runner: Runner, bank: LayerBank, stack: list, n_changes: int, halving: Halving | None,
-             config: dict, target: Target, s: SearchSettings, src_costs: dict) -> dict:
-    """Times one layer and the LM head on the calibration windows; from them, step 1's time."""
+def estimate(runner: Runner, stack: list, n_changes: int, halving: Halving | None, config: dict, target: Target,
+             s: SearchSettings, src_costs: dict) -> dict:
+    """Times one layer and the LM head on the calibration windows (each once warm: the first call of a layer
+    builds it from the checkpoint); from them, step 1's time."""
     x = runner.embed()
-    t = time.perf_counter()
     y = runner.apply(stack[0], x)
+    runner.subset(slice(0, 1)).nll(y[:1])
+    t = time.perf_counter()
+    runner.apply(stack[0], x)
     layer_s = time.perf_counter() - t
     t = time.perf_counter()
     runner.nll(y)
@@ -367,7 +369,7 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
     first = step_candidates(design, plan, src_speed, goal, config, src_costs, target, s)[0]
     if not quiet:
         print_search_plan(s, config, target, reach, len(first), ids.numel(), halving)
-    est = estimate(runner, bank, plan.layers, len(first), halving, config, target, s, src_costs)
+    est = estimate(runner, plan.layers, len(first), halving, config, target, s, src_costs)
     if not quiet:
         from .report import console
 
@@ -404,6 +406,12 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
         per_window = runner.window_nlls(h)
         path.append(Step(str(cands[best]), design.sections(), all_speeds(c, src_costs, s), nll, kl, len(cands),
                          len(full), time.perf_counter() - t0))
+        if not quiet:
+            from .report import console
+
+            console.print(f"  step {len(path) - 1}: {cands[best]} -> {target.metric} "
+                          f"{fmt_target(target, cur, config)}, calibration ppl {ppl(nll):.2f}, KL {kl:.4f} "
+                          f"({len(cands)} candidates, {len(full)} on every window, {path[-1].seconds:.0f} s)")
     reached = cur >= goal - 1e-9
     return dict(settings=s.model_dump(), source_dir=str(src_dir), num_layers=n, target=str(target),
                 goal=goal, reached=reached, calibration_tokens=ids.numel(), reachable=reach[0],
