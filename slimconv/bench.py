@@ -61,14 +61,14 @@ class OrtRunner:
 class TorchRunner:
     """A checkpoint loaded with transformers (remote code for slim layouts), greedy steps with its KV cache."""
 
-    def __init__(self, directory: Path, device: str):
+    def __init__(self, directory: Path, device: str, trust_remote_code: bool = False):
         import torch
 
         from .runtime import load_model
 
         self.torch = torch
         self.device = device
-        self.model = load_model(directory).to(device)
+        self.model = load_model(directory, trust_remote_code).to(device)
         self.vocab = self.model.config.vocab_size
 
     def _sync(self):
@@ -190,7 +190,8 @@ def _device(requested: str) -> str:
     return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=None) -> list[dict]:
+def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=None,
+              trust_remote_code: bool = False) -> list[dict]:
     """Measures source and slim, prints the table, writes the rows (OUTPUT/slimconv_bench.json unless
     ``out_json``), refreshes the model card, and returns the rows."""
     import torch
@@ -237,7 +238,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
             label = f"onnxruntime {runners['slim'].provider.removesuffix('ExecutionProvider').lower()}"
             width = bytes_per_weight(onnx_config["onnx_dtype"], (onnx_config.get("onnx_int4") or {}).get("block_size", 32))
         else:
-            runners = {"source": TorchRunner(src_dir, device), "slim": TorchRunner(out, device)}
+            runners = {"source": TorchRunner(src_dir, device, trust_remote_code), "slim": TorchRunner(out, device)}
             label, width = f"torch {device}", DTYPES["float32"].itemsize  # TorchRunner loads float32
         for batch, prompt_len in cases:
             med = measure(runners, batch, prompt_len, settings.new_tokens, settings.repeats, bar.update)

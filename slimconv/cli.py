@@ -86,7 +86,8 @@ def _cmd_convert(args):
 def _cmd_validate(args):
     from .validate import run_validate
 
-    return _validated(run_validate(args.output, skip_quality=args.skip_quality))
+    return _validated(run_validate(args.output, skip_quality=args.skip_quality,
+                                   trust_remote_code=args.trust_remote_code))
 
 
 def _cmd_run(args):
@@ -105,7 +106,7 @@ def _cmd_run(args):
         if stage == "convert":
             out = run_convert(recipe, args.force)
         elif stage == "validate":
-            code = _validated(run_validate(out or recipe.output.dir))
+            code = _validated(run_validate(out or recipe.output.dir, trust_remote_code=args.trust_remote_code))
             if code:
                 return code
         elif stage == "heal":
@@ -122,7 +123,8 @@ def _cmd_run(args):
 
             b = recipe.bench or Bench()
             run_bench(recipe.model, out or recipe.output.dir,
-                      BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats))
+                      BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats),
+                      trust_remote_code=args.trust_remote_code)
         elif stage == "push":
             push(out or recipe.output.dir, recipe.push.repo_id, recipe.push.private, recipe.push.include_onnx)
     return 0
@@ -196,7 +198,7 @@ def _cmd_bench(args):
     settings = BenchSettings(parse_runtimes(args.runtime), _int_list(args.prompt_lens, "--prompt-lens"),
                              args.new_tokens, _int_list(args.batch, "--batch"), args.repeats, args.threads,
                              args.device)
-    run_bench(args.source, args.output, settings, args.out_json, args.plot)
+    run_bench(args.source, args.output, settings, args.out_json, args.plot, args.trust_remote_code)
     return 0
 
 
@@ -300,6 +302,10 @@ def _cmd_schema(args):
     return 0
 
 
+TRUST_HELP = ("run the source model's own modeling code (an auto_map in its config.json) when loading it; read "
+              "those .py files first. slimconv's own bundled code in its outputs runs without this flag")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimconv", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,11 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output format (overrides the recipe's output.format, default auto): stock when only "
                             "blocks go; nemotron-nas (DeciLM, read natively by vLLM, SGLang, TensorRT-LLM, mlx-lm) "
                             "when the plan fits it; slim (own modeling code) otherwise")
+        if name == "run":  # convert reads tensors only; run's validate and bench load the source model
+            s.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
         s.set_defaults(func=func)
 
     s = sub.add_parser("validate", help="check exactness and quality of a slim output; exit 1 if a check fails")
     s.add_argument("output", help="output directory written by `slimconv convert`")
     s.add_argument("--skip-quality", action="store_true", help="run only the exactness check")
+    s.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=_cmd_validate)
 
     s = sub.add_parser("heal", help="distil the source into a validated slim output; writes OUTPUT-healed",
@@ -407,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-json", help="write the rows here instead of OUTPUT_DIR/slimconv_bench.json "
                    "(the model card is then left as it is)")
     s.add_argument("--plot", help="also write a PNG of measured vs ideal speedups")
+    s.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("generate", help="generate text from an exported ONNX folder with ONNX Runtime")

@@ -203,7 +203,7 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
     from .data import load_text, token_chunks
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(slim_dir), trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained(str(slim_dir))
         chunk = token_chunks(tok, load_text("wikitext2", "test"), 1, 64)[0]
     except (OSError, ValueError, SlimError):
         chunk = torch.randint(0, vocab_size, (64,), generator=torch.Generator().manual_seed(0))

@@ -346,7 +346,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     refuse_overlap(target, [(out, "unhealed output")] + source_paths(recipe.model, src_dir), "-o/--out")
     atomic = AtomicDir(target, force, "-o/--out")
     q = recipe.validation.quality
-    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
     # Every text is read before any work, so a missing file fails now, not after an hour of training.
     texts = {q.data: load_text(q.data, "test"), settings.eval_text: load_text(settings.eval_text, "test")}
     windows = _windows(src_dir, settings, settings.steps * settings.batch)

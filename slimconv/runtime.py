@@ -14,13 +14,36 @@ from . import arch as A
 from .errors import SlimError
 
 
-def load_model(directory):
+MODELING_DIR = Path(__file__).parent / "modeling"
+TRUST_FIX = "read its .py files; if you trust them, pass --trust-remote-code (validate, bench, run)"
+
+
+def bundled_code(directory: Path) -> bool:
+    """Whether every Python file in ``directory`` is byte-identical to one of the modeling files this
+    slimconv ships (slim, nemotron-nas outputs): code slimconv wrote, which it may run without asking."""
+    files = list(Path(directory).glob("*.py"))
+    return bool(files) and all((MODELING_DIR / f.name).is_file()
+                               and f.read_bytes() == (MODELING_DIR / f.name).read_bytes() for f in files)
+
+
+def load_model(directory, trust_remote_code: bool = False):
     """A source or slim checkpoint as a float32 transformers causal LM in eval mode (slim layouts through
-    the modeling code copied beside their weights)."""
+    the modeling code copied beside their weights).
+
+    Code in a checkpoint folder (an ``auto_map`` in its config) runs only when it is slimconv's own bundled
+    modeling code or the user agreed (``trust_remote_code``); anything else is refused before it is
+    imported."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, trust_remote_code=True)
+    directory = Path(directory)
+    custom = bool(json.loads((directory / "config.json").read_text()).get("auto_map"))
+    ours = custom and bundled_code(directory)
+    if custom and not ours and not trust_remote_code:
+        raise SlimError(f"{directory} carries its own modeling code (auto_map in config.json), which slimconv "
+                        "does not run without your agreement", TRUST_FIX)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                 trust_remote_code=ours or trust_remote_code)
     return model.eval()
 
 
@@ -115,7 +138,7 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / "model.onnx").is_file():
         raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")
-    tok = AutoTokenizer.from_pretrained(str(onnx_dir), trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(str(onnx_dir))
     decoder = Decoder(onnx_dir, provider)
     eos = decoder.config.get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos])

@@ -25,8 +25,8 @@ def environment() -> dict:
     return {"slimconv": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
-def load_reference(source_dir, plan: Plan, round_to: torch.dtype | None):
-    model = load_model(source_dir)
+def load_reference(source_dir, plan: Plan, round_to: torch.dtype | None, trust_remote_code: bool = False):
+    model = load_model(source_dir, trust_remote_code)
     if round_to is not None and round_to != torch.float32:
         with torch.no_grad():
             for p in model.parameters():
@@ -165,7 +165,7 @@ def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: li
                 problems=problems[:10], passed=not problems)
 
 
-def run_validate(out, skip_quality: bool = False) -> dict:
+def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a slim output folder against its source; writes slimconv_report.json and the card."""
     from transformers import AutoTokenizer
 
@@ -181,7 +181,7 @@ def run_validate(out, skip_quality: bool = False) -> dict:
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     v = recipe.validation
-    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
     report = {}
     slim = load_model(out)
     early_exit = getattr(slim.config, "early_exit", None)
@@ -190,19 +190,19 @@ def run_validate(out, skip_quality: bool = False) -> dict:
     slim.config.early_exit_enabled = False
     healed = meta.get("heal")
     if healed:
-        return _validate_healed(out, healed, src_dir, slim, tokenizer, v, skip_quality)
+        return _validate_healed(out, healed, src_dir, slim, tokenizer, v, skip_quality, trust_remote_code)
     if v.exactness.enabled:
         console.print("exactness: slim checkpoint vs source with the plan applied at run time (float32)")
         text = load_text(v.quality.data, "test")
         prompt = token_chunks(tokenizer, text, 1, v.exactness.prompt_tokens)[0]
         dtype = getattr(torch, meta["dtype"])
-        reference = load_reference(src_dir, plan, dtype)
+        reference = load_reference(src_dir, plan, dtype, trust_remote_code)
         report["exactness"] = exactness(slim, reference, prompt, v.exactness, meta["dtype"])
         del reference
     if v.quality.enabled and not skip_quality:
         console.print(f"quality: {v.quality.samples} x {v.quality.seq_len} tokens of {v.quality.data} (test split)")
         chunks = token_chunks(tokenizer, load_text(v.quality.data, "test"), v.quality.samples, v.quality.seq_len)
-        report["quality"] = quality(load_model(src_dir), slim, chunks, v.quality)
+        report["quality"] = quality(load_model(src_dir, trust_remote_code), slim, chunks, v.quality)
         if early_exit is not None:
             from .early_exit import evaluate
 
@@ -216,7 +216,8 @@ def run_validate(out, skip_quality: bool = False) -> dict:
     return report
 
 
-def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_quality: bool) -> dict:
+def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_quality: bool,
+                     trust_remote_code: bool) -> dict:
     """A healed output: exactness is the frozen-tensor check against the unhealed output (the trained
     weights have no reference to equal); quality compares it with the source, beside the unhealed output's."""
     from pathlib import Path
@@ -235,10 +236,11 @@ def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_qualit
         chunks = token_chunks(tokenizer, load_text(v.quality.data, "test"), v.quality.samples, v.quality.seq_len)
         unhealed_dir = Path(healed["unhealed"])
         if report["exactness"].get("compared"):
-            both = compare_three(load_model(src_dir), load_model(unhealed_dir), slim, chunks, v.quality)
+            both = compare_three(load_model(src_dir, trust_remote_code), load_model(unhealed_dir), slim, chunks,
+                                 v.quality)
             report["quality"], report["quality_unhealed"] = both["healed"], both["unhealed"]
         else:
-            report["quality"] = quality(load_model(src_dir), slim, chunks, v.quality)
+            report["quality"] = quality(load_model(src_dir, trust_remote_code), slim, chunks, v.quality)
     report["passed"] = all(r["passed"] for r in report.values())
     report["environment"] = environment()
     write_json(out / REPORT_FILE, report)

@@ -299,3 +299,35 @@ def test_force_fsyncs_every_file_and_folder_before_the_swap(env, monkeypatch):
     wanted = {tmp} | {tmp + "/" + p.relative_to(out).as_posix() for p in out.rglob("*")}
     assert wanted <= set(synced)
     assert synced[-1] == str(env.root)  # the parent, after the rename
+
+
+def test_a_sources_own_modeling_code_runs_only_when_the_user_agrees(tiny_models, tmp_path, capsys):
+    """validate loads the source; a source whose config has an auto_map with its own .py is refused before
+    that code is imported (the file would leave a marker), and runs with --trust-remote-code."""
+    import json
+
+    from slimconv.cli import main
+    from slimconv.runtime import load_model
+
+    from helpers import with_word_tokenizer
+
+    src = with_word_tokenizer(tiny_models["llama-tied"], tmp_path / "src", 120)
+    marker = tmp_path / "ran"
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                            "from transformers import LlamaForCausalLM\n\n\n"
+                                            "class CustomForCausalLM(LlamaForCausalLM):\n    pass\n")
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {src}\nremove:\n  attention: [2]\noutput:\n  dir: {out}\n  format: slim\n"
+                      "validate:\n  exactness:\n    greedy_tokens: 2\n  quality:\n    enabled: false\n")
+    assert main(["convert", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 2
+    assert "its own modeling code" in capsys.readouterr().err and not marker.exists()
+    load_model(out)  # the output's code is slimconv's bundled code: it runs without asking
+    assert not marker.exists()
+    main(["validate", str(out), "--trust-remote-code"])
+    assert marker.exists()
