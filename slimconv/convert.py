@@ -85,6 +85,9 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
         cfg = {k: ([v[i] for i in kept] if isinstance(v, list) and len(v) == n_src and k != "architectures" else v)
                for k, v in src.items()}
         cfg["num_hidden_layers"] = len(kept)
+        # Every architecture slimconv converts is a stock transformers model_type: a source's auto_map only
+        # points at code the output does not carry, which would make loading it fail (or run foreign code).
+        cfg.pop("auto_map", None)
         if src.get("model_type") == "qwen2" and "max_window_layers" in src and "layer_types" not in src:
             raise SlimError("this qwen2 config sets sliding layers by max_window_layers without layer_types",
                             "load and re-save it with transformers 5 so that layer_types is explicit")

@@ -331,3 +331,22 @@ def test_a_sources_own_modeling_code_runs_only_when_the_user_agrees(tiny_models,
     assert not marker.exists()
     main(["validate", str(out), "--trust-remote-code"])
     assert marker.exists()
+
+
+def test_a_blocks_only_output_drops_the_sources_auto_map(tiny_models, tmp_path):
+    """The output is a stock checkpoint of a stock model_type; the source's auto_map would point at code
+    the output does not carry."""
+    import json
+    import shutil
+
+    from helpers import convert
+    from slimconv.runtime import load_model
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["qwen2"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert(src, tmp_path / "out", remove={"blocks": [1]})
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    load_model(tmp_path / "out")
