@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import SlimError
-from .onnx_graph import ACTIVATIONS, DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
+from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
 from .outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
 from .runtime import Decoder, load_model, providers
 from .source import AUX_FILES, Checkpoint
@@ -32,7 +32,7 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
         raise SlimError(f"{nbytes / 1e9:.1f} GB of weights do not fit inside one ONNX file (2 GB protobuf limit)",
                         "use external data (the default)")
     start = time.time()
-    info = write_graph(slim_dir, out, precision, external)
+    info = write_graph(ckpt, out, precision, external)
     cfg = json.loads((slim_dir / "config.json").read_text())
     # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
     cfg["num_cache_pairs"] = info["cache_pairs"]
@@ -223,9 +223,6 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
                         "give the output.dir that `slimconv convert` wrote")
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
-    if provider == "auto" and target_provider == "cpu" and "cpu" not in ACTIVATIONS.get(dtype, {"cpu": 0}):
-        raise SlimError(f"a {dtype} graph runs only on the CUDA provider, which ONNX Runtime does not see here",
-                        "use --dtype fp32, fp16 or int4 on CPU; bf16 needs onnxruntime-gpu and an NVIDIA GPU")
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
     if out:
         refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)

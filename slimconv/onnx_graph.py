@@ -406,18 +406,16 @@ class _Decoder:
                                  producer_name="slimconv")
 
 
-def write_graph(slim_dir: Path, out: Path, precision: Precision, external: bool) -> dict:
-    """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint in
-    ``slim_dir``; returns the number of cache pairs, nodes and weight bytes."""
-    import json
-
+def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool) -> dict:
+    """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint ``ckpt``;
+    returns the number of cache pairs, nodes and weight bytes."""
     from .layout import as_slim_config
 
-    config = json.loads((slim_dir / "config.json").read_text())
+    config = dict(ckpt.config)
     config.pop("early_exit", None)  # the graph runs every layer
     writer = _Writer(out, external)
     try:
-        decoder = _Decoder(Checkpoint(slim_dir), as_slim_config(config), precision, writer)
+        decoder = _Decoder(ckpt, as_slim_config(config), precision, writer)
         model = decoder.build()
     finally:
         writer.close()
