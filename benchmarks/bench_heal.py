@@ -20,6 +20,7 @@ from pathlib import Path
 
 RECIPES = {"drop-late-attention": "recipes/smollm2-drop-late-attention.yaml",
            "drop-blocks-20pct": "recipes/smollm2-drop-blocks-20pct.yaml",
+           "sleb-20pct": "recipes/smollm2-sleb-20pct.yaml",
            "parallel-pairs": "recipes/smollm2-parallel-pairs.yaml"}
 
 

@@ -346,18 +346,16 @@ def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str 
     """Perplexity, KL and top-1 agreement of a recipe vs its source on held-out text, with the plan applied
     at run time to the source model (nothing converted; the model must fit in memory). ``source`` may be
     given to reuse one loaded source model across recipes."""
-    from transformers import AutoTokenizer
-
     from .convert import prepare
     from .data import load_text, token_chunks
     from .recipe import Quality, load_recipe
     from .report import print_validation
-    from .runtime import load_model
+    from .runtime import load_model, load_tokenizer
     from .validate import load_reference, quality
 
     recipe = load_recipe(recipe_path)
     src_dir, _, plan, _ = prepare(recipe)
-    chunks = token_chunks(AutoTokenizer.from_pretrained(str(src_dir)), load_text(data, "test"), samples, seq_len)
+    chunks = token_chunks(load_tokenizer(src_dir), load_text(data, "test"), samples, seq_len)
     settings = Quality(data=data, samples=samples, seq_len=seq_len)
     result = quality(source or load_model(src_dir), load_reference(src_dir, plan, None), chunks, settings)
     print_validation({"quality": result})

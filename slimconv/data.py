@@ -76,10 +76,11 @@ def calibration_ids(src_dir: Path, calib: str, samples: int, seq_len: int, seed:
     """``samples`` windows of ``seq_len`` tokens (a samples x seq_len tensor) at seeded random offsets of
     the calibration text (the valid split for WikiText-2), as SLEB samples its calibration set."""
     import torch
-    from transformers import AutoTokenizer
+
+    from .runtime import load_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(src_dir))
+        tok = load_tokenizer(src_dir)
     except (OSError, ValueError) as e:
         raise SlimError(f"no tokenizer in {src_dir}: {e}", "analyse a checkpoint that ships its tokenizer files") from None
     ids = tok(load_text(calib, "valid"), return_tensors="pt").input_ids[0]

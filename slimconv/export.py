@@ -13,7 +13,7 @@ import torch
 from .errors import SlimError
 from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
 from .outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
-from .runtime import Decoder, load_model, providers
+from .runtime import Decoder, load_model, load_tokenizer, providers
 from .source import AUX_FILES, Checkpoint
 
 
@@ -198,12 +198,10 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
 def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tensor]:
     """Prompts of different lengths, so that the batch needs left padding: held-out text (WikiText-2
     test) when the checkpoint has a tokenizer and the data is present, else seeded random token ids."""
-    from transformers import AutoTokenizer
-
     from .data import load_text, token_chunks
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(slim_dir))
+        tok = load_tokenizer(slim_dir)
         chunk = token_chunks(tok, load_text("wikitext2", "test"), 1, 64)[0]
     except (OSError, ValueError, SlimError):
         chunk = torch.randint(0, vocab_size, (64,), generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,7 @@ short run on one domain would only bend them to it. The healed output keeps the 
 tensor names, shapes and dtypes (frozen tensors byte for byte), so it loads, validates, exports and
 benchmarks like any output; the unhealed output is only read.
 """
+import contextlib
 import math
 import os
 import resource
@@ -33,7 +34,7 @@ from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR, PLAN
                      AtomicDir, read_json, refuse_overlap, require_output, write_json)
 from .plan import Plan
 from .recipe import Heal
-from .runtime import load_model
+from .runtime import load_model, load_tokenizer
 from .source import source_paths, weights_sha256
 
 # Files of the unhealed output that the healed one does not inherit: its reports are about other weights.
@@ -182,12 +183,71 @@ def _capture(layers: nn.ModuleList, which: list[int], store: dict):
     return [layers[i].register_forward_hook(hook(i)) for i in sorted(set(which))]
 
 
-def _lr_at(step: int, settings: Heal) -> float:
+def _lr_at(step: int, settings: Heal, elapsed_s: float = 0.0) -> float:
+    """Warm-up, then cosine decay to 10%. Under ``max_minutes`` the decay follows whichever runs out first,
+    steps or time: a budget that ends the run at step 14 of 400 would otherwise stop it at peak (or still
+    warming up) instead of annealed."""
     warm = max(1, min(20, settings.steps // 10))
+    if settings.max_minutes is not None:
+        warm = max(1, min(warm, 5))  # a budget of a few dozen steps cannot spend 20 of them warming up
     if step < warm:
         return settings.lr * (step + 1) / warm
     t = (step - warm) / max(1, settings.steps - warm)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    if settings.max_minutes is not None:
+        t = max(t, elapsed_s / (settings.max_minutes * 60))
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def shared_prefix(plan: Plan, trained: list[int]) -> int:
+    """How many first output layers are the source's first layers, unchanged and untrained. The teacher's
+    hidden state entering layer k is then exactly the student's, so the student can start from it and skip
+    k layers of every forward (for the default recipe, 25 of 30)."""
+    k = 0
+    for j, s in enumerate(plan.layers):
+        if j in trained or s.source_layers != [j] or s.attention is None or s.mlp is None:
+            break
+        k += 1
+    return k
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a shared prefix layer during training: both the stock and the slim model call a layer
+    as ``layer(hidden, ...)`` and take its return value as the next hidden state."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class _StartAt:
+    """While active, the student skips its first ``k`` layers and its layer k reads the hidden state the
+    teacher's layer k received in the teacher's last forward (same tokens, so the same tensor)."""
+
+    def __init__(self, teacher, student, k: int):
+        self.teacher, self.student, self.k, self.hidden = teacher, student, k, None
+
+    def __enter__(self):
+        layers = _layers(self.student)
+        self.saved = [layers[i] for i in range(self.k)]
+        for i in range(self.k):
+            layers[i] = _Passthrough()
+        self.hooks = [
+            _layers(self.teacher)[self.k].register_forward_pre_hook(self._keep),
+            layers[self.k].register_forward_pre_hook(self._give),
+        ]
+        return self
+
+    def _keep(self, mod, args):
+        self.hidden = args[0]
+
+    def _give(self, mod, args):
+        return (self.hidden,) + tuple(args[1:])
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        layers = _layers(self.student)
+        for i, layer in enumerate(self.saved):
+            layers[i] = layer
 
 
 def _resume_path(target: Path) -> Path:
@@ -229,6 +289,9 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
     start = time.time()
     stopped_early = False
     tokens = 0
+    k = shared_prefix(plan, layers)
+    start_at = _StartAt(teacher, student, k) if k else contextlib.nullcontext()
+    start_at.__enter__()
     try:
         bar = tqdm(range(start_step, settings.steps), desc=f"heal ({settings.train})", unit="step", disable=None,
                    initial=start_step, total=settings.steps)
@@ -238,7 +301,7 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
                 break
             ids = windows[step * settings.batch:(step + 1) * settings.batch].to(device)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, settings)
+                g["lr"] = _lr_at(step, settings, elapsed_before + time.time() - start)
             with torch.no_grad():
                 target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
             logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
@@ -261,10 +324,11 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
             if resume_file is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
                 _save_resume(resume_file, named, opt, curve, step + 1, row["seconds"], fingerprint)
     finally:
+        start_at.__exit__(None, None, None)
         for h in hooks:
             h.remove()
         student.eval()
-    return dict(steps=len(curve), tokens=len(curve) * settings.batch * settings.seq_len,
+    return dict(steps=len(curve), shared_prefix_layers=k, tokens=len(curve) * settings.batch * settings.seq_len,
                 tokens_this_run=tokens, wall_s=elapsed_before + time.time() - start,
                 stopped_by_time=stopped_early, resumed_from=start_step or None, curve=curve)
 
@@ -324,8 +388,6 @@ def _plot(curve: list[dict], path: Path, title: str) -> None:
 
 def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
     """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
-    from transformers import AutoTokenizer
-
     from .data import load_text, token_chunks
     from .recipe import load_recipe
     from .report import console, print_heal, write_card
@@ -346,7 +408,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     refuse_overlap(target, [(out, "unhealed output")] + source_paths(recipe.model, src_dir), "-o/--out")
     atomic = AtomicDir(target, force, "-o/--out")
     q = recipe.validation.quality
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = load_tokenizer(out)
     # Every text is read before any work, so a missing file fails now, not after an hour of training.
     texts = {q.data: load_text(q.data, "test"), settings.eval_text: load_text(settings.eval_text, "test")}
     windows = _windows(src_dir, settings, settings.steps * settings.batch)
@@ -365,8 +427,11 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         layers, changed = trainable(student, plan, settings, gen)
         student.to(device)
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        k = shared_prefix(plan, layers)
         console.print(f"training output layers {layers} ({n_train / 1e6:.2f}M parameters"
-                      f"{', adapters' if settings.train == 'lora' else ''})")
+                      f"{', adapters' if settings.train == 'lora' else ''})"
+                      + (f"; layers 0-{k - 1} are the source's, so the student starts from the teacher's "
+                         f"hidden state at layer {k}" if k else ""))
         unhealed_hash = weights_sha256(out)
         fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
                            source=source_hash, unhealed=unhealed_hash)

@@ -47,6 +47,15 @@ def load_model(directory, trust_remote_code: bool = False):
     return model.eval()
 
 
+def load_tokenizer(directory):
+    """The tokenizer of a checkpoint or ONNX folder, never with the folder's code: without an explicit
+    ``trust_remote_code=False`` transformers reads the config's ``auto_map`` and asks on the terminal
+    whether to run it (and waits for the answer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+
+
 def providers(requested: str) -> list[str]:
     """ONNX Runtime execution providers for ``requested`` (auto | cpu | cuda), CPU always last as fallback."""
     import onnxruntime as ort
@@ -127,8 +136,6 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
 
     Yields decoded text pieces, then a final dict of statistics.
     """
-    from transformers import AutoTokenizer
-
     if max_new_tokens < 1:
         raise SlimError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token", "pass --max-new-tokens 32")
     if temperature < 0:
@@ -138,7 +145,7 @@ def generate(onnx_dir, prompt: str, max_new_tokens: int = 32, temperature: float
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / "model.onnx").is_file():
         raise SlimError(f"{onnx_dir} has no model.onnx", "run `slimconv export` first and give its output folder")
-    tok = AutoTokenizer.from_pretrained(str(onnx_dir))
+    tok = load_tokenizer(onnx_dir)
     decoder = Decoder(onnx_dir, provider)
     eos = decoder.config.get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos])

@@ -8,7 +8,7 @@ from tqdm import tqdm
 from .plan import Plan
 from .recipe import Exactness, Quality
 from .reference import apply_plan, greedy_no_cache
-from .runtime import load_model
+from .runtime import load_model, load_tokenizer
 
 # Logits tolerance by output dtype. float32 differs from the reference only by summation order
 # (wider matmuls, folded gains); half-precision outputs are compared with the source weights rounded
@@ -167,8 +167,6 @@ def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: li
 
 def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a slim output folder against its source; writes slimconv_report.json and the card."""
-    from transformers import AutoTokenizer
-
     from .data import load_text, token_chunks
     from .outdir import PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json, require_output, write_json
     from .recipe import load_recipe
@@ -181,7 +179,7 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     v = recipe.validation
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = load_tokenizer(out)
     report = {}
     slim = load_model(out)
     early_exit = getattr(slim.config, "early_exit", None)

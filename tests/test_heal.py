@@ -13,8 +13,8 @@ from slimconv import heal as heal_mod
 from slimconv.cli import main
 from slimconv.heal import adjacent_layers
 from slimconv.outdir import HEAL_FILE, HEAL_PLOT, PLAN_FILE, REPORT_FILE
-from slimconv.plan import build_plan
-from slimconv.recipe import parse_recipe
+from slimconv.plan import Plan, build_plan
+from slimconv.recipe import Heal, parse_recipe
 from slimconv.runtime import load_model
 
 WORDS = 127  # the tiny vocabulary is 128: words w0..w126 and [UNK]
@@ -214,3 +214,40 @@ def test_heal_section_needs_the_stage(tmp_path):
     with pytest.raises(SlimError, match="validated output"):
         parse_recipe({**base, "stages": ["convert", "heal"]})
     assert heal_mod.default_target(tmp_path / "a").name == "a-healed"
+
+
+@pytest.mark.parametrize("remove", [{"attention": "2-3"}, {"blocks": [2]}])
+def test_the_student_starting_from_the_teachers_hidden_state_is_exact(tmp_path, src, texts, remove):
+    """Skipping the shared first layers changes nothing: the student's logits and the gradient of its
+    first trained layer equal the full forward's, for a slim (remote code) and a stock student."""
+    out = _output(tmp_path, src, texts, **remove)
+    plan = Plan(**json.loads((out / PLAN_FILE).read_text())["plan"])
+    teacher, student = load_model(src), load_model(out)
+    trained = heal_mod.adjacent_layers(plan)
+    k = heal_mod.shared_prefix(plan, trained)
+    assert k == 2
+    ids = torch.randint(0, WORDS, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits_and_grad():
+        student.zero_grad()
+        with torch.no_grad():
+            teacher(input_ids=ids, use_cache=False)
+        logits = student(input_ids=ids, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), next(student.model.layers[trained[0]].parameters()).grad.clone()
+
+    full = logits_and_grad()
+    with heal_mod._StartAt(teacher, student, k):
+        shared = logits_and_grad()
+        assert isinstance(student.model.layers[0], heal_mod._Passthrough)
+    assert not isinstance(student.model.layers[0], heal_mod._Passthrough)
+    torch.testing.assert_close(shared[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], full[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_time_budget_anneals_the_learning_rate_by_the_time_spent():
+    settings = Heal(steps=400, lr=1e-3, max_minutes=10)
+    assert heal_mod._lr_at(0, settings, 0) < heal_mod._lr_at(4, settings, 5) == pytest.approx(1e-3, rel=1e-3)
+    # Step 20 of 400 but the whole budget spent: the schedule is at its end (10% of the peak).
+    assert heal_mod._lr_at(20, settings, 600) == pytest.approx(1e-4)
+    assert heal_mod._lr_at(20, Heal(steps=400, lr=1e-3), 600) > 9e-4
