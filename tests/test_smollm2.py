@@ -40,16 +40,19 @@ def test_smollm2_conversion_is_exact(smollm2_dir, prompt, tmp_path, change):
 
 
 def test_default_recipe_end_to_end(tmp_path, monkeypatch):
-    """`slimconv run` on every shipped SmolLM2 recipe's default: plan, convert, validate, exit 0."""
+    """`slimconv run` on the README's recipe: plan, convert, validate, heal (2 steps here), exit 0."""
     from slimconv.cli import main
 
     recipe = tmp_path / "r.yaml"
     text = (ROOT / "recipes" / "smollm2-drop-late-attention.yaml").read_text()
-    recipe.write_text(text.replace("samples: 16", "samples: 4"))
+    assert "steps: 100" in text
+    recipe.write_text(text.replace("samples: 16", "samples: 4").replace("steps: 100", "steps: 2"))
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(recipe)]) == 0
-    out = next(p for p in (tmp_path / "outputs").iterdir())
+    out = tmp_path / "outputs" / "smollm2-drop-late-attention"
     report = json.loads((out / "slimconv_report.json").read_text())
     assert report["exactness"]["max_abs_error"] < 1e-3 and report["exactness"]["greedy_identical"] == 32
     assert report["quality"]["ppl_source"] < report["quality"]["ppl_slim"]
-    shutil.rmtree(out)
+    healed = json.loads((tmp_path / "outputs" / "smollm2-drop-late-attention-healed" / "slimconv_report.json").read_text())
+    assert healed["exactness"]["passed"] and healed["quality"]["kl"] < report["quality"]["kl"]
+    shutil.rmtree(tmp_path / "outputs")
