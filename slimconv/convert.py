@@ -119,8 +119,24 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
         for f in modeling:
             shutil.copy2(MODELING_DIR / f, out / f)
     for f in ckpt.aux_files():
-        shutil.copy2(f, out / f.name)
+        copy_aux(f, out)
     return info
+
+
+def copy_aux(path: Path, out: Path) -> None:
+    """Copies a tokenizer or generation file of the source into ``out``. A tokenizer_config.json loses its
+    auto_map: the tokenizer code it points at never travels with an output (in any format), so the map would
+    only make loading the output fail, or run code from wherever it resolved."""
+    settings = None
+    if path.name == "tokenizer_config.json":
+        try:
+            settings = json.loads(path.read_bytes())
+        except ValueError:
+            pass  # copied as it is: the source's tokenizer fails to load the same way
+    if isinstance(settings, dict) and settings.pop("auto_map", None) is not None:
+        (out / path.name).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    else:
+        shutil.copy2(path, out / path.name)
 
 
 def _license(src: Path) -> str | None:

@@ -334,19 +334,23 @@ def test_a_sources_own_modeling_code_runs_only_when_the_user_agrees(tiny_models,
 
 
 def test_a_blocks_only_output_drops_the_sources_auto_map(tiny_models, tmp_path):
-    """The output is a stock checkpoint of a stock model_type; the source's auto_map would point at code
-    the output does not carry."""
+    """The output is a stock checkpoint of a stock model_type; the source's auto_map (config and tokenizer
+    config) would point at code the output does not carry."""
     import json
-    import shutil
 
-    from helpers import convert
+    from transformers import AutoTokenizer
+
+    from helpers import convert, with_word_tokenizer
     from slimconv.runtime import load_model
 
-    src = tmp_path / "src"
-    shutil.copytree(tiny_models["qwen2"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = with_word_tokenizer(tiny_models["qwen2"], tmp_path / "src", 120)
+    for name, auto_map in (("config.json", {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]})):
+        settings = json.loads((src / name).read_text())
+        settings["auto_map"] = auto_map
+        (src / name).write_text(json.dumps(settings))
     convert(src, tmp_path / "out", remove={"blocks": [1]})
-    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((tmp_path / "out" / name).read_text())
     load_model(tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == 121
