@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,32 @@ def gguf_to_safetensors(path: Path) -> Path:
     return cached("gguf-" + cache_key(path), build)
 
 
+def _load_pickle(path: Path) -> dict:
+    """A .bin state dict through torch's restricted unpickler (tensors and plain containers only); what it
+    refuses is reported, never run."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        called = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        what = (f"it would call {called.group(1)}, which is not part of a weights file" if called
+                else "it is not a PyTorch weights file (" + str(e).split("WeightsUnpickler error:")[-1].split(
+                    "Check the documentation")[0].strip() + ")")
+        raise SlimError(f"{path} was refused: {what}. Nothing in it was run",
+                        "use the model's safetensors weights (most Hub models publish them); convert the .bin "
+                        "yourself only if you trust its publisher (torch.load with weights_only=False, then "
+                        "safetensors' save_file)") from None
+    except RuntimeError as e:  # torch's zip reader on a truncated or damaged file
+        raise SlimError(f"{path} is not a readable PyTorch weights file ({str(e).split('.')[0]})",
+                        _DAMAGED_FIX) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SlimError(f"{path} holds a {type(state).__name__}, not a state dict of tensors", _DAMAGED_FIX)
+    return state
+
+
 def pickle_to_safetensors(src: Path) -> Path:
     """Converts .bin (pickle) weights into a cached safetensors copy; only when the user allowed it."""
 
@@ -142,7 +169,7 @@ def pickle_to_safetensors(src: Path) -> Path:
 
         for f in src.iterdir():
             if f.suffix == ".bin":
-                sd = torch.load(f, map_location="cpu", weights_only=True)
+                sd = _load_pickle(f)
                 save_file({k: v.contiguous() for k, v in sd.items()}, out / (f.stem + ".safetensors"))
             elif f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, out / f.name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from slimconv.cli import main
@@ -155,6 +156,43 @@ def index_naming(shard: str):
     return case
 
 
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious .bin does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def pickled(payload):
+    """A case whose source holds only a .bin, written by ``payload`` (a function of the scratch folder and
+    the .bin's path), converted with --allow-pickle."""
+
+    def case(e: Env):
+        (e.src / "model.safetensors").unlink()
+        payload(e, e.src / "pytorch_model.bin")
+        return ["convert", e.recipe(), "--allow-pickle"]
+
+    return case
+
+
+PICKLE = {
+    "--allow-pickle, a .bin that runs code": (
+        pickled(lambda e, path: torch.save({"model.embed_tokens.weight": RunsCode(e.root / "ran")}, path)),
+        ["pytorch_model.bin was refused: it would call posix.system", "Nothing in it was run",
+         "use the model's safetensors weights"]),
+    "--allow-pickle, a .bin of garbage": (pickled(lambda e, path: path.write_bytes(b"garbage" * 10)),
+                                          ["pytorch_model.bin was refused: it is not a PyTorch weights file"]),
+    "--allow-pickle, a truncated .bin": (
+        pickled(lambda e, path: (torch.save({"w": torch.ones(4)}, path), path.write_bytes(path.read_bytes()[:60]))),
+        ["pytorch_model.bin is not a readable PyTorch weights file"]),
+    "--allow-pickle, a .bin holding a list": (pickled(lambda e, path: torch.save([torch.ones(2)], path)),
+                                              ["pytorch_model.bin holds a list, not a state dict"]),
+}
+
+
 def mkdir(e: Env) -> str:
     (e.root / "recipe-folder").mkdir()
     return str(e.root / "recipe-folder")
@@ -222,6 +260,13 @@ INPUTS = {
 def test_bad_input_is_refused_before_any_work(env, case, capsys, monkeypatch):
     build, words = INPUTS[case]
     refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", PICKLE)
+def test_a_pickle_the_restricted_loader_refuses_is_an_error_naming_what(env, case, capsys, monkeypatch):
+    build, words = PICKLE[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+    assert not (env.root / "ran").exists()
 
 
 HOLD = """
