@@ -20,10 +20,12 @@ from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layer
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
 from .recipe import parse_size
-from .source import Checkpoint, source_paths, weights_sha256
+from .source import Checkpoint, check_weights, source_paths, weights_sha256
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
+SOURCE_CONFIG_FIX = ("use the config.json published with these weights (re-download the model), or correct the "
+                     "key the message names")
 
 
 
@@ -180,6 +182,12 @@ def run_convert(recipe, force: bool = False) -> Path:
     # Only now is the folder known that a Hub id or GGUF file resolved to.
     refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
     ckpt = Checkpoint(src_dir)
+    # Headers only: a config that disagrees with its weights is refused before anything is written.
+    unread = check_weights(ckpt, A.stock_shapes(ckpt.config), SOURCE_CONFIG_FIX)
+    if unread:
+        console.print(f"[yellow]warning:[/] {ckpt.dir} holds {len(unread)} tensor(s) a {plan.model_type} checkpoint "
+                      f"does not have: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}; they are not "
+                      "checked, and only a stock output copies them (with their layer)")
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     from .nemotron import choose_format
 

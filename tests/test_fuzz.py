@@ -156,6 +156,53 @@ def index_naming(shard: str):
     return case
 
 
+def weights(change):
+    """A case whose source weights are rewritten after ``change`` edits their dict of tensors in place."""
+
+    def case(e: Env):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(e.src / "model.safetensors")
+        change(tensors)
+        save_file(tensors, e.src / "model.safetensors", metadata={"format": "pt"})
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def renamed(old: str, new: str):
+    def change(t):
+        for k in [k for k in t if old in k]:
+            t[k.replace(old, new)] = t.pop(k)
+
+    return weights(change)
+
+
+def sharded(edit):
+    """A case whose source is split into two shards with an index, which ``edit`` then spoils."""
+
+    def case(e: Env):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(e.src / "model.safetensors")
+        (e.src / "model.safetensors").unlink()
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: tensors[k] for k in keys}, e.src / shard, metadata={"format": "pt"})
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        edit(weight_map)
+        (e.src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def swap_two_shards(weight_map):
+    first = "model.embed_tokens.weight"
+    weight_map[first] = next(f for f in weight_map.values() if f != weight_map[first])
+
+
 class RunsCode:
     """Unpickling this calls os.system: what a malicious .bin does."""
 
@@ -190,6 +237,42 @@ PICKLE = {
         ["pytorch_model.bin is not a readable PyTorch weights file"]),
     "--allow-pickle, a .bin holding a list": (pickled(lambda e, path: torch.save([torch.ones(2)], path)),
                                               ["pytorch_model.bin holds a list, not a state dict"]),
+}
+
+
+K = "model.layers.1.self_attn.k_proj.weight"
+# The tiny llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, vocab 128, 6 layers, tied embeddings.
+SOURCE_VS_CONFIG = {
+    "tensor missing": (weights(lambda t: t.pop("model.layers.2.mlp.up_proj.weight")),
+                       ["model.layers.2.mlp.up_proj.weight is missing", "expected shape (96, 64)"]),
+    "tensor of the wrong shape": (weights(lambda t: t.update({K: t[K][:16]})),
+                                  [f"{K} has shape (16, 64), expected (32, 64)", "num_key_value_heads x head_dim"]),
+    "int32 tensor": (weights(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
+                     ["model.safetensors: model.norm.weight is I32, expected a float dtype", "unquantised"]),
+    "int8 projection": (weights(lambda t: t.update({K: t[K].to(torch.int8)})), [f"{K} is I8"]),
+    "MoE weights under a llama config": (renamed("mlp.gate_proj", "mlp.experts.0.gate_proj"),
+                                         ["model.layers.0.mlp.gate_proj.weight is missing"]),
+    "hidden_size larger than the tensors": (config(hidden_size=128),
+                                            ["model.embed_tokens.weight has shape (128, 64), expected (128, 128)",
+                                             "hidden_size", "published with these weights"]),
+    "intermediate_size smaller than the tensors": (config(intermediate_size=64),
+                                                   ["gate_proj.weight has shape (96, 64), expected (64, 64)",
+                                                    "intermediate_size"]),
+    "vocab_size other than the embedding's": (config(vocab_size=256), ["expected (256, 64)", "vocab_size"]),
+    "num_key_value_heads other than the tensors'": (config(num_key_value_heads=4), ["num_key_value_heads"]),
+    "head_dim other than the tensors'": (config(head_dim=32), ["expected (128, 64)", "head_dim"]),
+    "num_hidden_layers larger than the tensors": (config(num_hidden_layers=8),
+                                                  ["has no tensors of layers 6-7", "num_hidden_layers 8"]),
+    "num_hidden_layers smaller than the tensors": (config(num_hidden_layers=4),
+                                                   ["holds tensors of layers 4-5", "num_hidden_layers 4"]),
+    "untied config without lm_head": (config(tie_word_embeddings=False), ["lm_head.weight is missing"]),
+    "index not covering a shard's tensor": (sharded(lambda m: m.pop("model.norm.weight")),
+                                            ["does not match its shards: it does not list model.norm.weight"]),
+    "index naming the wrong shard": (sharded(swap_two_shards),
+                                     ["puts model.embed_tokens.weight in model-00002-of-00002.safetensors, but it is "
+                                      "in model-00001-of-00002.safetensors"]),
+    "index listing a tensor no shard holds": (sharded(lambda m: m.update({"model.extra.weight": next(iter(m.values()))})),
+                                              ["lists model.extra.weight, which no shard holds"]),
 }
 
 
@@ -267,6 +350,23 @@ def test_a_pickle_the_restricted_loader_refuses_is_an_error_naming_what(env, cas
     build, words = PICKLE[case]
     refused(env, lambda e: (build(e), words), capsys, monkeypatch)
     assert not (env.root / "ran").exists()
+
+
+@pytest.mark.parametrize("case", SOURCE_VS_CONFIG)
+def test_a_source_that_disagrees_with_its_config_is_refused_before_any_work(env, case, capsys, monkeypatch):
+    build, words = SOURCE_VS_CONFIG[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+def test_tensors_the_architecture_lacks_are_named_in_a_warning(env, capsys):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(env.src / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, env.src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", env.recipe(remove={"blocks": [1]})]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 tensor(s) a llama checkpoint does not have: model.layers.0.self_attn.rotary_emb.inv_freq" in out
 
 
 HOLD = """
@@ -399,3 +499,4 @@ def test_a_blocks_only_output_drops_the_sources_auto_map(tiny_models, tmp_path):
         assert "auto_map" not in json.loads((tmp_path / "out" / name).read_text())
     load_model(tmp_path / "out")
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == 121
+
