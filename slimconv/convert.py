@@ -141,6 +141,37 @@ def copy_aux(path: Path, out: Path) -> None:
         shutil.copy2(path, out / path.name)
 
 
+def output_shapes(config: dict) -> dict:
+    """arch.tensor_shapes of a written checkpoint, from its own config: a stock one as its family, a slim or
+    nemotron-nas one through the per-layer view slimconv's modeling code reads."""
+    if config.get("model_type") in A.ARCHS:
+        return A.stock_shapes(config)
+    from .layout import as_slim_config
+
+    view = as_slim_config(config)
+    layers = [(s["attention"]["num_heads"] if s["attention"] else 0,
+               s["attention"]["num_key_value_heads"] if s["attention"] else 0,
+               s["mlp"]["intermediate_size"] if s["mlp"] else 0) for s in view.slim_layers]
+    return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias, view.qk_norm,
+                           per_head_qk_norm=True)
+
+
+def check_output(out: Path, dtype: str) -> None:
+    """Reads back what was written (headers only) before it is renamed into place: its config loads and
+    implies exactly the tensors the shards and index hold, in the requested dtype. A failure is a slimconv
+    bug, raised as such; the caller's AtomicDir then deletes the folder, so nothing reaches the final path."""
+    try:
+        ckpt = Checkpoint(out)
+        check_weights(ckpt, output_shapes(ckpt.config), "none: slimconv wrote this config itself")
+        want = None if dtype == "source" else ST_DTYPES[DTYPES[dtype]]
+        wrong = [n for n, d in ckpt.dtypes.items() if want and d != want and d in A.FLOAT_DTYPES]
+        if wrong:
+            raise SlimError(f"{wrong[0]} is {ckpt.dtypes[wrong[0]]}, not the requested {dtype}")
+    except (SlimError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"internal error: the checkpoint just written to {out} fails its own check, so it was "
+                           f"not put in place ({e}). This is a bug in slimconv; please report it") from None
+
+
 def _license(src: Path) -> str | None:
     """The license named in the source model card's front matter, if any."""
     readme = src / "README.md"
@@ -206,5 +237,6 @@ def run_convert(recipe, force: bool = False) -> Path:
                     format_reason=why, files=info, plan=plan.model_dump(), costs=cost)
         write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
+        check_output(tmp, recipe.output.dtype)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")
     return target.target

@@ -500,3 +500,24 @@ def test_a_blocks_only_output_drops_the_sources_auto_map(tiny_models, tmp_path):
     load_model(tmp_path / "out")
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == 121
 
+
+@pytest.mark.parametrize("spoil", ["config", "dtype"])
+def test_an_output_that_fails_its_own_check_never_reaches_the_final_path(env, monkeypatch, spoil):
+    """The written checkpoint is read back before the rename; a converter bug (simulated: a config that
+    does not describe the weights, or weights not in the requested dtype) leaves nothing behind."""
+    import slimconv.convert as convert
+
+    if spoil == "config":
+        slim_config = convert.slim_config
+        monkeypatch.setattr(convert, "slim_config",
+                            lambda *a, **k: {**slim_config(*a, **k), "intermediate_size": 128})
+    else:
+        write_shards = convert.write_shards
+        monkeypatch.setattr(convert, "write_shards",
+                            lambda jobs, *a, **k: write_shards([j.__class__(j.name, j.shape, torch.float32, j.compute)
+                                                                for j in jobs], *a, **k))
+    r = env.recipe(remove={"blocks": [1]}, output={"dir": str(env.root / "out"), "dtype": "float16"})
+    before = tree(env.root)
+    with pytest.raises(RuntimeError, match="internal error: the checkpoint just written to .* fails its own check"):
+        main(["convert", r])
+    assert tree(env.root) == before  # no output, no temporary folder, no lock
