@@ -249,6 +249,19 @@ def weights_sha256(directory) -> str:
     return h.hexdigest()
 
 
+def same_source(recorded: str | None, src_dir: Path, given: str, out: Path, fix: str) -> bool:
+    """Refuses a source whose weights differ from those ``out`` was converted from (the SHA-256 convert
+    recorded as ``recorded``); False when nothing was recorded (an output of an older slimconv), for the
+    caller to warn that it could not tell."""
+    if not recorded:
+        return False
+    actual = weights_sha256(src_dir)
+    if actual != recorded:
+        raise SlimError(f"{given} is not the model {out} was converted from: its weights' sha256 is {actual[:12]}, "
+                        f"{out}/slimconv_plan.json records {recorded[:12]}", fix)
+    return True
+
+
 class Checkpoint:
     """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand."""
 

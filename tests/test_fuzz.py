@@ -240,6 +240,36 @@ PICKLE = {
 }
 
 
+def converted(e: Env) -> Path:
+    """root/out, converted from the source by `slimconv convert` (so it records the source's weight hash)."""
+    assert main(["convert", e.recipe(remove={"blocks": [1]})]) == 0
+    return e.root / "out"
+
+
+def other_weights(e: Env) -> Path:
+    """root/other: a model of the source's type, size and layer count with other weights."""
+    from helpers import make_tiny
+
+    return make_tiny(e.root / "other", "llama-tied", seed=1)
+
+
+def source_replaced(e: Env) -> Path:
+    out = converted(e)
+    shutil.copy2(other_weights(e) / "model.safetensors", e.src / "model.safetensors")
+    shutil.rmtree(e.root / "other")
+    return out
+
+
+NOT_THE_SOURCE = {
+    "bench on another model of the same type and layer count": (
+        lambda e: ["bench", str(other_weights(e)), str(converted(e)), "--runtime", "torch"],
+        ["is not the model", "was converted from: its weights' sha256", "give the model the recipe names"]),
+    "validate after the source's weights changed": (
+        lambda e: ["validate", str(source_replaced(e))],
+        ["is not the model", "slimconv_plan.json records", "re-run `slimconv convert --force`"]),
+}
+
+
 K = "model.layers.1.self_attn.k_proj.weight"
 # The tiny llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, vocab 128, 6 layers, tied embeddings.
 SOURCE_VS_CONFIG = {
@@ -350,6 +380,24 @@ def test_a_pickle_the_restricted_loader_refuses_is_an_error_naming_what(env, cas
     build, words = PICKLE[case]
     refused(env, lambda e: (build(e), words), capsys, monkeypatch)
     assert not (env.root / "ran").exists()
+
+
+@pytest.mark.parametrize("case", NOT_THE_SOURCE)
+def test_another_model_than_the_recorded_source_is_refused(env, case, capsys, monkeypatch):
+    build, words = NOT_THE_SOURCE[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+def test_bench_warns_when_the_output_records_no_source_hash(env, capsys):
+    """An output of an older slimconv cannot be checked: bench says so and measures."""
+    out = converted(env)
+    meta = json.loads((out / "slimconv_plan.json").read_text())
+    del meta["source_sha256"]
+    (out / "slimconv_plan.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["bench", str(env.src), str(out), "--runtime", "torch", "--prompt-lens", "4", "--new-tokens", "2",
+                 "--repeats", "1", "--out-json", str(env.root / "b.json")]) == 0
+    assert "records no source weight hash" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("case", SOURCE_VS_CONFIG)
