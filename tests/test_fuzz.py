@@ -363,6 +363,12 @@ INPUTS = {
                                ["--batch-size 0"]),
     "analyze --max-memory 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--max-memory", "0"],
                                ["--max-memory", "not a size"]),
+    "run, validate.quality.data missing": (
+        lambda e: ["run", e.recipe(validate={"quality": {"data": str(e.root / "held-out.txt")}})],
+        ["validate.quality.data", "held-out.txt", "not 'wikitext2', 'kjv', 'hf:NAME' or an existing text file"]),
+    "run, heal.data missing": (
+        lambda e: ["run", e.recipe(stages=["convert", "validate", "heal"], heal={"data": str(e.root / "train.txt")})],
+        ["heal.data", "train.txt"]),
     "validate a missing folder": (lambda e: ["validate", str(e.root / "nope")], ["not a slimconv output (it does not exist)"]),
     "push a file": (lambda e: ["push", str(e.src / "config.json"), "--repo-id", "me/x", "--dry-run"],
                     ["not a slimconv output (not a folder)"]),
