@@ -90,3 +90,53 @@ def get_arch(config: dict) -> Arch:
         f"model_type {model_type!r} is not supported: {why}.",
         f"use a model of a supported family ({', '.join(ARCHS)})",
     )
+
+
+# safetensors dtypes of the weights slimconv reads and writes: an integer tensor is quantised or not a weight.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, mlp_bias: bool, qk_norm: bool,
+                  per_head_qk_norm: bool = False) -> dict[str, tuple]:
+    """Every tensor a checkpoint described by ``config`` must hold, as name -> shape, each dimension a pair
+    (size, the config key or count it follows from), built from the name templates above.
+
+    ``layers``: per decoder layer, (query heads, KV heads, MLP width), 0 for a removed sublayer. ``bias``,
+    ``mlp_bias``, ``qk_norm``: which optional tensors exist. q/k norms are (head_dim,) in a stock checkpoint
+    and (heads, head_dim) in slimconv's own format, where a wide layer's heads keep their member's gains."""
+    hidden, hd = (config["hidden_size"], "hidden_size"), head_dim(config)
+    vocab = (config["vocab_size"], "vocab_size")
+    shapes = {EMBED: (vocab, hidden), FINAL_NORM: (hidden,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes[LM_HEAD] = (vocab, hidden)
+    for i, (q, kv, width) in enumerate(layers):
+        at = LAYER.format(i=i)
+        if q:
+            heads = (q * hd, "num_attention_heads x head_dim" if q == config["num_attention_heads"]
+                     else f"{q} heads x head_dim")
+            kvs = (kv * hd, "num_key_value_heads x head_dim" if kv == kv_heads(config) else f"{kv} KV heads x head_dim")
+            for p, shape in (("q", (heads, hidden)), ("k", (kvs, hidden)), ("v", (kvs, hidden)), ("o", (hidden, heads))):
+                shapes[at + ATTN.format(p=p, kind="weight")] = shape
+                if bias[p]:
+                    shapes[at + ATTN.format(p=p, kind="bias")] = shape[:1]
+            if qk_norm:
+                for p, n in (("q", q), ("k", kv)):
+                    norm = (hd, "head_dim")
+                    shapes[at + QK_NORM.format(p=p)] = ((n, f"{n} heads"), norm) if per_head_qk_norm else (norm,)
+            shapes[at + INPUT_NORM] = (hidden,)
+        if width:
+            inter = (width, "intermediate_size" if width == config["intermediate_size"] else f"MLP width {width}")
+            for p, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+                shapes[at + MLP.format(p=p, kind="weight")] = shape
+                if mlp_bias:
+                    shapes[at + MLP.format(p=p, kind="bias")] = shape[:1]
+            shapes[at + POST_NORM] = (hidden,)
+    return shapes
+
+
+def stock_shapes(config: dict) -> dict[str, tuple]:
+    """``tensor_shapes`` of a stock checkpoint of a supported family: every layer whole."""
+    arch = get_arch(config)
+    layer = (config["num_attention_heads"], kv_heads(config), config["intermediate_size"])
+    return tensor_shapes(config, [layer] * config["num_hidden_layers"], arch.projection_bias(config),
+                         arch.has_mlp_bias(config), arch.qk_norm)

@@ -201,7 +201,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     from .plan import Plan, source_plan
     from .outdir import BENCH_FILE, PLAN_FILE, RECIPE_FILE, read_json, require_output, write_json
     from .report import console, print_bench, write_card
-    from .source import read_config, resolve_source
+    from .source import read_config, resolve_source, same_source
 
     out = require_output(out)
     runtimes = parse_runtimes(settings.runtimes)
@@ -211,10 +211,15 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
     config = read_config(src_dir)
+    fix = f"give the model the recipe names: {meta['model']}"
     if config.get("num_hidden_layers") != plan.num_source_layers or config.get("model_type") != plan.model_type:
         raise SlimError(f"{source} ({config.get('model_type')}, {config.get('num_hidden_layers')} layers) is not the "
-                        f"source of {out} ({plan.model_type}, {plan.num_source_layers} layers)",
-                        f"give the model the recipe names: {meta['model']}")
+                        f"source of {out} ({plan.model_type}, {plan.num_source_layers} layers)", fix)
+    # Same type and layer count is not the same model: a speedup over another model's weights means nothing.
+    if not same_source(meta.get("source_sha256"), src_dir, source, out,
+                       fix + "; if its weights changed since, re-run `slimconv convert --force` on its recipe"):
+        console.print(f"[yellow]warning:[/] {out / PLAN_FILE} records no source weight hash (an older slimconv): "
+                      f"cannot check that {source} is the model it was converted from")
     threads = settings.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     device = _device(settings.device)

@@ -99,6 +99,15 @@ def _cmd_run(args):
     from .validate import run_validate
 
     recipe = _load_recipe(args)
+    # Text the later stages read: a wrong path is found before convert writes anything, not after.
+    from .data import check_text
+
+    v = recipe.validation
+    if "validate" in recipe.stages and (v.exactness.enabled or v.quality.enabled):
+        check_text(v.quality.data, "validate.quality.data")
+    if "heal" in recipe.stages and recipe.heal is not None:
+        check_text(recipe.heal.data, "heal.data")
+        check_text(recipe.heal.eval_text, "heal.eval_text")
     console.print(f"stages: {' -> '.join(recipe.stages)}")
     out = None
     for stage in recipe.stages:

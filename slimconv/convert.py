@@ -20,10 +20,12 @@ from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layer
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
 from .recipe import parse_size
-from .source import Checkpoint, source_paths, weights_sha256
+from .source import Checkpoint, check_weights, source_paths, weights_sha256
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
+SOURCE_CONFIG_FIX = ("use the config.json published with these weights (re-download the model), or correct the "
+                     "key the message names")
 
 
 
@@ -119,8 +121,55 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
         for f in modeling:
             shutil.copy2(MODELING_DIR / f, out / f)
     for f in ckpt.aux_files():
-        shutil.copy2(f, out / f.name)
+        copy_aux(f, out)
     return info
+
+
+def copy_aux(path: Path, out: Path) -> None:
+    """Copies a tokenizer or generation file of the source into ``out``. A tokenizer_config.json loses its
+    auto_map: the tokenizer code it points at never travels with an output (in any format), so the map would
+    only make loading the output fail, or run code from wherever it resolved."""
+    settings = None
+    if path.name == "tokenizer_config.json":
+        try:
+            settings = json.loads(path.read_bytes())
+        except ValueError:
+            pass  # copied as it is: the source's tokenizer fails to load the same way
+    if isinstance(settings, dict) and settings.pop("auto_map", None) is not None:
+        (out / path.name).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    else:
+        shutil.copy2(path, out / path.name)
+
+
+def output_shapes(config: dict) -> dict:
+    """arch.tensor_shapes of a written checkpoint, from its own config: a stock one as its family, a slim or
+    nemotron-nas one through the per-layer view slimconv's modeling code reads."""
+    if config.get("model_type") in A.ARCHS:
+        return A.stock_shapes(config)
+    from .layout import as_slim_config
+
+    view = as_slim_config(config)
+    layers = [(s["attention"]["num_heads"] if s["attention"] else 0,
+               s["attention"]["num_key_value_heads"] if s["attention"] else 0,
+               s["mlp"]["intermediate_size"] if s["mlp"] else 0) for s in view.slim_layers]
+    return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias, view.qk_norm,
+                           per_head_qk_norm=True)
+
+
+def check_output(out: Path, dtype: str) -> None:
+    """Reads back what was written (headers only) before it is renamed into place: its config loads and
+    implies exactly the tensors the shards and index hold, in the requested dtype. A failure is a slimconv
+    bug, raised as such; the caller's AtomicDir then deletes the folder, so nothing reaches the final path."""
+    try:
+        ckpt = Checkpoint(out)
+        check_weights(ckpt, output_shapes(ckpt.config), "none: slimconv wrote this config itself")
+        want = None if dtype == "source" else ST_DTYPES[DTYPES[dtype]]
+        wrong = [n for n, d in ckpt.dtypes.items() if want and d != want and d in A.FLOAT_DTYPES]
+        if wrong:
+            raise SlimError(f"{wrong[0]} is {ckpt.dtypes[wrong[0]]}, not the requested {dtype}")
+    except (SlimError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"internal error: the checkpoint just written to {out} fails its own check, so it was "
+                           f"not put in place ({e}). This is a bug in slimconv; please report it") from None
 
 
 def _license(src: Path) -> str | None:
@@ -164,6 +213,12 @@ def run_convert(recipe, force: bool = False) -> Path:
     # Only now is the folder known that a Hub id or GGUF file resolved to.
     refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
     ckpt = Checkpoint(src_dir)
+    # Headers only: a config that disagrees with its weights is refused before anything is written.
+    unread = check_weights(ckpt, A.stock_shapes(ckpt.config), SOURCE_CONFIG_FIX)
+    if unread:
+        console.print(f"[yellow]warning:[/] {ckpt.dir} holds {len(unread)} tensor(s) a {plan.model_type} checkpoint "
+                      f"does not have: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}; they are not "
+                      "checked, and only a stock output copies them (with their layer)")
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
     from .nemotron import choose_format
 
@@ -182,5 +237,6 @@ def run_convert(recipe, force: bool = False) -> Path:
                     format_reason=why, files=info, plan=plan.model_dump(), costs=cost)
         write_json(tmp / PLAN_FILE, meta)
         write_card(tmp)
+        check_output(tmp, recipe.output.dtype)
     console.print(f"[green]wrote[/] {target.target} ({info['total_bytes'] / 1e6:.1f} MB in {len(info['files'])} file(s))")
     return target.target

@@ -54,10 +54,17 @@ def load_text(spec: str, split: str = "test") -> str:
             raise SlimError(f"could not load dataset {name!r}: {e}", "check the name and your network") from None
         column = "text" if "text" in ds.column_names else ds.column_names[0]
         return "\n".join(ds[column])
-    path = Path(spec)
-    if not path.is_file():
-        raise SlimError(f"data {spec!r} is not 'wikitext2', 'kjv', 'hf:NAME' or an existing text file")
-    return path.read_text(encoding="utf-8")
+    check_text(spec)
+    return Path(spec).read_text(encoding="utf-8")
+
+
+def check_text(spec: str, key: str = "data") -> None:
+    """Refuses a text ``spec`` (as ``load_text`` takes it) that names no existing file; ``key`` is where the
+    user wrote it. Cheap, so `run` calls it before any stage works."""
+    if spec in ("wikitext2", "kjv") or spec.startswith("hf:") or Path(spec).is_file():
+        return
+    raise SlimError(f"{key} {spec!r} is not 'wikitext2', 'kjv', 'hf:NAME' or an existing text file",
+                    f"correct the path in {key}, or use wikitext2")
 
 
 def token_chunks(tokenizer, text: str, samples: int, seq_len: int):

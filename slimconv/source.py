@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,32 @@ def gguf_to_safetensors(path: Path) -> Path:
     return cached("gguf-" + cache_key(path), build)
 
 
+def _load_pickle(path: Path) -> dict:
+    """A .bin state dict through torch's restricted unpickler (tensors and plain containers only); what it
+    refuses is reported, never run."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        called = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        what = (f"it would call {called.group(1)}, which is not part of a weights file" if called
+                else "it is not a PyTorch weights file (" + str(e).split("WeightsUnpickler error:")[-1].split(
+                    "Check the documentation")[0].strip() + ")")
+        raise SlimError(f"{path} was refused: {what}. Nothing in it was run",
+                        "use the model's safetensors weights (most Hub models publish them); convert the .bin "
+                        "yourself only if you trust its publisher (torch.load with weights_only=False, then "
+                        "safetensors' save_file)") from None
+    except RuntimeError as e:  # torch's zip reader on a truncated or damaged file
+        raise SlimError(f"{path} is not a readable PyTorch weights file ({str(e).split('.')[0]})",
+                        _DAMAGED_FIX) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SlimError(f"{path} holds a {type(state).__name__}, not a state dict of tensors", _DAMAGED_FIX)
+    return state
+
+
 def pickle_to_safetensors(src: Path) -> Path:
     """Converts .bin (pickle) weights into a cached safetensors copy; only when the user allowed it."""
 
@@ -142,7 +169,7 @@ def pickle_to_safetensors(src: Path) -> Path:
 
         for f in src.iterdir():
             if f.suffix == ".bin":
-                sd = torch.load(f, map_location="cpu", weights_only=True)
+                sd = _load_pickle(f)
                 save_file({k: v.contiguous() for k, v in sd.items()}, out / (f.stem + ".safetensors"))
             elif f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, out / f.name)
@@ -222,6 +249,19 @@ def weights_sha256(directory) -> str:
     return h.hexdigest()
 
 
+def same_source(recorded: str | None, src_dir: Path, given: str, out: Path, fix: str) -> bool:
+    """Refuses a source whose weights differ from those ``out`` was converted from (the SHA-256 convert
+    recorded as ``recorded``); False when nothing was recorded (an output of an older slimconv), for the
+    caller to warn that it could not tell."""
+    if not recorded:
+        return False
+    actual = weights_sha256(src_dir)
+    if actual != recorded:
+        raise SlimError(f"{given} is not the model {out} was converted from: its weights' sha256 is {actual[:12]}, "
+                        f"{out}/slimconv_plan.json records {recorded[:12]}", fix)
+    return True
+
+
 class Checkpoint:
     """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand."""
 
@@ -229,6 +269,7 @@ class Checkpoint:
         self.dir = Path(directory)
         self.config = read_config(self.dir)
         self.where, self.shapes, self.dtypes = {}, {}, {}
+        self.index = None  # the index's weight_map (tensor -> shard file name), when the folder has one
         for shard in self._shards():
             try:
                 with safe_open(shard, framework="pt") as f:
@@ -245,7 +286,8 @@ class Checkpoint:
         if not index.is_file():
             return sorted(self.dir.glob("*.safetensors"))
         try:
-            names = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+            self.index = dict(json.loads(index.read_bytes())["weight_map"])
+            names = sorted(set(self.index.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SlimError(f"{index} is not a safetensors index with a weight_map ({type(e).__name__}: {e})",
                             _DAMAGED_FIX) from None
@@ -266,3 +308,68 @@ class Checkpoint:
 
     def aux_files(self) -> list[Path]:
         return [self.dir / n for n in AUX_FILES if (self.dir / n).is_file()]
+
+
+def check_weights(ckpt: Checkpoint, expected: dict, fix: str) -> list[str]:
+    """Refuses a checkpoint whose tensors are not the ones its config implies (``expected``, from
+    arch.tensor_shapes), from the safetensors headers alone: layers beyond or short of the config's layer
+    count, a tensor missing or of another shape, an integer tensor, an index that does not match its shards.
+    ``fix`` is the advice for a config that disagrees with its weights. Returns the tensors nobody reads
+    (for a warning)."""
+    from . import arch as A
+
+    config = ckpt.dir / "config.json"
+    layer_of = lambda name: int(m.group(1)) if (m := re.match(r"model\.layers\.(\d+)\.", name)) else None
+    wanted = {layer_of(n) for n in expected} - {None}
+    found = {layer_of(n) for n in ckpt.where} - {None}
+    n = len(wanted)
+    if found - wanted:
+        raise SlimError(f"{ckpt.dir} holds tensors of layers {_spans(found - wanted)}, but {config} says "
+                        f"num_hidden_layers {n} (layers 0-{n - 1})", fix)
+    if wanted - found:
+        raise SlimError(f"{ckpt.dir} has no tensors of layers {_spans(wanted - found)}, but {config} says "
+                        f"num_hidden_layers {n}", fix)
+    if ckpt.index is not None:
+        index = ckpt.dir / "model.safetensors.index.json"
+        unlisted = sorted(set(ckpt.where) - set(ckpt.index))
+        misplaced = sorted(k for k, f in ckpt.index.items() if k in ckpt.where and ckpt.where[k].name != f)
+        absent = sorted(set(ckpt.index) - set(ckpt.where))
+        if unlisted or misplaced or absent:
+            what = (f"does not list {_few(unlisted)}" if unlisted else
+                    f"puts {misplaced[0]} in {ckpt.index[misplaced[0]]}, but it is in {ckpt.where[misplaced[0]].name}"
+                    if misplaced else f"lists {_few(absent)}, which no shard holds")
+            raise SlimError(f"{index} does not match its shards: it {what}", _DAMAGED_FIX)
+    # (problem, advice): a wrong shape means the config is wrong; the rest, that the weights are.
+    problems = []
+    for name, dims in expected.items():
+        shape = tuple(size for size, _ in dims)
+        if name not in ckpt.where:
+            problems.append((f"{name} is missing (expected shape {shape})", _DAMAGED_FIX))
+        elif ckpt.dtypes[name] not in A.FLOAT_DTYPES:
+            problems.append((f"{ckpt.where[name].name}: {name} is {ckpt.dtypes[name]}, expected a float dtype "
+                             f"({', '.join(A.FLOAT_DTYPES)})",
+                             "slimconv converts float checkpoints: use the model's float (unquantised) weights"))
+        elif ckpt.shapes[name] != shape:
+            problems.append((f"{ckpt.where[name].name}: {name} has shape {ckpt.shapes[name]}, expected {shape} "
+                             f"({', '.join(why for _, why in dims)} in config.json)", fix))
+    if problems:
+        more = f"\n  (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise SlimError(f"{ckpt.dir} does not hold the weights its config.json describes:\n  "
+                        + "\n  ".join(p for p, _ in problems[:3]) + more, problems[0][1])
+    optional = {A.LM_HEAD}  # a tied checkpoint may store its head anyway; it is not read
+    return sorted(set(ckpt.where) - set(expected) - optional)
+
+
+def _spans(indices) -> str:
+    """Layer indices as runs: 0, 4-7."""
+    runs = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")

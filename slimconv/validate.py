@@ -171,13 +171,18 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
     from .outdir import PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json, require_output, write_json
     from .recipe import load_recipe
     from .report import console, print_validation, write_card
-    from .source import resolve_source
+    from .source import resolve_source, same_source
 
     out = require_output(out)
     recipe = load_recipe(out / RECIPE_FILE)
     meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
+    # Against other weights, exactness would fail and quality would measure the wrong pair: say why instead.
+    if not same_source(meta.get("source_sha256"), src_dir, recipe.model, out,
+                       "re-run `slimconv convert --force` from the current source, or restore the original one"):
+        console.print(f"[yellow]warning:[/] {out / PLAN_FILE} records no source weight hash (an older slimconv): "
+                      f"cannot check that {recipe.model} still holds the weights it was converted from")
     v = recipe.validation
     tokenizer = load_tokenizer(out)
     report = {}

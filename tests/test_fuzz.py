@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from slimconv.cli import main
@@ -155,6 +156,156 @@ def index_naming(shard: str):
     return case
 
 
+def weights(change):
+    """A case whose source weights are rewritten after ``change`` edits their dict of tensors in place."""
+
+    def case(e: Env):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(e.src / "model.safetensors")
+        change(tensors)
+        save_file(tensors, e.src / "model.safetensors", metadata={"format": "pt"})
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def renamed(old: str, new: str):
+    def change(t):
+        for k in [k for k in t if old in k]:
+            t[k.replace(old, new)] = t.pop(k)
+
+    return weights(change)
+
+
+def sharded(edit):
+    """A case whose source is split into two shards with an index, which ``edit`` then spoils."""
+
+    def case(e: Env):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(e.src / "model.safetensors")
+        (e.src / "model.safetensors").unlink()
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: tensors[k] for k in keys}, e.src / shard, metadata={"format": "pt"})
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        edit(weight_map)
+        (e.src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return ["convert", e.recipe()]
+
+    return case
+
+
+def swap_two_shards(weight_map):
+    first = "model.embed_tokens.weight"
+    weight_map[first] = next(f for f in weight_map.values() if f != weight_map[first])
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious .bin does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def pickled(payload):
+    """A case whose source holds only a .bin, written by ``payload`` (a function of the scratch folder and
+    the .bin's path), converted with --allow-pickle."""
+
+    def case(e: Env):
+        (e.src / "model.safetensors").unlink()
+        payload(e, e.src / "pytorch_model.bin")
+        return ["convert", e.recipe(), "--allow-pickle"]
+
+    return case
+
+
+PICKLE = {
+    "--allow-pickle, a .bin that runs code": (
+        pickled(lambda e, path: torch.save({"model.embed_tokens.weight": RunsCode(e.root / "ran")}, path)),
+        ["pytorch_model.bin was refused: it would call posix.system", "Nothing in it was run",
+         "use the model's safetensors weights"]),
+    "--allow-pickle, a .bin of garbage": (pickled(lambda e, path: path.write_bytes(b"garbage" * 10)),
+                                          ["pytorch_model.bin was refused: it is not a PyTorch weights file"]),
+    "--allow-pickle, a truncated .bin": (
+        pickled(lambda e, path: (torch.save({"w": torch.ones(4)}, path), path.write_bytes(path.read_bytes()[:60]))),
+        ["pytorch_model.bin is not a readable PyTorch weights file"]),
+    "--allow-pickle, a .bin holding a list": (pickled(lambda e, path: torch.save([torch.ones(2)], path)),
+                                              ["pytorch_model.bin holds a list, not a state dict"]),
+}
+
+
+def converted(e: Env) -> Path:
+    """root/out, converted from the source by `slimconv convert` (so it records the source's weight hash)."""
+    assert main(["convert", e.recipe(remove={"blocks": [1]})]) == 0
+    return e.root / "out"
+
+
+def other_weights(e: Env) -> Path:
+    """root/other: a model of the source's type, size and layer count with other weights."""
+    from helpers import make_tiny
+
+    return make_tiny(e.root / "other", "llama-tied", seed=1)
+
+
+def source_replaced(e: Env) -> Path:
+    out = converted(e)
+    shutil.copy2(other_weights(e) / "model.safetensors", e.src / "model.safetensors")
+    shutil.rmtree(e.root / "other")
+    return out
+
+
+NOT_THE_SOURCE = {
+    "bench on another model of the same type and layer count": (
+        lambda e: ["bench", str(other_weights(e)), str(converted(e)), "--runtime", "torch"],
+        ["is not the model", "was converted from: its weights' sha256", "give the model the recipe names"]),
+    "validate after the source's weights changed": (
+        lambda e: ["validate", str(source_replaced(e))],
+        ["is not the model", "slimconv_plan.json records", "re-run `slimconv convert --force`"]),
+}
+
+
+K = "model.layers.1.self_attn.k_proj.weight"
+# The tiny llama: hidden 64, 4 heads of 16, 2 KV heads, MLP 96, vocab 128, 6 layers, tied embeddings.
+SOURCE_VS_CONFIG = {
+    "tensor missing": (weights(lambda t: t.pop("model.layers.2.mlp.up_proj.weight")),
+                       ["model.layers.2.mlp.up_proj.weight is missing", "expected shape (96, 64)"]),
+    "tensor of the wrong shape": (weights(lambda t: t.update({K: t[K][:16]})),
+                                  [f"{K} has shape (16, 64), expected (32, 64)", "num_key_value_heads x head_dim"]),
+    "int32 tensor": (weights(lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)})),
+                     ["model.safetensors: model.norm.weight is I32, expected a float dtype", "unquantised"]),
+    "int8 projection": (weights(lambda t: t.update({K: t[K].to(torch.int8)})), [f"{K} is I8"]),
+    "MoE weights under a llama config": (renamed("mlp.gate_proj", "mlp.experts.0.gate_proj"),
+                                         ["model.layers.0.mlp.gate_proj.weight is missing"]),
+    "hidden_size larger than the tensors": (config(hidden_size=128),
+                                            ["model.embed_tokens.weight has shape (128, 64), expected (128, 128)",
+                                             "hidden_size", "published with these weights"]),
+    "intermediate_size smaller than the tensors": (config(intermediate_size=64),
+                                                   ["gate_proj.weight has shape (96, 64), expected (64, 64)",
+                                                    "intermediate_size"]),
+    "vocab_size other than the embedding's": (config(vocab_size=256), ["expected (256, 64)", "vocab_size"]),
+    "num_key_value_heads other than the tensors'": (config(num_key_value_heads=4), ["num_key_value_heads"]),
+    "head_dim other than the tensors'": (config(head_dim=32), ["expected (128, 64)", "head_dim"]),
+    "num_hidden_layers larger than the tensors": (config(num_hidden_layers=8),
+                                                  ["has no tensors of layers 6-7", "num_hidden_layers 8"]),
+    "num_hidden_layers smaller than the tensors": (config(num_hidden_layers=4),
+                                                   ["holds tensors of layers 4-5", "num_hidden_layers 4"]),
+    "untied config without lm_head": (config(tie_word_embeddings=False), ["lm_head.weight is missing"]),
+    "index not covering a shard's tensor": (sharded(lambda m: m.pop("model.norm.weight")),
+                                            ["does not match its shards: it does not list model.norm.weight"]),
+    "index naming the wrong shard": (sharded(swap_two_shards),
+                                     ["puts model.embed_tokens.weight in model-00002-of-00002.safetensors, but it is "
+                                      "in model-00001-of-00002.safetensors"]),
+    "index listing a tensor no shard holds": (sharded(lambda m: m.update({"model.extra.weight": next(iter(m.values()))})),
+                                              ["lists model.extra.weight, which no shard holds"]),
+}
+
+
 def mkdir(e: Env) -> str:
     (e.root / "recipe-folder").mkdir()
     return str(e.root / "recipe-folder")
@@ -212,6 +363,12 @@ INPUTS = {
                                ["--batch-size 0"]),
     "analyze --max-memory 0": (lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--max-memory", "0"],
                                ["--max-memory", "not a size"]),
+    "run, validate.quality.data missing": (
+        lambda e: ["run", e.recipe(validate={"quality": {"data": str(e.root / "held-out.txt")}})],
+        ["validate.quality.data", "held-out.txt", "not 'wikitext2', 'kjv', 'hf:NAME' or an existing text file"]),
+    "run, heal.data missing": (
+        lambda e: ["run", e.recipe(stages=["convert", "validate", "heal"], heal={"data": str(e.root / "train.txt")})],
+        ["heal.data", "train.txt"]),
     "validate a missing folder": (lambda e: ["validate", str(e.root / "nope")], ["not a slimconv output (it does not exist)"]),
     "push a file": (lambda e: ["push", str(e.src / "config.json"), "--repo-id", "me/x", "--dry-run"],
                     ["not a slimconv output (not a folder)"]),
@@ -222,6 +379,48 @@ INPUTS = {
 def test_bad_input_is_refused_before_any_work(env, case, capsys, monkeypatch):
     build, words = INPUTS[case]
     refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("case", PICKLE)
+def test_a_pickle_the_restricted_loader_refuses_is_an_error_naming_what(env, case, capsys, monkeypatch):
+    build, words = PICKLE[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+    assert not (env.root / "ran").exists()
+
+
+@pytest.mark.parametrize("case", NOT_THE_SOURCE)
+def test_another_model_than_the_recorded_source_is_refused(env, case, capsys, monkeypatch):
+    build, words = NOT_THE_SOURCE[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+def test_bench_warns_when_the_output_records_no_source_hash(env, capsys):
+    """An output of an older slimconv cannot be checked: bench says so and measures."""
+    out = converted(env)
+    meta = json.loads((out / "slimconv_plan.json").read_text())
+    del meta["source_sha256"]
+    (out / "slimconv_plan.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["bench", str(env.src), str(out), "--runtime", "torch", "--prompt-lens", "4", "--new-tokens", "2",
+                 "--repeats", "1", "--out-json", str(env.root / "b.json")]) == 0
+    assert "records no source weight hash" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("case", SOURCE_VS_CONFIG)
+def test_a_source_that_disagrees_with_its_config_is_refused_before_any_work(env, case, capsys, monkeypatch):
+    build, words = SOURCE_VS_CONFIG[case]
+    refused(env, lambda e: (build(e), words), capsys, monkeypatch)
+
+
+def test_tensors_the_architecture_lacks_are_named_in_a_warning(env, capsys):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(env.src / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, env.src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", env.recipe(remove={"blocks": [1]})]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 tensor(s) a llama checkpoint does not have: model.layers.0.self_attn.rotary_emb.inv_freq" in out
 
 
 HOLD = """
@@ -334,19 +533,45 @@ def test_a_sources_own_modeling_code_runs_only_when_the_user_agrees(tiny_models,
 
 
 def test_a_blocks_only_output_drops_the_sources_auto_map(tiny_models, tmp_path):
-    """The output is a stock checkpoint of a stock model_type; the source's auto_map would point at code
-    the output does not carry."""
+    """The output is a stock checkpoint of a stock model_type; the source's auto_map (config and tokenizer
+    config) would point at code the output does not carry."""
     import json
-    import shutil
 
-    from helpers import convert
+    from transformers import AutoTokenizer
+
+    from helpers import convert, with_word_tokenizer
     from slimconv.runtime import load_model
 
-    src = tmp_path / "src"
-    shutil.copytree(tiny_models["qwen2"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = with_word_tokenizer(tiny_models["qwen2"], tmp_path / "src", 120)
+    for name, auto_map in (("config.json", {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]})):
+        settings = json.loads((src / name).read_text())
+        settings["auto_map"] = auto_map
+        (src / name).write_text(json.dumps(settings))
     convert(src, tmp_path / "out", remove={"blocks": [1]})
-    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((tmp_path / "out" / name).read_text())
     load_model(tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == 121
+
+
+@pytest.mark.parametrize("spoil", ["config", "dtype"])
+def test_an_output_that_fails_its_own_check_never_reaches_the_final_path(env, monkeypatch, spoil):
+    """The written checkpoint is read back before the rename; a converter bug (simulated: a config that
+    does not describe the weights, or weights not in the requested dtype) leaves nothing behind."""
+    import slimconv.convert as convert
+
+    if spoil == "config":
+        slim_config = convert.slim_config
+        monkeypatch.setattr(convert, "slim_config",
+                            lambda *a, **k: {**slim_config(*a, **k), "intermediate_size": 128})
+    else:
+        write_shards = convert.write_shards
+        monkeypatch.setattr(convert, "write_shards",
+                            lambda jobs, *a, **k: write_shards([j.__class__(j.name, j.shape, torch.float32, j.compute)
+                                                                for j in jobs], *a, **k))
+    r = env.recipe(remove={"blocks": [1]}, output={"dir": str(env.root / "out"), "dtype": "float16"})
+    before = tree(env.root)
+    with pytest.raises(RuntimeError, match="internal error: the checkpoint just written to .* fails its own check"):
+        main(["convert", r])
+    assert tree(env.root) == before  # no output, no temporary folder, no lock
