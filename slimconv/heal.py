@@ -35,7 +35,7 @@ from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR, PLAN
 from .plan import Plan
 from .recipe import Heal
 from .runtime import load_model, load_tokenizer
-from .source import source_paths, weights_sha256
+from .source import same_source, source_paths, weights_sha256
 
 # Files of the unhealed output that the healed one does not inherit: its reports are about other weights.
 _NOT_INHERITED = {REPORT_FILE, CARD_FILE, BENCH_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR}
@@ -140,19 +140,16 @@ def require_validated(out) -> Path:
     return out
 
 
-def check_source(meta: dict, src_dir: Path, out: Path) -> str:
-    """The source's weight hash, refused unless it equals what convert recorded."""
-    recorded = meta.get("source_sha256")
-    if not recorded:
+def check_source(meta: dict, src_dir: Path, given: str, out: Path) -> str:
+    """The source's weight hash, refused unless it equals what convert recorded: unlike bench and validate,
+    heal refuses an output with no recorded hash, because a teacher that is not the source would train the
+    output towards another model."""
+    fix = "re-run `slimconv convert --force` from the current source, or restore the original one"
+    if not same_source(meta.get("source_sha256"), src_dir, given, out, fix):
         raise SlimError(f"{out / PLAN_FILE} records no source weight hash (written by an older slimconv), so "
                         "heal cannot tell whether the source is the one this output was made from",
                         "re-run `slimconv convert --force` and `slimconv validate` on its recipe")
-    actual = weights_sha256(src_dir)
-    if actual != recorded:
-        raise SlimError(f"the source model's weights ({src_dir}) changed since {out} was converted "
-                        f"(sha256 {actual[:12]}, recorded {recorded[:12]}): the teacher would not be its source",
-                        "re-run `slimconv convert --force` from the current source, or restore the original one")
-    return actual
+    return meta["source_sha256"]
 
 
 def default_target(out: Path) -> Path:
@@ -403,7 +400,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
                         "train on wikitext2 (its valid split), a text file or hf:NAME")
     device = pick_device(settings.device)
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
-    source_hash = check_source(meta, src_dir, out)
+    source_hash = check_source(meta, src_dir, recipe.model, out)
     target = Path(target) if target else Path(settings.output) if settings.output else default_target(out)
     refuse_overlap(target, [(out, "unhealed output")] + source_paths(recipe.model, src_dir), "-o/--out")
     atomic = AtomicDir(target, force, "-o/--out")

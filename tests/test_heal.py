@@ -156,7 +156,7 @@ def test_bad_inputs_exit_2_with_nothing_written(tmp_path, src, texts, capsys):
     meta = json.loads((out / PLAN_FILE).read_text())
     meta["source_sha256"] = "0" * 64
     (out / PLAN_FILE).write_text(json.dumps(meta))
-    assert main(["heal", str(out)]) == 2 and "changed since" in capsys.readouterr().err
+    assert main(["heal", str(out)]) == 2 and "is not the model" in capsys.readouterr().err
     assert _nothing_written(tmp_path, before)
 
 
