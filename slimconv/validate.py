@@ -168,9 +168,9 @@ def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: li
 def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a slim output folder against its source; writes slimconv_report.json and the card."""
     from .data import load_text, token_chunks
-    from .outdir import PLAN_FILE, RECIPE_FILE, REPORT_FILE, read_json, require_output, write_json
+    from .outdir import PLAN_FILE, RECIPE_FILE, read_json, require_output
     from .recipe import load_recipe
-    from .report import console, print_validation, write_card
+    from .report import console
     from .source import resolve_source, same_source
 
     out = require_output(out)
@@ -211,6 +211,14 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
 
             console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
+    return _finish(out, report)
+
+
+def _finish(out, report: dict) -> dict:
+    """Writes a validation ``report`` (passed when every check did) into ``out``, refreshes the card, prints it."""
+    from .outdir import REPORT_FILE, write_json
+    from .report import print_validation, write_card
+
     report["passed"] = all(r["passed"] for r in report.values())
     report["environment"] = environment()
     write_json(out / REPORT_FILE, report)
@@ -226,8 +234,7 @@ def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_qualit
     from pathlib import Path
 
     from .data import load_text, token_chunks
-    from .outdir import REPORT_FILE, write_json
-    from .report import console, print_validation, write_card
+    from .report import console
 
     console.print("exactness: weights trained by heal; frozen tensors against the unhealed output "
                   f"{healed['unhealed']}")
@@ -244,9 +251,4 @@ def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_qualit
             report["quality"], report["quality_unhealed"] = both["healed"], both["unhealed"]
         else:
             report["quality"] = quality(load_model(src_dir, trust_remote_code), slim, chunks, v.quality)
-    report["passed"] = all(r["passed"] for r in report.values())
-    report["environment"] = environment()
-    write_json(out / REPORT_FILE, report)
-    write_card(out)
-    print_validation(report)
-    return report
+    return _finish(out, report)
