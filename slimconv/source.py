@@ -239,14 +239,24 @@ def resolve_source(model: str, allow_pickle: bool = False, config_only: bool = F
 def weights_sha256(directory) -> str:
     """SHA-256 over a checkpoint's weight files (every *.safetensors, by name, then its bytes): what
     `convert` records of its source and `heal` of the output it trains, so that a later stage can tell
-    whether the weights it is handed are still the ones those were made from."""
-    h = hashlib.sha256()
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    whether the weights it is handed are still the ones those were made from.
+
+    Remembered for the process by each file's path, inode, size and modification time: `run` hashes the source
+    in convert, validate and heal, which is three full reads of a model of tens of GB."""
+    files = sorted(Path(directory).resolve().glob("*.safetensors"))
+    key = tuple((str(f), st.st_ino, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        for path in files:
+            h.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, str] = {}
 
 
 def same_source(recorded: str | None, src_dir: Path, given: str, out: Path, fix: str) -> bool:
