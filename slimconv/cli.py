@@ -100,13 +100,13 @@ def _cmd_run(args):
 
     recipe = _load_recipe(args)
     # Text the later stages read: a wrong path is found before convert writes anything, not after.
-    from .data import check_text
+    from .data import check_text, check_training
 
     v = recipe.validation
     if "validate" in recipe.stages and (v.exactness.enabled or v.quality.enabled):
         check_text(v.quality.data, "validate.quality.data")
     if "heal" in recipe.stages and recipe.heal is not None:
-        check_text(recipe.heal.data, "heal.data")
+        check_training(recipe.heal.data, "heal.data")
         check_text(recipe.heal.eval_text, "heal.eval_text")
     console.print(f"stages: {' -> '.join(recipe.stages)}")
     out = None
@@ -139,8 +139,8 @@ def _cmd_run(args):
     return 0
 
 
-HEAL_FLAGS = ("steps", "train", "lr", "seq_len", "batch", "data", "hidden_weight", "lora_rank", "max_minutes",
-              "checkpoint_every", "eval_text", "device", "seed")
+HEAL_FLAGS = ("steps", "train", "lr", "seq_len", "batch", "data", "generated_windows", "hidden_weight", "lora_rank",
+              "max_minutes", "checkpoint_every", "eval_text", "device", "seed")
 
 
 def _cmd_heal(args):
@@ -362,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, help="peak learning rate, (0, 0.01] (default 1e-4)")
     s.add_argument("--seq-len", type=int, help="tokens per training window (default 256)")
     s.add_argument("--batch", type=int, help="windows per step (default 4)")
-    s.add_argument("--data", help='training text: wikitext2 (valid split; default), a text file, or hf:NAME')
+    s.add_argument("--data", help="training text: wikitext2 (valid split; default), a text file, hf:NAME, or "
+                   "generated (windows sampled from the source itself); join with + to mix, e.g. wikitext2+generated")
+    s.add_argument("--generated-windows", type=int, help="windows the source samples for --data generated "
+                   "(default 64; training cycles through them)")
     s.add_argument("--hidden-weight", type=float, help="add this x the normalised MSE of hidden states after each "
                    "trained layer to the KL (default 0: KL only)")
     s.add_argument("--lora-rank", type=int, help="adapter rank with --train lora (default 16)")

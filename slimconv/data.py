@@ -67,6 +67,23 @@ def check_text(spec: str, key: str = "data") -> None:
                     f"correct the path in {key}, or use wikitext2")
 
 
+def check_training(spec: str, key: str = "heal.data") -> None:
+    """Refuses heal training data ``spec`` (texts as ``check_text`` takes them, or ``generated``, joined by
+    ``+`` to mix) that names a missing file, or the out-of-domain evaluation text."""
+    for part in spec.split("+"):
+        if part == "kjv":
+            raise SlimError(f"{key} {spec!r}: kjv is heal's out-of-domain evaluation text, never training data",
+                            "train on wikitext2 (its valid split), generated, a text file or hf:NAME")
+        if part != "generated":
+            check_text(part, key)
+
+
+def describe_training(spec: str, generated_windows: int) -> str:
+    """Heal's training data as a person reads it: "WikiText-2 valid + 64 windows sampled from the source"."""
+    names = {"wikitext2": "WikiText-2 valid", "generated": f"{generated_windows} windows sampled from the source"}
+    return " + ".join(names.get(part, part) for part in spec.split("+"))
+
+
 def token_chunks(tokenizer, text: str, samples: int, seq_len: int):
     """The first ``samples`` non-overlapping windows of ``seq_len`` tokens (deterministic)."""
     import torch

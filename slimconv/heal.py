@@ -156,10 +156,45 @@ def default_target(out: Path) -> Path:
     return out.parent / f"{out.name}-healed"
 
 
-def _windows(src_dir: Path, settings: Heal, count: int) -> torch.Tensor:
+@torch.no_grad()
+def sample_windows(model, n: int, seq_len: int, seed: int, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens sampled from ``model`` at temperature 1 with no truncation (its own
+    distribution, the one the KL compares against), each starting a new document at the BOS token.
+
+    Training on what the source itself writes (as LLM-QAT's data-free distillation does) covers every domain
+    the source knows in proportion, where one corpus teaches the student that corpus.
+    """
+    cfg = model.config
+    start = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+    start = start[0] if isinstance(start, list) else start
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in tqdm(range(0, n, batch), desc="sampling from the source", unit="batch", disable=None):
+            ids = torch.full((min(batch, n - i), 1), start, device=device)
+            out.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                      min_new_tokens=seq_len - 1, pad_token_id=eos).cpu())
+    return torch.cat(out)
+
+
+def training_windows(teacher, src_dir: Path, settings: Heal, count: int, device: torch.device) -> torch.Tensor:
+    """``count`` windows (count x seq_len) of ``settings.data``: each ``+``-joined part gives an equal share,
+    interleaved so every batch mixes them; a generated part cycles through ``generated_windows`` samples."""
     from .data import calibration_ids
 
-    return calibration_ids(src_dir, settings.data, count, settings.seq_len, settings.seed)
+    parts = settings.data.split("+")
+    shares = [count // len(parts) + (i < count % len(parts)) for i in range(len(parts))]
+    pools = []
+    for part, n in zip(parts, shares):
+        if part == "generated":
+            pool = sample_windows(teacher, min(n, settings.generated_windows), settings.seq_len, settings.seed, device)
+            pools.append(pool[torch.arange(n) % len(pool)])
+        else:
+            pools.append(calibration_ids(src_dir, part, n, settings.seq_len, settings.seed))
+    order = [pool[i] for i in range(max(shares)) for pool in pools if i < len(pool)]
+    return torch.stack(order)
 
 
 def _hidden_pairs(plan: Plan, layers: list[int], num_source: int) -> list[tuple[int, int]]:
@@ -385,7 +420,7 @@ def _plot(curve: list[dict], path: Path, title: str) -> None:
 
 def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
     """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
-    from .data import load_text, token_chunks
+    from .data import check_training, describe_training, load_text, token_chunks
     from .recipe import load_recipe
     from .report import console, print_heal, write_card
     from .source import resolve_source
@@ -395,9 +430,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     meta = read_json(out / PLAN_FILE)
     recipe = load_recipe(out / RECIPE_FILE)
     plan = Plan(**meta["plan"])
-    if settings.data == "kjv":
-        raise SlimError("heal.data kjv: that text is heal's out-of-domain evaluation text, never training data",
-                        "train on wikitext2 (its valid split), a text file or hf:NAME")
+    check_training(settings.data, "--data / heal.data")
     device = pick_device(settings.device)
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)
@@ -408,11 +441,12 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     tokenizer = load_tokenizer(out)
     # Every text is read before any work, so a missing file fails now, not after an hour of training.
     texts = {q.data: load_text(q.data, "test"), settings.eval_text: load_text(settings.eval_text, "test")}
-    windows = _windows(src_dir, settings, settings.steps * settings.batch)
+    if "generated" not in settings.data.split("+"):
+        windows = training_windows(None, src_dir, settings, settings.steps * settings.batch, device)
     resume_file = _resume_path(atomic.path)
+    data = describe_training(settings.data, settings.generated_windows)
     console.print(f"heal {out} -> {target}: teacher {recipe.model}, {settings.train}, {settings.steps} steps x "
-                  f"{settings.batch} x {settings.seq_len} tokens of {settings.data} (valid), lr {settings.lr}, "
-                  f"device {device}")
+                  f"{settings.batch} x {settings.seq_len} tokens of {data}, lr {settings.lr}, device {device}")
     with atomic as tmp:
         torch.manual_seed(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
@@ -421,6 +455,13 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
             p.requires_grad_(False)
         student = load_model(out).to(device)
         student.config.early_exit_enabled = False
+        sampling_s = 0.0
+        if "generated" in settings.data.split("+"):
+            n = min(settings.generated_windows, settings.steps * settings.batch)
+            console.print(f"sampling {n} windows of {settings.seq_len} tokens from the source for training")
+            t = time.time()
+            windows = training_windows(teacher, src_dir, settings, settings.steps * settings.batch, device)
+            sampling_s = time.time() - t
         layers, changed = trainable(student, plan, settings, gen)
         student.to(device)
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -458,7 +499,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
         report = dict(settings=settings.model_dump(), unhealed=str(out.resolve()), trained_layers=layers,
                       trainable_parameters=n_train, device=device_name, peak_rss_mb=_peak_rss_mb(),
-                      peak_cuda_mb=peak, eval=evals, first_text=q.data, second_text=settings.eval_text,
+                      peak_cuda_mb=peak, sampling_s=sampling_s, eval=evals, first_text=q.data, second_text=settings.eval_text,
                       **{k: v for k, v in run.items()})
         write_json(tmp / HEAL_FILE, report)
         _plot(run["curve"], tmp / HEAL_PLOT, f"heal {out.name} ({settings.train})")

@@ -150,8 +150,12 @@ class Heal(_Strict):
     lr: float = Field(1e-4, gt=0, le=1e-2, description="peak learning rate (AdamW, warm-up then cosine decay)")
     seq_len: int = Field(256, ge=8, le=32768, description="tokens per training window")
     batch: int = Field(4, ge=1, le=4096, description="windows per step")
-    data: str = Field("wikitext2", description='training text: "wikitext2" (its VALID split), a text file, or '
-                      '"hf:NAME[:CONFIG]"; never the test split')
+    data: str = Field("wikitext2", description='training text: "wikitext2" (its VALID split), a text file, '
+                      '"hf:NAME[:CONFIG]", or "generated" (sampled from the source model itself, so no one domain); '
+                      'join with + to mix them window by window ("wikitext2+generated"); never a test split')
+    generated_windows: int = Field(64, ge=1, le=100_000, description='windows the source samples when data is '
+                                   '"generated"; training cycles through them (sampling costs about a training step '
+                                   'per 8 windows on a CPU)')
     hidden_weight: float = Field(0.0, ge=0, le=100, description="weight of the MSE between hidden states after "
                                  "each changed layer (normalised by the source's), added to the KL; 0 = KL only")
     lora_rank: int = Field(16, ge=1, le=1024, description="rank of the adapters (train: lora)")

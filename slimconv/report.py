@@ -171,14 +171,18 @@ def heal_rows(heal: dict) -> list[list[str]]:
 
 
 def heal_summary(heal: dict) -> str:
+    from .data import describe_training
+
     s = heal["settings"]
     stop = " (stopped by max_minutes)" if heal.get("stopped_by_time") else ""
     peak = f", peak CUDA memory {heal['peak_cuda_mb']:.0f} MB" if heal.get("peak_cuda_mb") else ""
+    hidden = f" + {s['hidden_weight']} x hidden MSE" if s["hidden_weight"] else ""
+    sampling = f" (after {heal['sampling_s'] / 60:.1f} min sampling)" if heal.get("sampling_s") else ""
     return (f"train `{s['train']}` (output layers {heal['trained_layers']}, {heal['trainable_parameters'] / 1e6:.2f}M "
-            f"trainable parameters), KL(source || student){' + ' + str(s['hidden_weight']) + ' x hidden MSE' if s['hidden_weight'] else ''}"
-            f" on `{s['data']}` (valid split when WikiText-2), lr {s['lr']}: {heal['steps']} of {s['steps']} steps{stop}, "
-            f"{heal['tokens']} tokens ({s['batch']} x {s['seq_len']} per step), {heal['wall_s'] / 60:.1f} min on "
-            f"{heal['device']}, peak RSS {heal['peak_rss_mb']:.0f} MB{peak}")
+            f"trainable parameters), KL(source || student){hidden} on "
+            f"{describe_training(s['data'], s.get('generated_windows', 64))}, lr {s['lr']}: {heal['steps']} of "
+            f"{s['steps']} steps{stop}, {heal['tokens']} tokens ({s['batch']} x {s['seq_len']} per step), "
+            f"{heal['wall_s'] / 60:.1f} min{sampling} on {heal['device']}, peak RSS {heal['peak_rss_mb']:.0f} MB{peak}")
 
 
 def print_heal(heal: dict):
