@@ -283,3 +283,17 @@ def test_heal_on_generated_data_runs_end_to_end(tmp_path, src, texts):
     kl = [r["kl"] for r in report["curve"]]
     assert sum(kl[-5:]) < 0.8 * sum(kl[:5]), kl
     assert "16 windows sampled from the source" in (healed / "README.md").read_text()
+
+
+def test_validate_judges_a_healed_output_by_its_own_checks(tmp_path, monkeypatch):
+    # The unhealed output's quality sits beside the healed one's for comparison; failing it does not fail
+    # the healed output (heal's own report already judged it that way).
+    from slimconv import report as report_mod
+    from slimconv.validate import _finish
+
+    monkeypatch.setattr(report_mod, "write_card", lambda out: None)
+    monkeypatch.setattr(report_mod, "print_validation", lambda r: None)
+    r = _finish(tmp_path, {"exactness": {"passed": True}, "quality": {"passed": True},
+                           "quality_unhealed": {"passed": False}})
+    assert r["passed"] and json.loads((tmp_path / REPORT_FILE).read_text())["passed"]
+    assert not _finish(tmp_path, {"exactness": {"passed": True}, "quality": {"passed": False}})["passed"]
