@@ -113,6 +113,7 @@ def test_search_command_writes_recipe_path_and_plot(tiny_models, tmp_path, monke
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "search on" in out and "candidate changes" in out and "expected: about" in out
+    assert "64 calibration tokens are few" in out
     m = json.loads((tmp_path / "found" / "search.json").read_text())
     assert m["reached"] and all(p["change"].startswith("remove") for p in m["path"][1:])
     assert (tmp_path / "found" / "pareto.png").stat().st_size > 1000
