@@ -2,10 +2,11 @@
 training mode, at the same wall-time budget.
 
     python benchmarks/bench_heal.py [--recipes drop-late-attention,drop-blocks-20pct] [--modes adjacent,all,lora]
-                                    [--minutes 10] [--steps 400] [--lr 2e-4] [--out-dir outputs/bench-heal]
+                                    [--minutes 10] [--steps 400] [--lr 2e-4] [--data wikitext2+generated]
+                                    [--out-dir outputs/bench-heal]
 
 Each recipe is converted and validated once (reused when its output exists), then healed once per mode in
-its own child process (so peak RSS is that heal's), every mode with the same --max-minutes budget. Prints
+its own child process (so peak RSS is that heal's), every mode with the same --max-minutes budget (sampling for --data generated comes before it). Prints
 a markdown table: WikiText-2 test and King James (other domain) perplexity and KL of source / unhealed /
 healed, the share of the log-perplexity gap recovered (target >= 50%) and of the KL removed on the other
 domain (target >= 40%), steps, wall time and peak RSS. Rows go to OUT_DIR/bench_heal.json as they finish.
