@@ -6,10 +6,10 @@ training mode, at the same wall-time budget.
                                     [--out-dir outputs/bench-heal]
 
 Each recipe is converted and validated once (reused when its output exists), then healed once per mode in
-its own child process (so peak RSS is that heal's), every mode with the same --max-minutes budget (sampling for --data generated comes before it). Prints
-a markdown table: WikiText-2 test and King James (other domain) perplexity and KL of source / unhealed /
-healed, the share of the log-perplexity gap recovered (target >= 50%) and of the KL removed on the other
-domain (target >= 40%), steps, wall time and peak RSS. Rows go to OUT_DIR/bench_heal.json as they finish.
+its own child process (so peak RSS is that heal's), every mode with the same --max-minutes budget (sampling
+for --data generated comes before it). Prints a markdown table: WikiText-2 test and King James (other
+domain) perplexity and KL of source / unhealed / healed, the share of the log-perplexity gap recovered
+(target >= 50%) and of the KL removed on the other domain (target >= 40%), steps, wall time and peak RSS. Rows go to OUT_DIR/bench_heal.json as they finish.
 Run it under `nice` on a shared machine: each cell takes the budget plus a few minutes of evaluation.
 """
 import argparse

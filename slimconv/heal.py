@@ -184,12 +184,16 @@ def training_windows(teacher, src_dir: Path, settings: Heal, count: int, device:
     interleaved so every batch mixes them; a generated part cycles through ``generated_windows`` samples."""
     from .data import calibration_ids
 
+    from .report import console
+
     parts = settings.data.split("+")
     shares = [count // len(parts) + (i < count % len(parts)) for i in range(len(parts))]
     pools = []
     for part, n in zip(parts, shares):
         if part == "generated":
-            pool = sample_windows(teacher, min(n, settings.generated_windows), settings.seq_len, settings.seed, device)
+            k = min(n, settings.generated_windows)
+            console.print(f"sampling {k} windows of {settings.seq_len} tokens from the source for training")
+            pool = sample_windows(teacher, k, settings.seq_len, settings.seed, device)
             pools.append(pool[torch.arange(n) % len(pool)])
         else:
             pools.append(calibration_ids(src_dir, part, n, settings.seq_len, settings.seed))
@@ -441,7 +445,9 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     tokenizer = load_tokenizer(out)
     # Every text is read before any work, so a missing file fails now, not after an hour of training.
     texts = {q.data: load_text(q.data, "test"), settings.eval_text: load_text(settings.eval_text, "test")}
-    if "generated" not in settings.data.split("+"):
+    # Sampled windows need the teacher, so they come once it is loaded; text windows are cut now.
+    generated = "generated" in settings.data.split("+")
+    if not generated:
         windows = training_windows(None, src_dir, settings, settings.steps * settings.batch, device)
     resume_file = _resume_path(atomic.path)
     data = describe_training(settings.data, settings.generated_windows)
@@ -456,9 +462,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         student = load_model(out).to(device)
         student.config.early_exit_enabled = False
         sampling_s = 0.0
-        if "generated" in settings.data.split("+"):
-            n = min(settings.generated_windows, settings.steps * settings.batch)
-            console.print(f"sampling {n} windows of {settings.seq_len} tokens from the source for training")
+        if generated:
             t = time.time()
             windows = training_windows(teacher, src_dir, settings, settings.steps * settings.batch, device)
             sampling_s = time.time() - t
@@ -499,7 +503,8 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
         report = dict(settings=settings.model_dump(), unhealed=str(out.resolve()), trained_layers=layers,
                       trainable_parameters=n_train, device=device_name, peak_rss_mb=_peak_rss_mb(),
-                      peak_cuda_mb=peak, sampling_s=sampling_s, eval=evals, first_text=q.data, second_text=settings.eval_text,
+                      peak_cuda_mb=peak, sampling_s=sampling_s, eval=evals, first_text=q.data,
+                      second_text=settings.eval_text,
                       **{k: v for k, v in run.items()})
         write_json(tmp / HEAL_FILE, report)
         _plot(run["curve"], tmp / HEAL_PLOT, f"heal {out.name} ({settings.train})")
