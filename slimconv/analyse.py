@@ -163,9 +163,9 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
 
 def analyse(s: AnalysisSettings, src_dir: Path, ids: torch.Tensor | None = None) -> dict:
     """Runs every phase the settings ask for; ``ids`` (samples x seq_len token ids) replaces the calibration text."""
-    from .source import Checkpoint
+    from .source import checked_source
 
-    ckpt = Checkpoint(src_dir)
+    ckpt, _ = checked_source(src_dir)
     config = ckpt.config
     if s.sleb_blocks is None:
         s = s.model_copy(update=dict(sleb_blocks=round(0.2 * config["num_hidden_layers"])))

@@ -20,12 +20,10 @@ from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layer
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
 from .recipe import parse_size
-from .source import Checkpoint, check_weights, source_paths, weights_sha256
+from .source import Checkpoint, check_weights, checked_source, source_paths, weights_sha256
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
-SOURCE_CONFIG_FIX = ("use the config.json published with these weights (re-download the model), or correct the "
-                     "key the message names")
 
 
 
@@ -156,6 +154,18 @@ def output_shapes(config: dict) -> dict:
                            per_head_qk_norm=True)
 
 
+def checked_output(slim_dir: Path) -> Checkpoint:
+    """A slimconv output folder that a later stage reads (export, gguf), checked from its headers against its
+    own config first, so that damage found by a long export is found before it starts instead."""
+    fix = f"convert again (`slimconv convert RECIPE --force`): {slim_dir} is no longer what convert wrote"
+    try:
+        ckpt = Checkpoint(slim_dir)
+        check_weights(ckpt, output_shapes(ckpt.config), fix)
+    except SlimError as e:  # the source's advice (re-download the model) does not apply to an output
+        raise SlimError(e.problem, fix) from None
+    return ckpt
+
+
 def check_output(out: Path, dtype: str) -> None:
     """Reads back what was written (headers only) before it is renamed into place: its config loads and
     implies exactly the tensors the shards and index hold, in the requested dtype. A failure is a slimconv
@@ -212,9 +222,7 @@ def run_convert(recipe, force: bool = False) -> Path:
     src_dir, _, plan, cost = prepare(recipe)
     # Only now is the folder known that a Hub id or GGUF file resolved to.
     refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
-    ckpt = Checkpoint(src_dir)
-    # Headers only: a config that disagrees with its weights is refused before anything is written.
-    unread = check_weights(ckpt, A.stock_shapes(ckpt.config), SOURCE_CONFIG_FIX)
+    ckpt, unread = checked_source(src_dir)
     if unread:
         console.print(f"[yellow]warning:[/] {ckpt.dir} holds {len(unread)} tensor(s) a {plan.model_type} checkpoint "
                       f"does not have: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}; they are not "

@@ -297,9 +297,9 @@ def analyse_early_exit(settings, src_dir: Path) -> dict:
     from .data import calibration_ids
     from .layerwise import LayerBank, Runner
     from .plan import source_plan
-    from .source import Checkpoint
+    from .source import checked_source
 
-    ckpt = Checkpoint(src_dir)
+    ckpt, _ = checked_source(src_dir)
     ids = calibration_ids(src_dir, settings.calib, settings.samples, settings.seq_len, settings.seed)
     bank = LayerBank(ckpt, settings.norm, settings.max_memory, settings.device)
     records = source_records(Runner(bank, ids, settings.batch_size), ckpt.config)

@@ -220,6 +220,9 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     if not (slim_dir / "config.json").is_file() or not any(slim_dir.glob("*.safetensors")):
         raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
                         "give the output.dir that `slimconv convert` wrote")
+    from .convert import checked_output
+
+    checked_output(slim_dir)  # headers only: damage is found before a long export, not by it
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
     if out:

@@ -392,7 +392,10 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False)
     path = folder / f"{slim_dir.name}-{dtype}.gguf"
     if path.exists() and not force:
         raise SlimError(f"output {path} already exists", "pass --force to overwrite it")
+    from .convert import checked_output
+
     checked_config(slim_dir, dtype)  # every refusal before anything is written
+    checked_output(slim_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -519,13 +519,13 @@ def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool =
     from .data import calibration_ids
     from .outdir import AtomicDir, refuse_overlap
     from .report import console
-    from .source import Checkpoint, resolve_source, source_paths
+    from .source import checked_source, resolve_source, source_paths
 
     refuse_overlap(out, source_paths(s.model), "-o")
     target = AtomicDir(Path(out), force, "-o")
     src_dir = resolve_source(s.model, s.allow_pickle)
     refuse_overlap(out, source_paths(s.model, src_dir), "-o")
-    validate_inputs(s, Checkpoint(src_dir).config)
+    validate_inputs(s, checked_source(src_dir)[0].config)
     ids = calibration_ids(src_dir, s.calib, s.samples, s.seq_len, s.seed)
     m = search(s, src_dir, ids)
     if not m["reached"]:

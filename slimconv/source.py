@@ -320,6 +320,19 @@ class Checkpoint:
         return [self.dir / n for n in AUX_FILES if (self.dir / n).is_file()]
 
 
+SOURCE_CONFIG_FIX = ("use the config.json published with these weights (re-download the model), or correct the "
+                     "key the message names")
+
+
+def checked_source(src_dir: Path) -> tuple[Checkpoint, list[str]]:
+    """The source checkpoint, refused when its weights are not what its config describes (headers only, so it
+    costs nothing on a large model and runs before any work), and the tensors nothing reads."""
+    from . import arch as A
+
+    ckpt = Checkpoint(src_dir)
+    return ckpt, check_weights(ckpt, A.stock_shapes(ckpt.config), SOURCE_CONFIG_FIX)
+
+
 def check_weights(ckpt: Checkpoint, expected: dict, fix: str) -> list[str]:
     """Refuses a checkpoint whose tensors are not the ones its config implies (``expected``, from
     arch.tensor_shapes), from the safetensors headers alone: layers beyond or short of the config's layer

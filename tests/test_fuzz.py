@@ -306,6 +306,48 @@ SOURCE_VS_CONFIG = {
 }
 
 
+def through(command, case):
+    """``case``'s damage, then ``command(e)`` as the command that must refuse it (not convert)."""
+
+    def run(e: Env):
+        case(e)
+        return command(e)
+
+    return run
+
+
+def damaged_output(e: Env) -> str:
+    """A converted checkpoint with one of its tensors gone (what export reads)."""
+    from safetensors.torch import load_file, save_file
+
+    slim = e.slim()
+    tensors = load_file(slim / "model.safetensors")
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(tensors, slim / "model.safetensors", metadata={"format": "pt"})
+    return str(slim)
+
+
+MISSING = weights(lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+# The same header checks guard every command that reads a source or an output, before its slow work.
+SOURCE_VS_CONFIG |= {
+    "analyze, tensor missing": (through(lambda e: ["analyze", str(e.src), "-o", str(e.root / "a")], MISSING),
+                                ["model.layers.2.mlp.up_proj.weight is missing"]),
+    "analyze --early-exit, tensor missing": (
+        through(lambda e: ["analyze", str(e.src), "-o", str(e.root / "a"), "--early-exit"], MISSING),
+        ["model.layers.2.mlp.up_proj.weight is missing"]),
+    "search, tensor missing": (
+        through(lambda e: ["search", str(e.src), "--target", "layers:4", "-o", str(e.root / "s")], MISSING),
+        ["model.layers.2.mlp.up_proj.weight is missing"]),
+    "search, num_hidden_layers larger than the tensors": (
+        through(lambda e: ["search", str(e.src), "--target", "layers:4", "-o", str(e.root / "s")],
+                config(num_hidden_layers=8)), ["has no tensors of layers 6-7"]),
+    "export, output tensor missing": (lambda e: ["export", damaged_output(e)],
+                                      ["model.layers.1.mlp.down_proj.weight is missing", "convert again"]),
+    "export gguf, output tensor missing": (lambda e: ["export", damaged_output(e), "--format", "gguf"],
+                                           ["model.layers.1.mlp.down_proj.weight is missing", "convert again"]),
+}
+
+
 def mkdir(e: Env) -> str:
     (e.root / "recipe-folder").mkdir()
     return str(e.root / "recipe-folder")
