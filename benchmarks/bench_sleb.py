@@ -4,8 +4,8 @@
         [--modes naive,cache,halving]
 
 Modes: naive (every candidate runs the whole model on every window), cache (prefix cache, every candidate
-on every window: `analyze`'s default), halving (prefix cache + successive halving over the windows + the
-previous step's ranking: `analyze --sleb-halving`). Prints the median seconds per SLEB run of each, the
+on every window: `analyze`'s default), halving (prefix cache + successive halving over the windows:
+`analyze --sleb-halving`). Prints the median seconds per SLEB run of each, the
 speedups over the naive loop, the prefix cache's speedup expected from FLOPs, and whether the removed
 blocks agree after every step (SLEB is greedy, so a 9-step run holds the 3- and 6-step choices).
 """
