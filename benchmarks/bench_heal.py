@@ -3,7 +3,7 @@ training mode, at the same wall-time budget.
 
     python benchmarks/bench_heal.py [--recipes drop-late-attention,drop-blocks-20pct] [--modes adjacent,all,lora]
                                     [--minutes 10] [--steps 400] [--lr 2e-4] [--data wikitext2+generated]
-                                    [--hidden-weight 1.0]
+                                    [--hidden-weight 1.0] [--generated-windows 64]
                                     [--out-dir outputs/bench-heal]
 
 Each recipe is converted and validated once (reused when its output exists), then healed once per mode in
@@ -40,14 +40,15 @@ def slim(cli, name: str, out_dir: Path) -> Path:
     return out_dir / name
 
 
-def row(name: str, mode: str, data: str, hidden_weight: float, heal: dict) -> dict:
+def row(name: str, mode: str, data: str, hidden_weight: float, generated_windows: int, heal: dict) -> dict:
     first, second = heal["eval"][heal["first_text"]], heal["eval"][heal["second_text"]]
 
     def recovered(e):
         gap = math.log(e["unhealed"]["ppl_slim"] / e["unhealed"]["ppl_source"])
         return 1 - math.log(e["healed"]["ppl_slim"] / e["healed"]["ppl_source"]) / gap if gap > 0 else float("nan")
 
-    return dict(recipe=name, train=mode, data=data, hidden_weight=hidden_weight, steps=heal["steps"],
+    return dict(recipe=name, train=mode, data=data, hidden_weight=hidden_weight, generated_windows=generated_windows,
+                steps=heal["steps"],
                 minutes=round(heal["wall_s"] / 60, 1),
                 peak_rss_mb=round(heal["peak_rss_mb"]),
                 ppl_source=first["unhealed"]["ppl_source"], ppl_unhealed=first["unhealed"]["ppl_slim"],
@@ -63,7 +64,8 @@ def table(rows: list[dict]) -> str:
             "gap recovered", "KL slim -> healed", "KJV ppl src / slim / healed", "KJV KL slim -> healed (drop)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['train']} | {r.get('data', 'wikitext2')} | {r.get('hidden_weight', 0.0):g} | {r['steps']} | {r['minutes']} | {r['peak_rss_mb']} | "
+        data = r.get("data", "wikitext2") + (f" ({r.get('generated_windows', 64)} sampled)" if "generated" in r.get("data", "") else "")
+        lines.append(f"| {r['recipe']} | {r['train']} | {data} | {r.get('hidden_weight', 0.0):g} | {r['steps']} | {r['minutes']} | {r['peak_rss_mb']} | "
                      f"{r['ppl_source']:.2f} / {r['ppl_unhealed']:.2f} / **{r['ppl_healed']:.2f}** | "
                      f"**{r['gap_recovered']:.0%}** | {r['kl_unhealed']:.3f} -> {r['kl_healed']:.3f} | "
                      f"{r['kjv_ppl_source']:.2f} / {r['kjv_ppl_unhealed']:.2f} / {r['kjv_ppl_healed']:.2f} | "
@@ -81,6 +83,7 @@ def main():
     p.add_argument("--lora-lr", type=float, default=1e-3, help="adapters start at zero and need a larger rate")
     p.add_argument("--data", default="wikitext2", help="heal --data: training text(s), e.g. wikitext2+generated")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="heal --hidden-weight (0: KL only)")
+    p.add_argument("--generated-windows", type=int, default=64, help="heal --generated-windows")
     p.add_argument("--out-dir", default="outputs/bench-heal")
     args = p.parse_args()
     cli = [sys.executable, "-m", "slimconv"]
@@ -92,16 +95,18 @@ def main():
         unhealed = slim(cli, name, out_dir)
         for mode in args.modes.split(","):
             healed = out_dir / (f"{name}-{mode}" + ("" if args.data == "wikitext2" else f"-{args.data}")
-                                + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else ""))
+                                + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
+                                + (f"-gw{args.generated_windows}" if args.generated_windows != 64 else ""))
             lr = args.lora_lr if mode == "lora" else args.lr
             subprocess.run([*cli, "heal", str(unhealed), "-o", str(healed), "--force", "--train", mode,
                             "--steps", str(args.steps), "--max-minutes", str(args.minutes), "--lr", str(lr),
-                            "--data", args.data, "--hidden-weight", str(args.hidden_weight)],
+                            "--data", args.data, "--hidden-weight", str(args.hidden_weight),
+                            "--generated-windows", str(args.generated_windows)],
                            check=True)
-            key = (name, mode, args.data, args.hidden_weight)
-            rows = [r for r in rows
-                    if (r["recipe"], r["train"], r.get("data", "wikitext2"), r.get("hidden_weight", 0.0)) != key]
-            rows.append(row(name, mode, args.data, args.hidden_weight,
+            key = (name, mode, args.data, args.hidden_weight, args.generated_windows)
+            rows = [r for r in rows if (r["recipe"], r["train"], r.get("data", "wikitext2"), r.get("hidden_weight", 0.0),
+                                        r.get("generated_windows", 64)) != key]
+            rows.append(row(name, mode, args.data, args.hidden_weight, args.generated_windows,
                             json.loads((healed / "slimconv_heal.json").read_text())))
             results.write_text(json.dumps(rows, indent=2))
             print(table(rows), flush=True)
