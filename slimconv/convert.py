@@ -157,12 +157,16 @@ def output_shapes(config: dict) -> dict:
 def checked_output(slim_dir: Path) -> Checkpoint:
     """A slimconv output folder that a later stage reads (export, gguf), checked from its headers against its
     own config first, so that damage found by a long export is found before it starts instead."""
-    fix = f"convert again (`slimconv convert RECIPE --force`): {slim_dir} is no longer what convert wrote"
+    fix = (f"give a folder that `slimconv convert` wrote; if {slim_dir} is one, it is no longer what convert "
+           "wrote: convert again (`slimconv convert RECIPE --force`)")
     try:
         ckpt = Checkpoint(slim_dir)
         check_weights(ckpt, output_shapes(ckpt.config), fix)
     except SlimError as e:  # the source's advice (re-download the model) does not apply to an output
         raise SlimError(e.problem, fix) from None
+    except (KeyError, ValueError, TypeError) as e:  # a config of a family slimconv does not know
+        raise SlimError(f"{slim_dir / CONFIG_FILE} is neither a slim config nor one of a supported family "
+                        f"({', '.join(sorted(A.ARCHS))}): {type(e).__name__} {e}", fix) from None
     return ckpt
 
 

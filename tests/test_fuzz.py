@@ -345,7 +345,20 @@ SOURCE_VS_CONFIG |= {
                                       ["model.layers.1.mlp.down_proj.weight is missing", "convert again"]),
     "export gguf, output tensor missing": (lambda e: ["export", damaged_output(e), "--format", "gguf"],
                                            ["model.layers.1.mlp.down_proj.weight is missing", "convert again"]),
+    "export a folder of an unsupported family": (lambda e: ["export", gpt2_folder(e)],
+                                                 ["model_type 'gpt2' is not supported", "slimconv convert"]),
 }
+
+
+def gpt2_folder(e: Env) -> str:
+    from safetensors.torch import save_file
+
+    folder = e.root / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=128, vocab_size=100)))
+    save_file({"wte.weight": torch.zeros(100, 64)}, folder / "model.safetensors")
+    return str(folder)
 
 
 def mkdir(e: Env) -> str:
