@@ -78,7 +78,7 @@ def check_training(spec: str, key: str = "heal.data") -> None:
             check_text(part, key)
 
 
-def describe_training(spec: str, generated_windows: int) -> str:
+def describe_training(spec: str, generated_windows: int | None) -> str:
     """Heal's training data as a person reads it: "WikiText-2 valid + 64 windows sampled from the source"."""
     names = {"wikitext2": "WikiText-2 valid", "generated": f"{generated_windows} windows sampled from the source"}
     return " + ".join(names.get(part, part) for part in spec.split("+"))

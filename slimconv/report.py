@@ -178,9 +178,10 @@ def heal_summary(heal: dict) -> str:
     peak = f", peak CUDA memory {heal['peak_cuda_mb']:.0f} MB" if heal.get("peak_cuda_mb") else ""
     hidden = f" + {s['hidden_weight']} x hidden MSE" if s["hidden_weight"] else ""
     sampling = f" (after {heal['sampling_s'] / 60:.1f} min sampling)" if heal.get("sampling_s") else ""
+    # A report without generated_windows predates `--data generated`, so its data never names it.
     return (f"train `{s['train']}` (output layers {heal['trained_layers']}, {heal['trainable_parameters'] / 1e6:.2f}M "
             f"trainable parameters), KL(source || student){hidden} on "
-            f"{describe_training(s['data'], s.get('generated_windows', 64))}, lr {s['lr']}: {heal['steps']} of "
+            f"{describe_training(s['data'], s.get('generated_windows'))}, lr {s['lr']}: {heal['steps']} of "
             f"{s['steps']} steps{stop}, {heal['tokens']} tokens ({s['batch']} x {s['seq_len']} per step), "
             f"{heal['wall_s'] / 60:.1f} min{sampling} on {heal['device']}, peak RSS {heal['peak_rss_mb']:.0f} MB{peak}")
 
