@@ -22,12 +22,16 @@ from slimconv.layerwise import LayerBank, Runner
 from slimconv.source import Checkpoint, resolve_source
 
 
-def expected_speedup(config: dict, steps: int) -> float:
-    """FLOP ratio naive/cached over ``steps`` SLEB steps (matmuls of layers and of the LM head)."""
+def matmul_weights(config: dict) -> tuple[int, int]:
+    """(one layer's, the LM head's) matmul weights: what a token's pass through each costs, up to a factor."""
     h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv, hd = config["num_attention_heads"], kv_heads(config), head_dim(config)
-    layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter
-    head = h * v
+    return 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter, h * v
+
+
+def expected_speedup(config: dict, steps: int) -> float:
+    """FLOP ratio naive/cached over ``steps`` SLEB steps (matmuls of layers and of the LM head)."""
+    layer, head = matmul_weights(config)
     naive = cached = 0
     for k in range(steps):
         n = config["num_hidden_layers"] - k
@@ -44,9 +48,7 @@ class Work:
     times the windows it ran on, weighted by their matmul FLOPs (load-independent, unlike seconds)."""
 
     def __init__(self, runner: Runner, config: dict):
-        h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-        heads, kv, hd = config["num_attention_heads"], kv_heads(config), head_dim(config)
-        self.layer, self.head = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * inter, h * v
+        self.layer, self.head = matmul_weights(config)
         self.flops = 0
         apply, nll = Runner.apply, Runner.nll
 

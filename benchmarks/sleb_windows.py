@@ -19,9 +19,9 @@ import json
 import math
 from pathlib import Path
 
-from slimconv.arch import head_dim, kv_heads
+from bench_sleb import matmul_weights
 from slimconv.data import calibration_ids
-from slimconv.layerwise import LayerBank, Runner
+from slimconv.layerwise import Halving, LayerBank, Runner, candidate_nlls
 from slimconv.plan import source_plan
 from slimconv.source import Checkpoint, resolve_source
 
@@ -31,19 +31,14 @@ def trace(model: str, samples: int, seq_len: int, steps: int) -> dict:
     ckpt = Checkpoint(src)
     runner = Runner(LayerBank(ckpt), calibration_ids(src, "wikitext2", samples, seq_len, 0))
     stack = list(source_plan(ckpt.config).layers)
-    c = ckpt.config
-    h, inter, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    layer = 2 * h * c["num_attention_heads"] * head_dim(c) + 2 * h * kv_heads(c) * head_dim(c) + 3 * h * inter
-    out = dict(samples=samples, seq_len=seq_len, head_in_layers=h * v / layer, steps=[])
+    layer, head = matmul_weights(ckpt.config)
+    out = dict(samples=samples, seq_len=seq_len, head_in_layers=head / layer, steps=[])
     for step in range(steps):
         layers = [spec.source_layers[0] for spec in stack]
-        base, per = runner.embed(), {}
-        for pos in range(len(stack)):
-            x = base
-            for spec in stack[pos + 1:]:
-                x = runner.apply(spec, x)
-            per[layers[pos]] = runner.window_nlls(x)
-            base = runner.apply(stack[pos], base)
+        cands = [(pos, 1, []) for pos in range(len(stack))]
+        # One window at a time: the prefix cache's loss of every candidate on that window alone.
+        by_window = [candidate_nlls(runner.subset(slice(w, w + 1)), stack, cands) for w in range(samples)]
+        per = {l: [nlls[i] for nlls in by_window] for i, l in enumerate(layers)}
         best = min(per, key=lambda l: sum(per[l]))
         out["steps"].append(dict(layers=layers, per=per, removed=best))
         print(f"step {step + 1}: removed {best}", flush=True)
@@ -51,19 +46,18 @@ def trace(model: str, samples: int, seq_len: int, steps: int) -> dict:
     return out
 
 
-def replay(t: dict, first: float, keep: float, min_keep: int, prior_keep: float | None) -> tuple[float, int]:
-    """(work in layer-equivalents x windows / windows, steps matching the exact choice) of one setting."""
+def replay(t: dict, halving: Halving, use_prior: bool) -> tuple[float, int]:
+    """(work in layer-equivalents x windows / windows, steps matching the exact choice) of one setting, as
+    ``layerwise.ranked_nlls`` would spend it (``use_prior``: the previous step's ranking cuts the first round)."""
     w_all, head = t["samples"], t["head_in_layers"]
     work, prior, matched = 0.0, None, 0
     for st in t["steps"]:
         layers, per, n = st["layers"], st["per"], len(st["layers"])
         alive = list(range(n))
-        if prior is not None and prior_keep is not None:
+        if prior is not None and use_prior:
             known = sorted((i for i in alive if layers[i] in prior), key=lambda i: prior[layers[i]])
-            alive = sorted(set(alive) - set(known[max(min_keep, math.ceil(len(known) * prior_keep)):]))
-        counts = [max(1, math.ceil(w_all * first))]
-        while counts[-1] < w_all:
-            counts.append(min(w_all, 2 * counts[-1]))
+            alive = sorted(set(alive) - set(known[max(halving.min_keep, math.ceil(len(known) * halving.prior_keep)):]))
+        counts = halving.rounds(w_all)
         sums, seen, done = [0.0] * n, [0] * n, 0
         for r, upto in enumerate(counts):
             work += (upto - done) * (sum(n - p - 1 + head for p in alive) + max(alive)) / w_all
@@ -73,7 +67,7 @@ def replay(t: dict, first: float, keep: float, min_keep: int, prior_keep: float 
             done = upto
             if r + 1 < len(counts):
                 ranked = sorted(alive, key=lambda i: sums[i] / seen[i])
-                alive = sorted(ranked[:max(min_keep, math.ceil(len(alive) * keep))])
+                alive = sorted(ranked[:max(halving.min_keep, math.ceil(len(alive) * halving.keep))])
         best = min((i for i in range(n) if seen[i] == w_all), key=sums.__getitem__)
         prior = {layers[i]: sums[i] / seen[i] for i in range(n) if seen[i]}
         if layers[best] != st["removed"]:
@@ -117,7 +111,7 @@ def main():
     for first, keep, min_keep, prior in itertools.product((1 / 8, 1 / 4, 1 / 2), (1 / 10, 1 / 6, 1 / 4, 1 / 3),
                                                           (1, 2, 3, 4, 6), (None, 1 / 2, 2 / 3)):
         if first * w_all >= 1:
-            work, matched = replay(t, first, keep, min_keep, prior)
+            work, matched = replay(t, Halving(first, keep, min_keep, prior or 1.0), prior is not None)
             rows.append((matched, naive / work, first, keep, min_keep, prior))
     rows.sort(key=lambda r: (-r[0], -r[1]))
     print("\n| first round | keep | at least | previous ranking keeps | steps matching | work, naive / this |\n"
@@ -127,7 +121,7 @@ def main():
         # After a different choice the trace no longer holds (another path), so its work is not comparable.
         print(f"| {first:.3g} | {keep:.3g} | {min_keep} | {'-' if prior is None else f'{prior:.3g}'} | "
               f"{matched}/{steps} | {f'{gain:.2f}x' if matched == steps else '(diverged)'} |")
-    current = replay(t, 1 / 4, 1 / 3, 3, 1 / 2)[1]
+    current = replay(t, Halving(), True)[1]
     print(f"\nthe search's Halving() with the previous ranking (as SLEB had it): the exact choice in {current}/{steps} "
           f"steps; the best setting matching every step: {max((r[1] for r in rows if r[0] == steps), default=0):.2f}x")
 

@@ -183,7 +183,6 @@ def training_windows(teacher, src_dir: Path, settings: Heal, count: int, device:
     """``count`` windows (count x seq_len) of ``settings.data``: each ``+``-joined part gives an equal share,
     interleaved so every batch mixes them; a generated part cycles through ``generated_windows`` samples."""
     from .data import calibration_ids
-
     from .report import console
 
     parts = settings.data.split("+")
