@@ -75,11 +75,13 @@ def main():
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", default="naive,cache", help="comma-separated: naive, cache, halving")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     modes = args.modes.split(",")
     src = resolve_source(args.model)
     ckpt = Checkpoint(src)
-    runner = Runner(LayerBank(ckpt), calibration_ids(src, "wikitext2", args.samples, args.seq_len, 0))
+    runner = Runner(LayerBank(ckpt, device=args.device), calibration_ids(src, "wikitext2", args.samples, args.seq_len, 0))
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     times, choices, ppls, work = {m: [] for m in modes}, {}, {}, {}
     counter = Work(runner, ckpt.config)
     for r in range(args.rounds):
@@ -92,7 +94,7 @@ def main():
             ppls[mode] = [s["ppl"] for s in steps]
     med = {m: statistics.median(times[m]) for m in modes}
     print(f"SLEB, {args.steps} step(s), {args.samples} x {args.seq_len} calibration tokens of WikiText-2 valid, "
-          f"{args.rounds} interleaved round(s), torch {torch.__version__} CPU, {torch.get_num_threads()} threads\n")
+          f"{args.rounds} interleaved round(s), torch {torch.__version__} on {where}\n")
     print("| | " + " | ".join(modes) + " |\n" + "|---" * (len(modes) + 1) + "|")
     print("| seconds (median) | " + " | ".join(f"{med[m]:.1f}" for m in modes) + " |")
     print("| all runs (s) | " + " | ".join(", ".join(f"{t:.1f}" for t in times[m]) for m in modes) + " |")

@@ -2,7 +2,7 @@
 every window, then successive-halving settings replayed on it.
 
     python benchmarks/sleb_windows.py [--model default] [--samples 8 --seq-len 256 --steps 9]
-        [--trace outputs/sleb_windows/trace.json]
+        [--trace outputs/sleb_windows/trace.json] [--device cpu|cuda]
 
 Runs SLEB exactly (prefix cache, every candidate on every window) and records each candidate's mean NLL per
 window, or reads a trace written before. Prints, for every step: the block removed, the gap to the runner-up,
@@ -20,16 +20,17 @@ import math
 from pathlib import Path
 
 from bench_sleb import matmul_weights
+from slimconv.analyse import sleb_halving
 from slimconv.data import calibration_ids
 from slimconv.layerwise import Halving, LayerBank, Runner, candidate_nlls
 from slimconv.plan import source_plan
 from slimconv.source import Checkpoint, resolve_source
 
 
-def trace(model: str, samples: int, seq_len: int, steps: int) -> dict:
+def trace(model: str, samples: int, seq_len: int, steps: int, device: str = "cpu") -> dict:
     src = resolve_source(model)
     ckpt = Checkpoint(src)
-    runner = Runner(LayerBank(ckpt), calibration_ids(src, "wikitext2", samples, seq_len, 0))
+    runner = Runner(LayerBank(ckpt, device=device), calibration_ids(src, "wikitext2", samples, seq_len, 0))
     stack = list(source_plan(ckpt.config).layers)
     layer, head = matmul_weights(ckpt.config)
     out = dict(samples=samples, seq_len=seq_len, head_in_layers=head / layer, steps=[])
@@ -83,12 +84,13 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--trace", default="outputs/sleb_windows/trace.json", help="read it if it exists, else write it")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (where the trace is computed)")
     args = p.parse_args()
     path = Path(args.trace)
     if path.is_file():
         t = json.loads(path.read_text())
     else:
-        t = trace(args.model, args.samples, args.seq_len, args.steps)
+        t = trace(args.model, args.samples, args.seq_len, args.steps, args.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(t))
     for st in t["steps"]:
@@ -108,7 +110,7 @@ def main():
     exact = sum(sum(n - p - 1 + head for p in range(n)) + n - 1 for n in (len(s["layers"]) for s in t["steps"]))
     print(f"\nwork, naive loop / prefix cache: {naive / exact:.2f}x")
     rows = []
-    for first, keep, min_keep, prior in itertools.product((1 / 8, 1 / 4, 1 / 2), (1 / 10, 1 / 6, 1 / 4, 1 / 3),
+    for first, keep, min_keep, prior in itertools.product((1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), (1 / 10, 1 / 6, 1 / 4, 1 / 3),
                                                           (1, 2, 3, 4, 6), (None, 1 / 2, 2 / 3)):
         if first * w_all >= 1:
             work, matched = replay(t, Halving(first, keep, min_keep, prior or 1.0), prior is not None)
@@ -121,9 +123,12 @@ def main():
         # After a different choice the trace no longer holds (another path), so its work is not comparable.
         print(f"| {first:.3g} | {keep:.3g} | {min_keep} | {'-' if prior is None else f'{prior:.3g}'} | "
               f"{matched}/{steps} | {f'{gain:.2f}x' if matched == steps else '(diverged)'} |")
-    current = replay(t, Halving(), True)[1]
-    print(f"\nthe search's Halving() with the previous ranking (as SLEB had it): the exact choice in {current}/{steps} "
-          f"steps; the best setting matching every step: {max((r[1] for r in rows if r[0] == steps), default=0):.2f}x")
+    searched = replay(t, Halving(), True)[1]
+    work, matched = replay(t, sleb_halving(w_all, t["seq_len"]), False)
+    print(f"\nthe search's Halving() with the previous ranking: the exact choice in {searched}/{steps} steps; "
+          f"SLEB's (analyse.sleb_halving): {matched}/{steps} steps"
+          + (f", {naive / work:.2f}x less work than the naive loop" if matched == steps else "")
+          + f"; the best setting matching every step: {max((r[1] for r in rows if r[0] == steps), default=0):.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ person reads (metrics.json, report.md, plots) and `slimconv recipe` turns into a
 Everything runs layer by layer (``layerwise``), so the model never has to fit in memory.
 """
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -99,6 +100,18 @@ def group_ppls(runner: Runner, config: dict, groups: list[dict]) -> None:
         g["ppl"] = ppl(v)
 
 
+# SLEB's successive halving (opt-in): every candidate on a quarter of the windows but at most 512 tokens,
+# then the best third, at least 4, on twice as many windows, and so on. Replayed on exact traces of
+# SmolLM2's SLEB (benchmarks/sleb_windows.py) it keeps all 9 of the exact loop's choices at 8 x 256 and at
+# 32 x 256 calibration tokens; keeping at least 3, or a first round of 256 tokens, does not at 32 x 256.
+SLEB_FIRST_TOKENS, SLEB_MIN_KEEP = 512, 4
+
+
+def sleb_halving(windows: int, seq_len: int) -> Halving:
+    first = max(1, min(math.ceil(windows / 4), SLEB_FIRST_TOKENS // seq_len))
+    return Halving(first=first / windows, keep=1 / 3, min_keep=SLEB_MIN_KEEP)
+
+
 def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, halving: bool = False,
          label: str = "SLEB") -> list[dict]:
     """SLEB's iterative elimination: at every step try removing each remaining block, keep the removal with
@@ -106,7 +119,7 @@ def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, h
 
     ``prefix_cache=False`` is the naive loop (every candidate runs the whole model on every window).
     Otherwise candidates share the hidden states before them (exact: the naive loop's choices). With
-    ``halving`` they are also ranked by successive halving over the windows (``layerwise.Halving``), and the
+    ``halving`` they are also ranked by successive halving over the windows (``sleb_halving``), and the
     block removed is the best of those scored on every window: less work, and not guaranteed to make the
     same choices. Unlike the search, SLEB does not let the previous step's ranking cut the first round:
     on SmolLM2 with 8 x 256 calibration tokens that cut changed the choice at step 2, while halving alone
@@ -115,7 +128,7 @@ def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, h
     """
     stack = list(source_plan(config).layers)
     steps = []
-    halving = Halving() if halving and prefix_cache else None
+    halving = sleb_halving(*runner.ids.shape) if halving and prefix_cache else None
     for step in range(blocks):
         cands = [(p, 1, []) for p in range(len(stack))]
         layers = [spec.source_layers[0] for spec in stack]
@@ -150,7 +163,7 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
                       f"({sum(max(n - k + 1, 0) for k in s.group_sizes)} candidates)")
     if s.sleb_blocks:
         how = ("every candidate on every window" if not s.sleb_halving or s.samples == 1 else
-               f"successive halving over the windows ({', '.join(map(str, Halving().rounds(s.samples)))} of "
+               f"successive halving over the windows ({', '.join(map(str, sleb_halving(s.samples, s.seq_len).rounds(s.samples)))} of "
                f"{s.samples})")
         console.print(f"  3. SLEB: {s.sleb_blocks} removals, up to {sum(n - i for i in range(s.sleb_blocks))} candidate "
                       f"evaluations, each reusing the hidden states before the candidate; {how}")

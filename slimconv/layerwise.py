@@ -190,7 +190,7 @@ class Halving:
 
     def rounds(self, windows: int) -> list[int]:
         """Cumulative window counts of the rounds, ending with ``windows``."""
-        counts = [max(1, math.ceil(windows * self.first))]
+        counts = [max(1, math.ceil(windows * self.first - 1e-9))]  # k/n * n may round above k
         while counts[-1] < windows:
             counts.append(min(windows, 2 * counts[-1]))
         return counts
