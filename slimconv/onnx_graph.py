@@ -35,6 +35,11 @@ from .errors import SlimError
 from .source import Checkpoint
 
 OPSET = 17
+# make_model stamps the installed onnx's newest IR version (14 with onnx 1.23), which older runtimes refuse
+# to load: onnxruntime 1.30 on a GPU machine said "Unsupported model IR version: 14, max supported IR
+# version: 13". Opset 17 needs IR 8; 10 is what the oldest versions pyproject claims (onnx 1.16,
+# onnxruntime 1.18) read, and the graph uses nothing newer.
+IR_VERSION = 10
 # Changes whenever the graph's layout does, so that cached exports (bench's source graph) are rebuilt.
 GRAPH_VERSION = "gqa1"
 MS = "com.microsoft"
@@ -403,7 +408,7 @@ class _Decoder:
         graph = helper.make_graph(self.g.nodes, "slimconv_decoder", inputs, outputs,
                                   initializer=self.g.writer.initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                                 producer_name="slimconv")
+                                 producer_name="slimconv", ir_version=IR_VERSION)
 
 
 def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool) -> dict:

@@ -59,7 +59,10 @@ def test_unslimmed_graph_is_as_lean_as_the_builders(tiny_models, tmp_path):
     assert ops["MatMul"] == 5 * layers and ops["FusedMatMul"] == 1  # tied head reads the embedding
     assert "Transpose" not in ops and "Constant" not in ops
     assert sum(ops.values()) <= 11 * layers + 16, ops
-    assert_ops_known_to_onnxruntime(onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False))
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    assert_ops_known_to_onnxruntime(model)
+    # Not the installed onnx's newest IR: onnxruntime 1.30 refused IR 14 (README, "Measured on a GPU").
+    assert model.ir_version == 10
 
 
 def test_removed_sublayers_write_no_nodes_and_wide_layers_one_attention_per_member(tiny_models, tmp_path):
