@@ -17,6 +17,7 @@ from .errors import SlimError
 from .onnx_graph import GRAPH_VERSION, bytes_per_weight
 
 RUNTIMES = ("torch", "onnx")
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class BenchSettings:
     repeats: int = 3
     threads: int | None = None  # None: torch's default intra-op thread count, for both runtimes
     device: str = "auto"  # auto | cpu | cuda
+    torch_dtype: str = "float32"  # float32 | float16 | bfloat16: what the torch runtime runs in
 
 
 def _prompt(batch: int, length: int, vocab: int) -> np.ndarray:
@@ -61,14 +63,14 @@ class OrtRunner:
 class TorchRunner:
     """A checkpoint loaded with transformers (remote code for slim layouts), greedy steps with its KV cache."""
 
-    def __init__(self, directory: Path, device: str, trust_remote_code: bool = False):
+    def __init__(self, directory: Path, device: str, trust_remote_code: bool = False, dtype: str = "float32"):
         import torch
 
         from .runtime import load_model
 
         self.torch = torch
         self.device = device
-        self.model = load_model(directory, trust_remote_code).to(device)
+        self.model = load_model(directory, trust_remote_code).to(device=device, dtype=getattr(torch, dtype))
         self.vocab = self.model.config.vocab_size
 
     def _sync(self):
@@ -207,6 +209,8 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     runtimes = parse_runtimes(settings.runtimes)
     if settings.repeats < 1 or settings.new_tokens < 1:
         raise SlimError("--repeats and --new-tokens must be at least 1")
+    if settings.torch_dtype not in TORCH_DTYPES:
+        raise SlimError(f"--torch-dtype {settings.torch_dtype}: unknown", f"use one of {', '.join(TORCH_DTYPES)}")
     meta = read_json(out / PLAN_FILE)
     plan = Plan(**meta["plan"])
     src_dir = resolve_source(source)
@@ -243,8 +247,11 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
             label = f"onnxruntime {runners['slim'].provider.removesuffix('ExecutionProvider').lower()}"
             width = bytes_per_weight(onnx_config["onnx_dtype"], (onnx_config.get("onnx_int4") or {}).get("block_size", 32))
         else:
-            runners = {"source": TorchRunner(src_dir, device, trust_remote_code), "slim": TorchRunner(out, device)}
-            label, width = f"torch {device}", DTYPES["float32"].itemsize  # TorchRunner loads float32
+            dtype = settings.torch_dtype
+            runners = {"source": TorchRunner(src_dir, device, trust_remote_code, dtype),
+                       "slim": TorchRunner(out, device, dtype=dtype)}
+            label = f"torch {device}" + ("" if dtype == "float32" else f" {dtype}")
+            width = DTYPES[dtype].itemsize
         for batch, prompt_len in cases:
             med = measure(runners, batch, prompt_len, settings.new_tokens, settings.repeats, bar.update)
             ideal = ideal_speedups(plan, config, prompt_len, settings.new_tokens, batch)

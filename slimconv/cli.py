@@ -132,7 +132,8 @@ def _cmd_run(args):
 
             b = recipe.bench or Bench()
             run_bench(recipe.model, out or recipe.output.dir,
-                      BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats),
+                      BenchSettings(b.runtimes, b.prompt_lens, b.new_tokens, b.batch, b.repeats,
+                                    torch_dtype=b.torch_dtype),
                       trust_remote_code=args.trust_remote_code)
         elif stage == "push":
             push(out or recipe.output.dir, recipe.push.repo_id, recipe.push.private, recipe.push.include_onnx)
@@ -206,7 +207,7 @@ def _cmd_bench(args):
 
     settings = BenchSettings(parse_runtimes(args.runtime), _int_list(args.prompt_lens, "--prompt-lens"),
                              args.new_tokens, _int_list(args.batch, "--batch"), args.repeats, args.threads,
-                             args.device)
+                             args.device, args.torch_dtype)
     run_bench(args.source, args.output, settings, args.out_json, args.plot, args.trust_remote_code)
     return 0
 
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="intra-op threads of both runtimes (default: torch's default)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="torch device and ONNX Runtime provider (auto: CUDA when available)")
+    s.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="what the torch runtime runs source and slim in (default float32; float16 or bfloat16 is "
+                        "how a model is served on a GPU). The ONNX runtime runs the export's own precision")
     s.add_argument("--out-json", help="write the rows here instead of OUTPUT_DIR/slimconv_bench.json "
                    "(the model card is then left as it is)")
     s.add_argument("--plot", help="also write a PNG of measured vs ideal speedups")

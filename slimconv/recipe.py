@@ -138,6 +138,8 @@ class Bench(_Strict):
     new_tokens: int = Field(32, ge=1, description="cached decode steps after the prefill")
     batch: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1, description="batch sizes")
     repeats: int = Field(3, ge=1, description="interleaved repeats (source, slim, ...); medians are reported")
+    torch_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="what the torch runtime runs source and slim in (float16/bfloat16: as served on a GPU)")
 
 
 class Heal(_Strict):

@@ -89,5 +89,31 @@ def test_run_with_bench_stage(tiny_models, tmp_path):
               "bench": {"runtimes": ["torch"], "prompt_lens": [8], "new_tokens": 2, "repeats": 1}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
-    assert [r["runtime"] for r in json.loads((out / "slimconv_bench.json").read_text())] == ["torch cpu"]
+    # The stage's device is auto: CUDA where torch sees a GPU.
+    assert [r["runtime"] for r in json.loads((out / "slimconv_bench.json").read_text())] in (["torch cpu"], ["torch cuda"])
     assert "## Speed" in (out / "README.md").read_text()
+
+
+def test_torch_dtype_runs_both_models_in_it_and_sizes_memory_by_it(slim, tiny_models, tmp_path):
+    src = str(tiny_models["llama-tied"])
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["bench", src, str(slim), "--runtime", "torch", "--torch-dtype", dtype,
+                     "--out-json", str(tmp_path / f"{dtype}.json"), *TINY_ARGS]) == 0
+        [rows[dtype]] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert rows["float32"]["runtime"] == "torch cpu" and rows["bfloat16"]["runtime"] == "torch cpu bfloat16"
+    for k in ("weights+KV MB source", "weights+KV MB slim"):
+        assert rows["bfloat16"][k] == pytest.approx(rows["float32"][k] / 2)
+    assert parse_recipe({"model": "x", "output": {"dir": "o"}, "stages": ["bench"],
+                         "bench": {"torch_dtype": "float16"}}).bench.torch_dtype == "float16"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="torch sees no CUDA device (CI has none)")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_bench_on_cuda(slim, tiny_models, tmp_path, dtype):
+    assert TINY_ARGS[-2:] == ["--device", "cpu"]
+    assert main(["bench", str(tiny_models["llama-tied"]), str(slim), "--runtime", "torch", "--torch-dtype", dtype,
+                 "--out-json", str(tmp_path / "b.json"), *TINY_ARGS[:-1], "cuda"]) == 0
+    [row] = json.loads((tmp_path / "b.json").read_text())
+    assert row["runtime"] == "torch cuda" + ("" if dtype == "float32" else f" {dtype}")
+    assert row["decode tok/s slim"] > 0 and row["decode tok/s source"] > 0
