@@ -78,3 +78,25 @@ def test_half_precision_output(tiny_models, tmp_path, dtype, tol):
     with torch.no_grad():
         err = (load_model(tmp_path / "out")(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max()
     assert err < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device (CI has none)")
+@pytest.mark.parametrize("change", ["mix", "group-of-3"])
+def test_slim_model_on_cuda(tiny_models, tmp_path, change):
+    """The shipped modeling code on a GPU, float32 and float16: the same logits as the CPU; in float32, cached
+    greedy generation equals the uncached argmax loop (a random model's near-ties make float16 tokens flip)."""
+    from slimconv.reference import greedy_no_cache
+    from slimconv.runtime import load_model
+
+    convert(tiny_models["qwen3"], tmp_path / "out", **CHANGES[change])
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = load_model(tmp_path / "out")(input_ids=ids).logits
+        gpu = load_model(tmp_path / "out").cuda()
+        assert (gpu(input_ids=ids.cuda()).logits.cpu() - want).abs().max() < 1e-4
+        prompt = ids[:1].cuda()
+        gen = gpu.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False, pad_token_id=0)
+        assert torch.equal(gen, greedy_no_cache(gpu, prompt, 8))
+        half = gpu.half()(input_ids=ids.cuda()).logits.float().cpu()
+        assert (half - want).abs().max() < 0.05

@@ -297,3 +297,21 @@ def test_validate_judges_a_healed_output_by_its_own_checks(tmp_path, monkeypatch
                            "quality_unhealed": {"passed": False}})
     assert r["passed"] and json.loads((tmp_path / REPORT_FILE).read_text())["passed"]
     assert not _finish(tmp_path, {"exactness": {"passed": True}, "quality": {"passed": False}})["passed"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device (CI has none)")
+def test_heal_on_cuda_matches_the_cpu_run(tmp_path, src, texts):
+    """The same heal on the GPU and on the CPU: the same format, and the same losses up to float rounding
+    (same seed, same windows), with the GPU named in the report."""
+    out = _output(tmp_path, src, texts)
+    reports = {}
+    for device in ("cpu", "cuda"):
+        healed = tmp_path / f"healed-{device}"
+        assert main(["heal", str(out), "-o", str(healed), "--device", device, *_flags(texts, steps=10)]) == 0
+        reports[device] = json.loads((healed / HEAL_FILE).read_text())
+        assert _tensors(healed) == _tensors(out)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["device"] == torch.cuda.get_device_name() and gpu["peak_cuda_mb"] > 0 and cpu["peak_cuda_mb"] is None
+    assert [r["kl"] for r in gpu["curve"]] == pytest.approx([r["kl"] for r in cpu["curve"]], rel=2e-2, abs=1e-4)
+    e_cpu, e_gpu = cpu["eval"][str(texts["test"])]["healed"], gpu["eval"][str(texts["test"])]["healed"]
+    assert e_gpu["kl"] == pytest.approx(e_cpu["kl"], rel=5e-2, abs=1e-4)
