@@ -20,6 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from slimconv.recipe import Heal
+
+# heal's own default: rows written before --generated-windows existed were sampled with it.
+WINDOWS = Heal.model_fields["generated_windows"].default
 RECIPES = {"drop-late-attention": "recipes/smollm2-drop-late-attention.yaml",
            "drop-blocks-20pct": "recipes/smollm2-drop-blocks-20pct.yaml",
            "sleb-20pct": "recipes/smollm2-sleb-20pct.yaml",
@@ -64,7 +68,7 @@ def table(rows: list[dict]) -> str:
             "gap recovered", "KL slim -> healed", "KJV ppl src / slim / healed", "KJV KL slim -> healed (drop)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        data = r.get("data", "wikitext2") + (f" ({r.get('generated_windows', 64)} sampled)" if "generated" in r.get("data", "") else "")
+        data = r.get("data", "wikitext2") + (f" ({r.get('generated_windows', WINDOWS)} sampled)" if "generated" in r.get("data", "") else "")
         lines.append(f"| {r['recipe']} | {r['train']} | {data} | {r.get('hidden_weight', 0.0):g} | {r['steps']} | {r['minutes']} | {r['peak_rss_mb']} | "
                      f"{r['ppl_source']:.2f} / {r['ppl_unhealed']:.2f} / **{r['ppl_healed']:.2f}** | "
                      f"**{r['gap_recovered']:.0%}** | {r['kl_unhealed']:.3f} -> {r['kl_healed']:.3f} | "
@@ -83,7 +87,7 @@ def main():
     p.add_argument("--lora-lr", type=float, default=1e-3, help="adapters start at zero and need a larger rate")
     p.add_argument("--data", default="wikitext2", help="heal --data: training text(s), e.g. wikitext2+generated")
     p.add_argument("--hidden-weight", type=float, default=0.0, help="heal --hidden-weight (0: KL only)")
-    p.add_argument("--generated-windows", type=int, default=64, help="heal --generated-windows")
+    p.add_argument("--generated-windows", type=int, default=WINDOWS, help="heal --generated-windows")
     p.add_argument("--out-dir", default="outputs/bench-heal")
     args = p.parse_args()
     cli = [sys.executable, "-m", "slimconv"]
@@ -96,7 +100,7 @@ def main():
         for mode in args.modes.split(","):
             healed = out_dir / (f"{name}-{mode}" + ("" if args.data == "wikitext2" else f"-{args.data}")
                                 + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
-                                + (f"-gw{args.generated_windows}" if args.generated_windows != 64 else ""))
+                                + (f"-gw{args.generated_windows}" if args.generated_windows != WINDOWS else ""))
             lr = args.lora_lr if mode == "lora" else args.lr
             subprocess.run([*cli, "heal", str(unhealed), "-o", str(healed), "--force", "--train", mode,
                             "--steps", str(args.steps), "--max-minutes", str(args.minutes), "--lr", str(lr),
@@ -105,7 +109,7 @@ def main():
                            check=True)
             key = (name, mode, args.data, args.hidden_weight, args.generated_windows)
             rows = [r for r in rows if (r["recipe"], r["train"], r.get("data", "wikitext2"), r.get("hidden_weight", 0.0),
-                                        r.get("generated_windows", 64)) != key]
+                                        r.get("generated_windows", WINDOWS)) != key]
             rows.append(row(name, mode, args.data, args.hidden_weight, args.generated_windows,
                             json.loads((healed / "slimconv_heal.json").read_text())))
             results.write_text(json.dumps(rows, indent=2))

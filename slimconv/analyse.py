@@ -162,9 +162,9 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
         console.print(f"  2. calibration perplexity with each group parallel "
                       f"({sum(max(n - k + 1, 0) for k in s.group_sizes)} candidates)")
     if s.sleb_blocks:
+        rounds = sleb_halving(s.samples, s.seq_len).rounds(s.samples)
         how = ("every candidate on every window" if not s.sleb_halving or s.samples == 1 else
-               f"successive halving over the windows ({', '.join(map(str, sleb_halving(s.samples, s.seq_len).rounds(s.samples)))} of "
-               f"{s.samples})")
+               f"successive halving over the windows ({', '.join(map(str, rounds))} of {s.samples})")
         console.print(f"  3. SLEB: {s.sleb_blocks} removals, up to {sum(n - i for i in range(s.sleb_blocks))} candidate "
                       f"evaluations, each reusing the hidden states before the candidate; {how}")
     if s.naive_check:
