@@ -16,6 +16,7 @@ Run it under `nice` on a shared machine: each cell takes the budget plus a few m
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,12 @@ def row(name: str, mode: str, data: str, hidden_weight: float, generated_windows
                 kjv_kl_healed=second["healed"]["kl"], kjv_kl_drop=1 - second["healed"]["kl"] / second["unhealed"]["kl"])
 
 
+def data_tag(data: str) -> str:
+    """A folder-name part for heal --data: a text file by its stem (a path would nest folders), other parts
+    (wikitext2, generated, hf:org/name) with anything but word characters, dots and dashes replaced."""
+    return "+".join(Path(p).stem if Path(p).is_file() else re.sub(r"[^\w.-]+", "_", p) for p in data.split("+"))
+
+
 def table(rows: list[dict]) -> str:
     head = ["recipe", "train", "data", "hidden weight", "steps", "min", "peak RSS MB", "ppl src / slim / healed (WikiText-2 test)",
             "gap recovered", "KL slim -> healed", "KJV ppl src / slim / healed", "KJV KL slim -> healed (drop)"]
@@ -98,7 +105,7 @@ def main():
     for name in args.recipes.split(","):
         unhealed = slim(cli, name, out_dir)
         for mode in args.modes.split(","):
-            healed = out_dir / (f"{name}-{mode}" + ("" if args.data == "wikitext2" else f"-{args.data}")
+            healed = out_dir / (f"{name}-{mode}" + ("" if args.data == "wikitext2" else f"-{data_tag(args.data)}")
                                 + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
                                 + (f"-gw{args.generated_windows}" if args.generated_windows != WINDOWS else ""))
             lr = args.lora_lr if mode == "lora" else args.lr
