@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, help="tokens per training window (default 256)")
     s.add_argument("--batch", type=int, help="windows per step (default 4)")
     s.add_argument("--data", help="training text: wikitext2 (valid split; default), a text file, hf:NAME, or "
-                   "generated (windows sampled from the source itself); join with + to mix, e.g. wikitext2+generated")
+                   "generated (windows sampled from the source itself); join with + to mix, e.g. wikitext2+generated "
+                   "(each part an equal share; name a part twice to weight it, with other windows)")
     s.add_argument("--generated-windows", type=int, help="windows the source samples for --data generated "
                    "(default 64; training cycles through them)")
     s.add_argument("--hidden-weight", type=float, help="add this x the normalised MSE of hidden states after each "

@@ -181,21 +181,24 @@ def sample_windows(model, n: int, seq_len: int, seed: int, device: torch.device,
 
 def training_windows(teacher, src_dir: Path, settings: Heal, count: int, device: torch.device) -> torch.Tensor:
     """``count`` windows (count x seq_len) of ``settings.data``: each ``+``-joined part gives an equal share,
-    interleaved so every batch mixes them; a generated part cycles through ``generated_windows`` samples."""
+    interleaved so every batch mixes them; a generated part cycles through ``generated_windows`` samples.
+    A part named again draws other windows (the seed plus how often it came before), so repeating a part
+    weights the mix instead of duplicating windows."""
     from .data import calibration_ids
     from .report import console
 
     parts = settings.data.split("+")
     shares = [count // len(parts) + (i < count % len(parts)) for i in range(len(parts))]
     pools = []
-    for part, n in zip(parts, shares):
+    for j, (part, n) in enumerate(zip(parts, shares)):
+        seed = settings.seed + parts[:j].count(part)
         if part == "generated":
             k = min(n, settings.generated_windows)
             console.print(f"sampling {k} windows of {settings.seq_len} tokens from the source for training")
-            pool = sample_windows(teacher, k, settings.seq_len, settings.seed, device)
+            pool = sample_windows(teacher, k, settings.seq_len, seed, device)
             pools.append(pool[torch.arange(n) % len(pool)])
         else:
-            pools.append(calibration_ids(src_dir, part, n, settings.seq_len, settings.seed))
+            pools.append(calibration_ids(src_dir, part, n, settings.seq_len, seed))
     order = [pool[i] for i in range(max(shares)) for pool in pools if i < len(pool)]
     return torch.stack(order)
 

@@ -154,7 +154,8 @@ class Heal(_Strict):
     batch: int = Field(4, ge=1, le=4096, description="windows per step")
     data: str = Field("wikitext2", description='training text: "wikitext2" (its VALID split), a text file, '
                       '"hf:NAME[:CONFIG]", or "generated" (sampled from the source model itself, so no one domain); '
-                      'join with + to mix them window by window ("wikitext2+generated"); never a test split')
+                      'join with + to mix them window by window ("wikitext2+generated"; a part named twice weights '
+                      'it, with other windows); never a test split')
     generated_windows: int = Field(64, ge=1, le=100_000, description='windows the source samples when data is '
                                    '"generated"; training cycles through them (sampling costs about a training step '
                                    'per 8 windows on a CPU)')

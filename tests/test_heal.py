@@ -270,6 +270,17 @@ def test_generated_data_is_sampled_from_the_source_and_mixes_window_by_window(tm
     assert torch.equal(again, generated[:3])
 
 
+def test_a_repeated_part_weights_the_mix_with_other_windows(tmp_path, src, texts):
+    teacher = load_model(src)
+    settings = Heal(data=f"generated+generated+{texts['train']}", generated_windows=2, seq_len=16, seed=5)
+    windows = heal_mod.training_windows(teacher, src, settings, 6, torch.device("cpu"))
+    first, second, text = windows[0::3], windows[1::3], windows[2::3]  # two thirds sampled, one third text
+    assert {tuple(w.tolist()) for w in first}.isdisjoint(tuple(w.tolist()) for w in second)
+    assert torch.equal(first, heal_mod.sample_windows(teacher, 2, 16, 5, torch.device("cpu")))
+    assert torch.equal(text, heal_mod.training_windows(None, src, Heal(data=str(texts["train"]), seq_len=16, seed=5), 2,
+                                                       torch.device("cpu")))
+
+
 def test_heal_on_generated_data_runs_end_to_end(tmp_path, src, texts):
     # A random tiny model's samples say nothing about held-out text, so this checks the training loss falls
     # on the samples and the report and card say what the data was; SmolLM2's numbers are in the README.
