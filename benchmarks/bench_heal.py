@@ -45,14 +45,14 @@ def slim(cli, name: str, out_dir: Path) -> Path:
     return out_dir / name
 
 
-def row(name: str, mode: str, data: str, hidden_weight: float, generated_windows: int, heal: dict) -> dict:
+def row(name: str, mode: str, lr: float, data: str, hidden_weight: float, generated_windows: int, heal: dict) -> dict:
     first, second = heal["eval"][heal["first_text"]], heal["eval"][heal["second_text"]]
 
     def recovered(e):
         gap = math.log(e["unhealed"]["ppl_slim"] / e["unhealed"]["ppl_source"])
         return 1 - math.log(e["healed"]["ppl_slim"] / e["healed"]["ppl_source"]) / gap if gap > 0 else float("nan")
 
-    return dict(recipe=name, train=mode, data=data, hidden_weight=hidden_weight, generated_windows=generated_windows,
+    return dict(recipe=name, train=mode, lr=lr, data=data, hidden_weight=hidden_weight, generated_windows=generated_windows,
                 steps=heal["steps"],
                 minutes=round(heal["wall_s"] / 60, 1),
                 peak_rss_mb=round(heal["peak_rss_mb"]),
@@ -71,12 +71,12 @@ def data_tag(data: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["recipe", "train", "data", "hidden weight", "steps", "min", "peak RSS MB", "ppl src / slim / healed (WikiText-2 test)",
+    head = ["recipe", "train", "lr", "data", "hidden weight", "steps", "min", "peak RSS MB", "ppl src / slim / healed (WikiText-2 test)",
             "gap recovered", "KL slim -> healed", "KJV ppl src / slim / healed", "KJV KL slim -> healed (drop)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         data = r.get("data", "wikitext2") + (f" ({r.get('generated_windows', WINDOWS)} sampled)" if "generated" in r.get("data", "") else "")
-        lines.append(f"| {r['recipe']} | {r['train']} | {data} | {r.get('hidden_weight', 0.0):g} | {r['steps']} | {r['minutes']} | {r['peak_rss_mb']} | "
+        lines.append(f"| {r['recipe']} | {r['train']} | {format(r['lr'], 'g') if 'lr' in r else '-'} | {data} | {r.get('hidden_weight', 0.0):g} | {r['steps']} | {r['minutes']} | {r['peak_rss_mb']} | "
                      f"{r['ppl_source']:.2f} / {r['ppl_unhealed']:.2f} / **{r['ppl_healed']:.2f}** | "
                      f"**{r['gap_recovered']:.0%}** | {r['kl_unhealed']:.3f} -> {r['kl_healed']:.3f} | "
                      f"{r['kjv_ppl_source']:.2f} / {r['kjv_ppl_unhealed']:.2f} / {r['kjv_ppl_healed']:.2f} | "
@@ -105,19 +105,19 @@ def main():
     for name in args.recipes.split(","):
         unhealed = slim(cli, name, out_dir)
         for mode in args.modes.split(","):
-            healed = out_dir / (f"{name}-{mode}" + ("" if args.data == "wikitext2" else f"-{data_tag(args.data)}")
+            lr = args.lora_lr if mode == "lora" else args.lr
+            healed = out_dir / (f"{name}-{mode}-lr{lr:g}" + ("" if args.data == "wikitext2" else f"-{data_tag(args.data)}")
                                 + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
                                 + (f"-gw{args.generated_windows}" if args.generated_windows != WINDOWS else ""))
-            lr = args.lora_lr if mode == "lora" else args.lr
             subprocess.run([*cli, "heal", str(unhealed), "-o", str(healed), "--force", "--train", mode,
                             "--steps", str(args.steps), "--max-minutes", str(args.minutes), "--lr", str(lr),
                             "--data", args.data, "--hidden-weight", str(args.hidden_weight),
                             "--generated-windows", str(args.generated_windows)],
                            check=True)
-            key = (name, mode, args.data, args.hidden_weight, args.generated_windows)
-            rows = [r for r in rows if (r["recipe"], r["train"], r.get("data", "wikitext2"), r.get("hidden_weight", 0.0),
-                                        r.get("generated_windows", WINDOWS)) != key]
-            rows.append(row(name, mode, args.data, args.hidden_weight, args.generated_windows,
+            key = (name, mode, lr, args.data, args.hidden_weight, args.generated_windows)
+            rows = [r for r in rows if (r["recipe"], r["train"], r.get("lr"), r.get("data", "wikitext2"),
+                                        r.get("hidden_weight", 0.0), r.get("generated_windows", WINDOWS)) != key]
+            rows.append(row(name, mode, lr, args.data, args.hidden_weight, args.generated_windows,
                             json.loads((healed / "slimconv_heal.json").read_text())))
             results.write_text(json.dumps(rows, indent=2))
             print(table(rows), flush=True)
