@@ -181,6 +181,12 @@ def slim_onnx(out: Path) -> Path:
         if not run_export(out, provider="cpu")["passed"]:
             raise SlimError(f"the ONNX export of {out} does not match PyTorch (see {onnx_dir}/slimconv_onnx_report.json)",
                             "fix the export before timing it")
+    from .provenance import Export, onnx_record, stale_message
+    from .source import weights_sha256
+
+    export = Export(onnx_dir, "onnx", onnx_record(onnx_dir), weights_sha256(out))
+    if export.status == "stale":  # timing another model's graph would report its speed as this one's
+        raise SlimError(*stale_message(export, out))
     return onnx_dir
 
 

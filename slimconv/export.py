@@ -14,7 +14,8 @@ from .errors import SlimError
 from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
 from .outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
 from .runtime import Decoder, load_model, load_tokenizer, providers
-from .source import AUX_FILES, Checkpoint
+from .provenance import ONNX_KEY
+from .source import AUX_FILES, Checkpoint, weights_sha256
 
 
 def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "always",
@@ -246,6 +247,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         vocab = json.loads((slim_dir / "config.json").read_text())["vocab_size"]
         report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=target_provider)
         report["export"] = info
+        report[ONNX_KEY] = weights_sha256(slim_dir)  # what push and validate check it against
         report["early_exit"] = "not exported: the graph runs every layer" if early_exit is not None else None
         write_json(tmp / ONNX_REPORT_FILE, report)
     console.print(f"ONNX Runtime ran on [bold]{report['provider']}[/]")

@@ -315,7 +315,8 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     """Writes ``path`` from a slimconv output folder; returns what was written (architecture, tokenizer, sizes)."""
     import gguf
 
-    from .source import Checkpoint
+    from .provenance import GGUF_KEY
+    from .source import Checkpoint, weights_sha256
 
     cfg = checked_config(slim_dir, dtype)
     ckpt = Checkpoint(slim_dir)
@@ -324,6 +325,7 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     layers = cfg["slim_layers"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name or slim_dir.name)
+    writer.add_string(GGUF_KEY, weights_sha256(slim_dir))  # what push and validate check it against
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(len(layers))

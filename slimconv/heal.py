@@ -29,16 +29,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .convert import MODELING_FILES
 from .errors import SlimError
-from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR, PLAN_FILE, RECIPE_FILE, REPORT_FILE,
-                     AtomicDir, read_json, refuse_overlap, require_output, write_json)
+from .nemotron import NAS_FILES
+from .outdir import (CONFIG_FILE, HEAL_FILE, HEAL_PLOT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, AtomicDir, read_json,
+                     refuse_overlap, require_output, write_json)
 from .plan import Plan
 from .recipe import Heal
 from .runtime import load_model, load_tokenizer
-from .source import same_source, source_paths, weights_sha256
+from .source import AUX_FILES, same_source, source_paths, weights_sha256
 
-# Files of the unhealed output that the healed one does not inherit: its reports are about other weights.
-_NOT_INHERITED = {REPORT_FILE, CARD_FILE, BENCH_FILE, HEAL_FILE, HEAL_PLOT, ONNX_DIR}
+# What the healed output takes from the unhealed one besides the weights (heal writes those, its plan, reports
+# and card itself). A list of what to keep, not of what to leave: exports (gguf/, onnx/, any folder a user
+# exported into) and reports describe the unhealed weights, and a healed folder carrying them would publish
+# files that run another model than its card says.
+INHERITED = (CONFIG_FILE, RECIPE_FILE, "model.safetensors.index.json", *AUX_FILES, *MODELING_FILES, *NAS_FILES)
 
 
 class LoRALinear(nn.Module):
@@ -483,10 +488,9 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         if settings.train == "lora":
             merge_lora(student)
         _write_weights(student, out, tmp, set(changed))
-        for f in out.iterdir():
-            if f.name in _NOT_INHERITED or f.name.startswith(".") or f.suffix == ".safetensors":
-                continue
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        for name in dict.fromkeys(INHERITED):
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
         healed_meta = dict(meta, heal=dict(unhealed=str(out.resolve()), unhealed_sha256=unhealed_hash,
                                            source_sha256=source_hash, train=settings.train, trained_layers=layers,
                                            trained_tensors=changed))

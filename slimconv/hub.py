@@ -57,6 +57,24 @@ def check_publishable(out: Path, include_onnx: bool, force: bool) -> None:
         raise SlimError(f"refusing to push: {problem}", f"run `{command}` until it passes, or pass --force")
 
 
+def check_exports(out: Path, files: list[str]) -> None:
+    """Refuses a push that would upload an export made from other weights than the folder's own (a GGUF or
+    ONNX graph that engines load and run, under a card that describes another model); warns about exports
+    that record nothing."""
+    from .provenance import find_exports, stale_message, unrecorded_message
+
+    uploaded = set(files)
+    for export in find_exports(out):
+        rel = (export.path / "model.onnx" if export.kind == "onnx" else export.path).relative_to(out).as_posix()
+        if rel not in uploaded:
+            continue
+        if export.status == "stale":
+            problem, fix = stale_message(export, out)
+            raise SlimError(f"refusing to push: {problem}", fix)
+        if export.status == "unrecorded":
+            console.print(f"[yellow]warning:[/] {unrecorded_message(export)}")
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
@@ -119,6 +137,7 @@ def push(out, repo_id: str, private: bool = False, include_onnx: bool = False, d
     check_publishable(out, include_onnx, force)
     card = card_text(out, repo_id=repo_id, onnx=include_onnx).encode()
     files = upload_files(out, include_onnx)
+    check_exports(out, files)
     _print_listing(out, files, len(card))
     if dry_run:
         console.rule(f"{CARD_FILE} (model card)")

@@ -1,5 +1,6 @@
 """Validation questions 1 (is the conversion exact?) and 3 (what did the slimming cost?)."""
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +122,6 @@ def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: li
     """A healed output's exactness question: its weights were trained by heal, so they are not compared
     with the run-time reference; instead every tensor heal did not train must equal the unhealed output's,
     byte for byte, and the trained ones must keep their names, shapes and dtypes."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     from .source import weights_sha256
@@ -214,6 +213,25 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
     return _finish(out, report)
 
 
+def warn_exports(out) -> list[dict]:
+    """Warns about exports in ``out`` that were made from other weights (stale) or record none; returns them
+    for the report. A warning, not a failure: validation is about the weights, and push refuses stale ones."""
+    from .provenance import find_exports, stale_message, unrecorded_message
+    from .report import console
+
+    found = []
+    for export in find_exports(out):
+        if export.status == "own":
+            continue
+        if export.status == "stale":
+            problem, fix = stale_message(export, Path(out))
+            console.print(f"[yellow]warning:[/] {problem}\n  fix: {fix}")
+        else:
+            console.print(f"[yellow]warning:[/] {unrecorded_message(export)}")
+        found.append(dict(path=str(export.path), kind=export.kind, status=export.status))
+    return found
+
+
 def _finish(out, report: dict) -> dict:
     """Writes a validation ``report`` (passed when every check did) into ``out``, refreshes the card, prints it.
     A healed output's ``quality_unhealed`` is context, not a check of this output, as in heal's own report."""
@@ -222,6 +240,7 @@ def _finish(out, report: dict) -> dict:
 
     report["passed"] = all(r["passed"] for k, r in report.items() if k != "quality_unhealed")
     report["environment"] = environment()
+    report["exports_not_of_these_weights"] = warn_exports(out)
     write_json(out / REPORT_FILE, report)
     write_card(out)
     print_validation(report)
@@ -232,8 +251,6 @@ def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_qualit
                      trust_remote_code: bool) -> dict:
     """A healed output: exactness is the frozen-tensor check against the unhealed output (the trained
     weights have no reference to equal); quality compares it with the source, beside the unhealed output's."""
-    from pathlib import Path
-
     from .data import load_text, token_chunks
     from .report import console
 

@@ -73,3 +73,23 @@ def compare(src: Path, out: Path, plan, ids: torch.Tensor, greedy: int = 16):
                         min_new_tokens=greedy, do_sample=False, pad_token_id=0)
     want = greedy_no_cache(ref, ids[:1], greedy)
     return err, torch.equal(got, want)
+
+
+BPE_VOCAB = 320  # a tiny model's vocab_size when it has bpe_tokenizer's tokenizer
+BPE_TEXT = ("the quick brown fox jumps over the lazy dog while hello world, slim models run fast and the dog sleeps "
+            "under a tree near the river where the fox once lived")
+
+
+def bpe_tokenizer(dest: Path):
+    """A byte-level BPE tokenizer (GPT-2 style) of BPE_VOCAB - 2 tokens, trained here on a few sentences: one
+    that GGUF can carry (llama.cpp's gpt2 tokenizer model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator([BPE_TEXT] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(dest)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import convert, make_tiny
+from helpers import BPE_VOCAB as VOCAB, bpe_tokenizer, convert, make_tiny
 from slimconv.cli import main
 
 try:
@@ -22,7 +22,6 @@ except ImportError:  # the structural tests below still run
 needs_llamacpp = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable: pip install "
                                     "llama-cpp-python (built from source, see README) to run llama.cpp on the GGUF")
 
-VOCAB = 320
 CHANGES = {
     "blocks": dict(remove={"blocks": [1, "3-4"]}),
     "attention": dict(remove={"attention": "3-5"}),
@@ -30,24 +29,6 @@ CHANGES = {
     "mix": dict(remove={"blocks": [1], "attention": [2, 3], "mlp": [0, 5]}),
 }
 ARCHS = {"llama-tied": {}, "llama-bias-untied": {}, "qwen2": {}, "mistral": dict(sliding_window=None)}
-TEXT = ("the quick brown fox jumps over the lazy dog while hello world, slim models run fast and the dog sleeps "
-        "under a tree near the river where the fox once lived")
-
-
-def bpe_tokenizer(dest: Path):
-    """A byte-level BPE tokenizer (GPT-2 style) of VOCAB - 2 tokens, trained here on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(dest)
-
-
 @pytest.fixture(scope="module")
 def gguf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
