@@ -9,10 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slimconv.analyse import verify_recipe
+from slimconv.selection.analyse import verify_recipe
 from slimconv.runtime import load_model
 from slimconv.source import resolve_source
-from slimconv.suggest import load_metrics, write_recipe
+from slimconv.selection.suggest import load_metrics, write_recipe
 
 
 class Memo:

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from slimconv.data import load_text, token_chunks
-from slimconv.early_exit import prompt_tasks
+from slimconv.selection.early_exit import prompt_tasks
 from slimconv.modeling.modeling_slim import CACHE_NAME
 from slimconv.runtime import load_model
 

@@ -48,7 +48,7 @@ def child_main(kind: str, dtype: str, src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if kind == "slimconv":
-        from slimconv.export import export_onnx
+        from slimconv.formats.onnx_export import export_onnx
 
         export_onnx(src, out, PRECISION[dtype])
     elif kind == "builder":  # its command line, as a user runs it, in this process

@@ -5,7 +5,7 @@ Not a test: run it by hand (needs llama-cpp-python; see README for building it o
     python benchmarks/bench_gguf.py                                   # SmolLM2-135M, 6 blocks removed
     python benchmarks/bench_gguf.py --recipe attention --repeats 7
 
-Converts the default model unslimmed and slimmed, exports each with `slimconv.gguf_export.write_gguf` at f32 and
+Converts the default model unslimmed and slimmed, exports each with `slimconv.formats.gguf_export.write_gguf` at f32 and
 q4_0, then decodes --new-tokens greedy tokens after a --prompt-len token prompt in llama.cpp, every file once per
 round (interleaved), --repeats rounds, and prints the median decode tokens/s as a Markdown table beside the plan's
 ideal decode speedup (ratio of bytes read per token: weights at that precision plus the KV cache).
@@ -28,7 +28,7 @@ def build(workdir: Path, recipe: str):
     import json
 
     from slimconv.convert import write_checkpoint
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
     from slimconv.plan import build_plan, source_plan
     from slimconv.recipe import parse_recipe
     from slimconv.source import Checkpoint, resolve_source

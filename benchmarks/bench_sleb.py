@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from slimconv.analyse import sleb
+from slimconv.selection.analyse import sleb
 from slimconv.arch import head_dim, kv_heads
 from slimconv.data import calibration_ids
-from slimconv.layerwise import LayerBank, Runner
+from slimconv.selection.layerwise import LayerBank, Runner
 from slimconv.source import Checkpoint, resolve_source
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from slimconv.data import load_text, token_chunks
-from slimconv.early_exit import layer_flops, model_records, prompt_tasks, run_prompt_tasks, simulate, teacher_forced
+from slimconv.selection.early_exit import layer_flops, model_records, prompt_tasks, run_prompt_tasks, simulate, teacher_forced
 from slimconv.runtime import load_model
 
 

@@ -58,7 +58,7 @@ def environment() -> Path:
 
 def default_export(work: Path) -> Path:
     from slimconv.convert import run_convert
-    from slimconv.export import run_export
+    from slimconv.formats.onnx_export import run_export
     from slimconv.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "smollm2-drop-blocks-20pct.yaml")

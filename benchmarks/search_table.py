@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from slimconv.errors import SlimError
-from slimconv.analyse import AnalysisSettings, analyse, verify_recipe
+from slimconv.selection.analyse import AnalysisSettings, analyse, verify_recipe
 from slimconv.plan import build_plan, costs, source_plan, speedups
 from slimconv.recipe import load_recipe
 from slimconv.runtime import load_model
-from slimconv.search import SearchSettings, recipe_text, search
+from slimconv.selection.search import SearchSettings, recipe_text, search
 from slimconv.source import read_config, resolve_source
-from slimconv.suggest import load_metrics, write_recipe
+from slimconv.selection.suggest import load_metrics, write_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from analysis_table import Memo  # noqa: E402

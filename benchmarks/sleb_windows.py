@@ -20,9 +20,9 @@ import math
 from pathlib import Path
 
 from bench_sleb import matmul_weights
-from slimconv.analyse import sleb_halving
+from slimconv.selection.analyse import sleb_halving
 from slimconv.data import calibration_ids
-from slimconv.layerwise import Halving, LayerBank, Runner, candidate_nlls
+from slimconv.selection.layerwise import Halving, LayerBank, Runner, candidate_nlls
 from slimconv.plan import source_plan
 from slimconv.source import Checkpoint, resolve_source
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimError
-from .onnx_graph import GRAPH_VERSION, bytes_per_weight
+from .formats.onnx_graph import GRAPH_VERSION, bytes_per_weight
 
 RUNTIMES = ("torch", "onnx")
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -155,7 +155,7 @@ def _weights_key(src_dir: Path) -> str:
 def source_onnx(src_dir: Path, slim_onnx_config: dict) -> Path:
     """The unslimmed source exported once (unchecked: it is the reference only for speed) into the cache,
     with the slim graph's precision, provider and int4 settings."""
-    from .export import export_onnx
+    from .formats.onnx_export import export_onnx
     from .report import console
     from .source import cache_root, cached
 
@@ -171,7 +171,7 @@ def source_onnx(src_dir: Path, slim_onnx_config: dict) -> Path:
 
 
 def slim_onnx(out: Path) -> Path:
-    from .export import run_export
+    from .formats.onnx_export import run_export
     from .outdir import ONNX_DIR
     from .report import console
 

@@ -92,7 +92,7 @@ def _cmd_validate(args):
 
 def _cmd_run(args):
     from .convert import run_convert
-    from .export import run_export
+    from .formats.onnx_export import run_export
     from .hub import push
     from .recipe import Bench
     from .report import console
@@ -172,7 +172,7 @@ GGUF_ALIASES = {"fp32": "f32", "fp16": "f16"}
 
 def _cmd_export(args):
     if args.format == "gguf":
-        from .gguf_export import run_gguf_export
+        from .formats.gguf_export import run_gguf_export
 
         run_gguf_export(args.output, args.out, GGUF_ALIASES.get(args.dtype, args.dtype), args.force)
         return 0
@@ -180,7 +180,7 @@ def _cmd_export(args):
     if args.dtype not in DTYPE_NAMES:
         raise SlimError(f"--dtype {args.dtype} is a GGUF quantisation; the ONNX export takes {', '.join(DTYPE_NAMES)}",
                         "add --format gguf, or pick an ONNX dtype")
-    from .export import run_export
+    from .formats.onnx_export import run_export
 
     return _exported(run_export(args.output, args.out, args.provider, args.force, DTYPE_NAMES[args.dtype],
                                 args.external_data, args.int4_block_size, args.int4_accuracy_level,
@@ -216,7 +216,7 @@ def _cmd_analyze(args):
     import torch
     from pydantic import ValidationError
 
-    from .analyse import AnalysisSettings, run_analyse
+    from .selection.analyse import AnalysisSettings, run_analyse
     from .recipe import parse_size
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,7 +235,7 @@ def _cmd_analyze(args):
         raise SlimError("; ".join(f"--{str(err['loc'][0]).replace('_', '-')} {err['input']!r}: {err['msg']}"
                                   for err in e.errors()), "see `slimconv analyze --help`") from None
     if args.early_exit:
-        from .early_exit import run_analyse_early_exit
+        from .selection.early_exit import run_analyse_early_exit
 
         run_analyse_early_exit(settings, args.out, args.force)
     else:
@@ -248,7 +248,7 @@ def _cmd_search(args):
     from pydantic import ValidationError
 
     from .recipe import parse_size
-    from .search import SearchSettings, parse_ops, run_search
+    from .selection.search import SearchSettings, parse_ops, run_search
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -284,7 +284,7 @@ def _int_list(text: str, flag: str, example: str = "128,512") -> list[int]:
 
 def _cmd_recipe(args):
     from .report import console
-    from .suggest import load_metrics, write_recipe
+    from .selection.suggest import load_metrics, write_recipe
 
     m = load_metrics(args.analysis)
     command = "slimconv " + " ".join(args.argv)
@@ -292,7 +292,7 @@ def _cmd_recipe(args):
                         attention=args.remove_attention, mlp=args.remove_mlp, pairs=args.pairs, by=args.by)
     console.print(f"[green]wrote[/] {args.out}: {data['description']}")
     if args.verify:
-        from .analyse import verify_recipe
+        from .selection.analyse import verify_recipe
 
         verify_recipe(args.out, args.eval_samples, args.eval_seq_len)
     return 0
@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and early_exit.md to the folder, keeping a layer analysis already there")
     s.set_defaults(func=_cmd_analyze)
 
-    from .suggest import METHODS
+    from .selection.suggest import METHODS
 
     s = sub.add_parser("recipe", help="write a recipe from an analysis folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-seq-len", type=int, default=512)
     s.set_defaults(func=_cmd_recipe)
 
-    from .search import METRICS, OPS
+    from .selection.search import METRICS, OPS
 
     s = sub.add_parser("search", help="find the recipe that reaches a speed target with the least calibration loss",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

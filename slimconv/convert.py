@@ -77,7 +77,7 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
     n_src = plan.num_source_layers
     fmt = fmt or ("stock" if plan.uniform else "slim")
     if fmt == "nemotron-nas":
-        from .nemotron import nas_config
+        from .formats.nemotron import nas_config
 
         cfg = nas_config(plan, src)
     elif fmt == "stock":
@@ -108,7 +108,7 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
     jobs = tensor_jobs(plan, ckpt, dtype, renamed=fmt == "stock")
     modeling = MODELING_FILES
     if fmt == "nemotron-nas":
-        from .nemotron import NAS_FILES, by_layer, choose_format, zero_bias_jobs
+        from .formats.nemotron import NAS_FILES, by_layer, choose_format, zero_bias_jobs
 
         choose_format(fmt, plan, ckpt.config)  # a plan the format cannot carry is an error, never a wrong file
 
@@ -232,7 +232,7 @@ def run_convert(recipe, force: bool = False) -> Path:
                       f"does not have: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}; they are not "
                       "checked, and only a stock output copies them (with their layer)")
     print_plan(plan, cost["source"], cost["slim"], cost["ideal_speedup"], f"plan: {recipe.model}")
-    from .nemotron import choose_format
+    from .formats.nemotron import choose_format
 
     fmt, why = choose_format(recipe.output.format, plan, ckpt.config)
     label = {"stock": f"stock {plan.model_type}", "nemotron-nas": "nemotron-nas (DeciLM)", "slim": "slim"}[fmt]

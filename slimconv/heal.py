@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .convert import MODELING_FILES
 from .errors import SlimError
-from .nemotron import NAS_FILES
+from .formats.nemotron import NAS_FILES
 from .outdir import (CONFIG_FILE, HEAL_FILE, HEAL_PLOT, PLAN_FILE, RECIPE_FILE, REPORT_FILE, AtomicDir, read_json,
                      refuse_overlap, require_output, write_json)
 from .plan import Plan

@@ -33,7 +33,7 @@ class Plan(BaseModel):
     layers: list[LayerSpec]
     norm: str
     notes: list[str]
-    early_exit: dict | None = None  # the run-time stop policy stored in the slim config (early_exit.py)
+    early_exit: dict | None = None  # the run-time stop policy stored in the slim config (selection/early_exit.py)
 
     @property
     def uniform(self) -> bool:

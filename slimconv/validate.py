@@ -206,7 +206,7 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
         chunks = token_chunks(tokenizer, load_text(v.quality.data, "test"), v.quality.samples, v.quality.seq_len)
         report["quality"] = quality(load_model(src_dir, trust_remote_code), slim, chunks, v.quality)
         if early_exit is not None:
-            from .early_exit import evaluate
+            from .selection.early_exit import evaluate
 
             console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))

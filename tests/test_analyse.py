@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import make_tiny
-from slimconv.analyse import AnalysisSettings, analyse, sleb
+from slimconv.selection.analyse import AnalysisSettings, analyse, sleb
 from slimconv.cli import main
-from slimconv.layerwise import LayerBank, Runner, candidate_nlls, group_spec
+from slimconv.selection.layerwise import LayerBank, Runner, candidate_nlls, group_spec
 from slimconv.plan import build_plan, source_plan
 from slimconv.recipe import parse_recipe
 from slimconv.reference import apply_plan
@@ -109,12 +109,12 @@ def test_metrics_are_the_same_with_layers_streamed(tiny_models):
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, torch
-    from slimconv.analyse import AnalysisSettings, analyse
+    from slimconv.selection.analyse import AnalysisSettings, analyse
     src = sys.argv[1]
     s = AnalysisSettings(model=src, sleb_blocks=0, group_ppl=False, max_memory=int(sys.argv[2]), samples=2,
                          seq_len=16)
     ids = torch.randint(0, 256, (2, 16))
-    import slimconv.layerwise, transformers.models.llama.modeling_llama  # imports before the baseline
+    import slimconv.selection.layerwise, transformers.models.llama.modeling_llama  # imports before the baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     m = analyse(s, src, ids)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

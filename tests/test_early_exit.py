@@ -11,7 +11,7 @@ import yaml
 from transformers.cache_utils import DynamicCache
 
 from helpers import convert, with_word_tokenizer
-from slimconv.early_exit import exit_layers, train_classifier
+from slimconv.selection.early_exit import exit_layers, train_classifier
 from slimconv.errors import SlimError
 from slimconv.modeling.modeling_slim import exit_features, exit_score, may_exit
 from slimconv.plan import resolve_policy

@@ -7,7 +7,7 @@ import torch
 
 from helpers import convert
 from slimconv.cli import main
-from slimconv.export import export_onnx, validate_onnx
+from slimconv.formats.onnx_export import export_onnx, validate_onnx
 
 CASES = {
     "wide-and-sublayers": dict(parallel={"groups": [[1, 2], "3-5"]}, remove={"attention": [4], "mlp": [0]}),
@@ -248,7 +248,7 @@ def assert_ops_known_to_onnxruntime(model):
 
 
 def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch, capsys):
-    import slimconv.export as export
+    import slimconv.formats.onnx_export as export
 
     convert(tiny_models["qwen2"], tmp_path / "slim", remove={"mlp": [1]})
     monkeypatch.setattr(export, "INLINE_LIMIT", 1000)  # as if the tiny model were over 2 GB

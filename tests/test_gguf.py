@@ -80,7 +80,7 @@ def gguf_info(path: Path) -> dict:
 
 
 def test_architecture_and_per_layer_shapes(gguf_models, tmp_path):
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     slim_output(gguf_models["llama-tied"], tmp_path / "blocks", **CHANGES["blocks"])
     write_gguf(tmp_path / "blocks", tmp_path / "b.gguf")
@@ -132,7 +132,7 @@ def _varint(n: int) -> bytes:
 def test_sentencepiece_metadata(tiny_models, tmp_path):
     import gguf
 
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     src = make_tiny(tmp_path / "src", "llama-tied", vocab_size=288)
     pieces = _spm_model(src / "tokenizer.model")
@@ -157,7 +157,7 @@ def test_sentencepiece_metadata(tiny_models, tmp_path):
 @pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llamacpp_runs_the_gguf_like_the_reference(gguf_models, tmp_path, arch, change):
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     plan = slim_output(gguf_models[arch], tmp_path / "out", **CHANGES[change])
     write_gguf(tmp_path / "out", tmp_path / "m.gguf", "f32")
@@ -170,7 +170,7 @@ def test_llamacpp_runs_the_gguf_like_the_reference(gguf_models, tmp_path, arch, 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("dtype,tol", [("f16", 0.01), ("bf16", 0.05), ("q8_0", 0.05), ("q4_0", 0.5)])
 def test_llamacpp_runs_every_precision(gguf_models, tmp_path, dtype, tol):
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     plan = slim_output(gguf_models["llama-tied"], tmp_path / "out", **CHANGES["mix"])
     write_gguf(tmp_path / "out", tmp_path / "m.gguf", dtype)
@@ -189,7 +189,7 @@ def test_quantised_blocks_equal_llamacpps_own_quantiser(gguf_models, tmp_path, d
 
     import gguf
 
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     slim_output(gguf_models["llama-bias-untied"], tmp_path / "out", **CHANGES["attention"])
     write_gguf(tmp_path / "out", tmp_path / "f32.gguf", "f32")
@@ -271,7 +271,7 @@ def test_llamacpp_runs_smollm2_gguf_like_the_reference(smollm2_dir, smollm2_ids,
     alone costs up to 0.08 on SmolLM2). q8_0: llama.cpp's q8_0 itself (the quantised file is bit for bit what its
     own quantiser makes, see above; it also rounds activations to 8 bits) agrees with the float32 reference on
     86-92% of top-1 tokens of this 135M model whether slimmed or not, so the bar is that level, not 98%."""
-    from slimconv.gguf_export import write_gguf
+    from slimconv.formats.gguf_export import write_gguf
 
     sub = any(CHANGES_KEY in SMOLLM2_CHANGES[change].get("remove", {}) for CHANGES_KEY in ("attention", "mlp"))
     plan = convert(smollm2_dir, tmp_path / "out", fmt="nemotron-nas" if sub else None, **SMOLLM2_CHANGES[change])

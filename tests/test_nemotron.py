@@ -11,7 +11,7 @@ import yaml
 from helpers import compare, convert, make_tiny
 from slimconv.cli import main
 from slimconv.modeling.configuration_decilm import ffn_mult_to_intermediate_size
-from slimconv.nemotron import choose_format, ffn_mult_for
+from slimconv.formats.nemotron import choose_format, ffn_mult_for
 from slimconv.plan import build_plan
 from slimconv.recipe import parse_recipe
 

@@ -8,12 +8,12 @@ import yaml
 
 from helpers import compare, convert, with_word_tokenizer
 from slimconv.cli import main
-from slimconv.layerwise import Halving, LayerBank, Runner, candidate_nlls, ranked_nlls
+from slimconv.selection.layerwise import Halving, LayerBank, Runner, candidate_nlls, ranked_nlls
 from slimconv.plan import build_plan, costs, source_plan
 from slimconv.recipe import parse_recipe
 from slimconv.reference import apply_plan
 from slimconv.runtime import load_model
-from slimconv.search import Design, SearchSettings, changes, recipe_text, search, speed
+from slimconv.selection.search import Design, SearchSettings, changes, recipe_text, search, speed
 from slimconv.source import Checkpoint
 
 IDS = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SlimError
+from ..errors import SlimError
 from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
-from .outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
-from .runtime import Decoder, load_model, load_tokenizer, providers
-from .provenance import ONNX_KEY
-from .source import AUX_FILES, Checkpoint, weights_sha256
+from ..outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
+from ..runtime import Decoder, load_model, load_tokenizer, providers
+from ..provenance import ONNX_KEY
+from ..source import AUX_FILES, Checkpoint, weights_sha256
 
 
 def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "always",
@@ -155,7 +155,7 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
     with the same int4-rounded weights, and what int4 costs against the float model is reported beside."""
     from transformers import DynamicCache
 
-    from .modeling.modeling_slim import CACHE_NAME
+    from ..modeling.modeling_slim import CACHE_NAME
 
     decoder = Decoder(onnx_dir, provider)
     dtype = decoder.config["onnx_dtype"]
@@ -199,7 +199,7 @@ def validate_onnx(onnx_dir: Path, slim_dir: Path, prompts: list[torch.Tensor], s
 def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tensor]:
     """Prompts of different lengths, so that the batch needs left padding: held-out text (WikiText-2
     test) when the checkpoint has a tokenizer and the data is present, else seeded random token ids."""
-    from .data import load_text, token_chunks
+    from ..data import load_text, token_chunks
 
     try:
         tok = load_tokenizer(slim_dir)
@@ -214,14 +214,14 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
                symmetric: bool = False) -> dict:
     """Exports ``slim_dir`` for ``provider`` (auto: CUDA when ONNX Runtime sees it) and checks the graph
     at once on that provider; a graph that cannot be checked here is not written."""
-    from .outdir import AtomicDir, refuse_overlap
-    from .report import console
+    from ..outdir import AtomicDir, refuse_overlap
+    from ..report import console
 
     slim_dir = Path(slim_dir)
     if not (slim_dir / "config.json").is_file() or not any(slim_dir.glob("*.safetensors")):
         raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
                         "give the output.dir that `slimconv convert` wrote")
-    from .convert import checked_output
+    from ..convert import checked_output
 
     checked_output(slim_dir)  # headers only: damage is found before a long export, not by it
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"

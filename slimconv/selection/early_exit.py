@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .errors import SlimError
-from .modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, exit_features, exit_score, mask_factory, may_exit
+from ..errors import SlimError
+from ..modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, exit_features, exit_score, mask_factory, may_exit
 
 ROWS = 512  # tokens whose full-vocabulary logits are held at once
 
@@ -59,7 +59,7 @@ def layer_records(states, logits_of, ids: torch.Tensor) -> dict:
 
 def source_records(runner, config: dict) -> dict:
     """Records of the source model, run layer by layer by the analysis engine (``layerwise.Runner``)."""
-    from .plan import source_plan
+    from ..plan import source_plan
 
     def states():
         x = runner.embed()
@@ -294,10 +294,10 @@ def _grid(records: dict, classifier: dict, flops: dict, num_layers: int) -> list
 
 def analyse_early_exit(settings, src_dir: Path) -> dict:
     """Trains the stop classifier on the calibration set of ``settings`` (analyse.AnalysisSettings)."""
-    from .data import calibration_ids
+    from ..data import calibration_ids
     from .layerwise import LayerBank, Runner
-    from .plan import source_plan
-    from .source import checked_source
+    from ..plan import source_plan
+    from ..source import checked_source
 
     ckpt, _ = checked_source(src_dir)
     ids = calibration_ids(src_dir, settings.calib, settings.samples, settings.seq_len, settings.seed)
@@ -340,9 +340,9 @@ def report_markdown(m: dict) -> str:
 def run_analyse_early_exit(settings, out: Path, force: bool = False) -> dict:
     """Writes early_exit.json and early_exit.md into ``out``, beside any layer analysis already there
     (the issue's commands put both in one analysis folder, so this must not replace the folder)."""
-    from .outdir import locked, refuse_overlap, write_text
-    from .report import console
-    from .source import resolve_source, source_paths
+    from ..outdir import locked, refuse_overlap, write_text
+    from ..report import console
+    from ..source import resolve_source, source_paths
 
     out = Path(out)
     refuse_overlap(out, source_paths(settings.model), "-o")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SlimError
+from ..errors import SlimError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -296,7 +296,7 @@ def _byte_shape(shape, qtype) -> tuple:
 
 def checked_config(slim_dir: Path, dtype: str) -> dict:
     """The output's config as slim layers, or a SlimError naming what GGUF cannot carry and what can."""
-    from .layout import as_slim_config
+    from ..layout import as_slim_config
 
     raw = json.loads((slim_dir / "config.json").read_text())
     cfg = as_slim_config(raw).to_dict()
@@ -315,8 +315,8 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     """Writes ``path`` from a slimconv output folder; returns what was written (architecture, tokenizer, sizes)."""
     import gguf
 
-    from .provenance import GGUF_KEY
-    from .source import Checkpoint, weights_sha256
+    from ..provenance import GGUF_KEY
+    from ..source import Checkpoint, weights_sha256
 
     cfg = checked_config(slim_dir, dtype)
     ckpt = Checkpoint(slim_dir)
@@ -385,7 +385,7 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
 
 def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False) -> Path:
     """`slimconv export OUT --format gguf`: writes OUT/gguf/<name>-<dtype>.gguf (or into ``out``)."""
-    from .report import console
+    from ..report import console
 
     slim_dir = Path(slim_dir)
     if not (slim_dir / "config.json").is_file():
@@ -394,7 +394,7 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False)
     path = folder / f"{slim_dir.name}-{dtype}.gguf"
     if path.exists() and not force:
         raise SlimError(f"output {path} already exists", "pass --force to overwrite it")
-    from .convert import checked_output
+    from ..convert import checked_output
 
     checked_config(slim_dir, dtype)  # every refusal before anything is written
     checked_output(slim_dir)

@@ -13,9 +13,9 @@ biases on q/k/v only gets an exact all-zero o bias); no q/k norms and no sliding
 reads them); the MLP width is ``int(2 * ffn_mult * hidden / 3)`` rounded up to a multiple of 256, so a width
 that formula cannot give is refused; activations silu, relu, gelu (mlx-lm's list).
 """
-from .errors import SlimError
-from .modeling.configuration_decilm import ffn_mult_to_intermediate_size
-from .plan import Plan
+from ..errors import SlimError
+from ..modeling.configuration_decilm import ffn_mult_to_intermediate_size
+from ..plan import Plan
 
 FORMATS = ("auto", "stock", "nemotron-nas", "slim")
 NAS_ACTIVATIONS = ("silu", "relu", "gelu")
@@ -51,7 +51,7 @@ def _rope(config: dict) -> tuple[float, dict | None]:
 
 def nas_blockers(plan: Plan, config: dict) -> list[str]:
     """Why nemotron-nas cannot carry this plan over this source (empty: it can)."""
-    from .arch import get_arch
+    from ..arch import get_arch
 
     arch = get_arch(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
@@ -112,7 +112,7 @@ def nas_config(plan: Plan, src: dict) -> dict:
     """The nemotron-nas config.json for a plan that fits (see nas_blockers); no dtype."""
     hidden, heads = src["hidden_size"], src["num_attention_heads"]
     kv = src.get("num_key_value_heads") or heads
-    from .arch import get_arch
+    from ..arch import get_arch
 
     bias = get_arch(src).projection_bias(src)
     theta, scaling = _rope(src)
@@ -149,8 +149,8 @@ def zero_bias_jobs(plan: Plan, ckpt, dtype: str) -> list:
     format's single attention_bias flag gives every projection a bias, and a zero bias is exact."""
     import torch
 
-    from . import arch as A
-    from .layout import Job, tensor_dtype
+    from .. import arch as A
+    from ..layout import Job, tensor_dtype
 
     bias = A.get_arch(ckpt.config).projection_bias(ckpt.config)
     if not any(bias.values()):
@@ -172,7 +172,7 @@ def by_layer(jobs: list) -> list:
     """Jobs sorted by layer (extra per-layer tensors after the layer's own), embeddings first, head last."""
     import re
 
-    from . import arch as A
+    from .. import arch as A
 
     def key(job):
         m = re.match(r"model\.layers\.(\d+)\.", job.name)

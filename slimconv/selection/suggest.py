@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SlimError
-from .recipe import parse_recipe
+from ..errors import SlimError
+from ..recipe import parse_recipe
 
 METHODS = {
     "sleb": "SLEB (Song et al. 2024): the first N blocks of the iterative elimination by calibration perplexity",

@@ -13,10 +13,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from . import arch as A
-from .layout import as_slim_config, layer_jobs
-from .plan import LayerSpec, layer_spec
-from .source import Checkpoint
+from .. import arch as A
+from ..layout import as_slim_config, layer_jobs
+from ..plan import LayerSpec, layer_spec
+from ..source import Checkpoint
 
 
 def group_spec(config: dict, members: list[int], attention: bool = True, mlp: bool = True) -> LayerSpec:
@@ -45,7 +45,7 @@ class LayerBank:
         self.eps = ckpt.config.get("rms_norm_eps", 1e-6)
 
     def layer(self, spec: LayerSpec) -> torch.nn.Module:
-        from .modeling.modeling_slim import SlimDecoderLayer
+        from ..modeling.modeling_slim import SlimDecoderLayer
 
         key = spec.model_dump_json()
         if key in self._cache:
@@ -72,7 +72,7 @@ class Runner:
     """The calibration set's activations pushed through layers, in sample batches."""
 
     def __init__(self, bank: LayerBank, ids: torch.Tensor, batch_size: int = 8):
-        from .modeling.modeling_slim import mask_factory
+        from ..modeling.modeling_slim import mask_factory
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.bank, self.ids, self.batch_size = bank, ids.to(bank.device), batch_size

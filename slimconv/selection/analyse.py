@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from .data import calibration_ids
-from .errors import SlimError
+from ..data import calibration_ids
+from ..errors import SlimError
 from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
-from .plan import source_plan
+from ..plan import source_plan
 
 PAPER_DEFAULTS = "SLEB and ShortGPT calibrate on 128 samples of 2048 tokens; Gromov et al. use the last token"
 
@@ -151,7 +151,7 @@ def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, h
 
 
 def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
-    from .report import console
+    from ..report import console
 
     n = config["num_hidden_layers"]
     console.print(f"analysis of {s.model}: {n} layers, calibration {s.calib} (valid) {s.samples} x {s.seq_len} = "
@@ -175,7 +175,7 @@ def _print_plan(s: AnalysisSettings, config: dict, tokens: int):
 
 def analyse(s: AnalysisSettings, src_dir: Path, ids: torch.Tensor | None = None) -> dict:
     """Runs every phase the settings ask for; ``ids`` (samples x seq_len token ids) replaces the calibration text."""
-    from .source import checked_source
+    from ..source import checked_source
 
     ckpt, _ = checked_source(src_dir)
     config = ckpt.config
@@ -284,7 +284,7 @@ def plot(m: dict, out: Path) -> list[str]:
 
 
 def report_markdown(m: dict, plots: list[str]) -> str:
-    from .report import md_table
+    from ..report import md_table
 
     s = m["settings"]
     n = m["num_layers"]
@@ -333,9 +333,9 @@ def report_markdown(m: dict, plots: list[str]) -> str:
 
 
 def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
-    from .outdir import AtomicDir, refuse_overlap
-    from .report import console
-    from .source import resolve_source, source_paths
+    from ..outdir import AtomicDir, refuse_overlap
+    from ..report import console
+    from ..source import resolve_source, source_paths
 
     refuse_overlap(out, source_paths(s.model), "-o")
     target = AtomicDir(Path(out), force, "-o")
@@ -358,12 +358,12 @@ def verify_recipe(recipe_path, samples: int = 16, seq_len: int = 512, data: str 
     """Perplexity, KL and top-1 agreement of a recipe vs its source on held-out text, with the plan applied
     at run time to the source model (nothing converted; the model must fit in memory). ``source`` may be
     given to reuse one loaded source model across recipes."""
-    from .convert import prepare
-    from .data import load_text, token_chunks
-    from .recipe import Quality, load_recipe
-    from .report import print_validation
-    from .runtime import load_model, load_tokenizer
-    from .validate import load_reference, quality
+    from ..convert import prepare
+    from ..data import load_text, token_chunks
+    from ..recipe import Quality, load_recipe
+    from ..report import print_validation
+    from ..runtime import load_model, load_tokenizer
+    from ..validate import load_reference, quality
 
     recipe = load_recipe(recipe_path)
     src_dir, _, plan, _ = prepare(recipe)

@@ -22,10 +22,10 @@ import torch
 import yaml
 from pydantic import BaseModel, Field
 
-from .errors import SlimError
+from ..errors import SlimError
 from .layerwise import (Halving, LayerBank, Runner, final_hidden, kl_divergence, ppl, ranked_nlls)
-from .plan import Plan, build_plan, costs
-from .recipe import parse_recipe
+from ..plan import Plan, build_plan, costs
+from ..recipe import parse_recipe
 
 OPS = ("blocks", "attention", "mlp", "parallel")
 
@@ -274,7 +274,7 @@ FEW_TOKENS = 2048  # the default 8 x 256; below it the README's 1.30x measuremen
 
 def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tuple, n_changes: int, tokens: int,
                       halving: Halving | None):
-    from .report import console
+    from ..report import console
 
     n = config["num_hidden_layers"]
     console.print(f"search on {s.model}: {n} layers, target {target} ({METRICS[target.metric]}); "
@@ -357,8 +357,8 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
     """Runs the greedy search; returns everything search.json holds."""
     from tqdm import tqdm
 
-    from .data import calibration_ids
-    from .source import Checkpoint
+    from ..data import calibration_ids
+    from ..source import Checkpoint
 
     ckpt = Checkpoint(src_dir)
     config = ckpt.config
@@ -379,7 +379,7 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
         print_search_plan(s, config, target, reach, len(first), ids.numel(), halving)
     est = estimate(runner, plan.layers, len(first), halving, config, target, s, src_costs)
     if not quiet:
-        from .report import console
+        from ..report import console
 
         console.print(f"  expected: about {est['step_s']:.0f} s for step 1 (one layer {est['layer_s'] * 1e3:.0f} ms, "
                       f"LM head {est['head_s'] * 1e3:.0f} ms on all windows), at least {est['steps']} step(s)")
@@ -415,7 +415,7 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
         path.append(Step(str(cands[best]), design.sections(), all_speeds(c, src_costs, s), nll, kl, len(cands),
                          len(full), time.perf_counter() - t0))
         if not quiet:
-            from .report import console
+            from ..report import console
 
             console.print(f"  step {len(path) - 1}: {cands[best]} -> {target.metric} "
                           f"{fmt_target(target, cur, config)}, calibration ppl {ppl(nll):.2f}, KL {kl:.4f} "
@@ -442,7 +442,7 @@ PATH_HEADER = ["step", "change added", "prefill (ideal)", "decode (ideal)", "dec
 
 
 def report_markdown(m: dict, recipe_text: str, verify: dict | None) -> str:
-    from .report import md_table
+    from ..report import md_table
 
     s = m["settings"]
     parts = [f"# Search on {s['model']}: target {m['target']}",
@@ -516,10 +516,10 @@ def validate_inputs(s: SearchSettings, config: dict) -> tuple[Target, tuple[floa
 
 def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool = False, command: str = "slimconv search",
                eval_samples: int = 16, eval_seq_len: int = 512) -> dict:
-    from .data import calibration_ids
-    from .outdir import AtomicDir, refuse_overlap
-    from .report import console
-    from .source import checked_source, resolve_source, source_paths
+    from ..data import calibration_ids
+    from ..outdir import AtomicDir, refuse_overlap
+    from ..report import console
+    from ..source import checked_source, resolve_source, source_paths
 
     refuse_overlap(out, source_paths(s.model), "-o")
     target = AtomicDir(Path(out), force, "-o")

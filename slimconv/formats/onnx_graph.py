@@ -31,8 +31,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from .errors import SlimError
-from .source import Checkpoint
+from ..errors import SlimError
+from ..source import Checkpoint
 
 OPSET = 17
 # make_model stamps the installed onnx's newest IR version (14 with onnx 1.23), which older runtimes refuse
@@ -414,7 +414,7 @@ class _Decoder:
 def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool) -> dict:
     """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint ``ckpt``;
     returns the number of cache pairs, nodes and weight bytes."""
-    from .layout import as_slim_config
+    from ..layout import as_slim_config
 
     config = dict(ckpt.config)
     config.pop("early_exit", None)  # the graph runs every layer
