@@ -1,4 +1,4 @@
-"""The README's selection-method table: recipes written by `slimconv recipe` from one analysis folder at
+"""The selection-method table (docs/results/analysis.md): recipes written by `slimconv recipe` from one analysis folder at
 several budgets, each measured on WikiText-2 test (applied at run time to the source; nothing converted).
 
     python benchmarks/analysis_table.py outputs/analysis/smollm2 [--samples 16 --seq-len 512]

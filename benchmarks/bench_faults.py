@@ -1,5 +1,5 @@
 """Faults: SIGKILLs at random moments of `convert`, `convert --force` over an existing output, `export` and
-`heal`, and concurrent runs on one output folder. What README "Reliability" promises, measured.
+`heal`, and concurrent runs on one output folder. What docs/reliability.md promises, measured.
 
     nice -n 15 python benchmarks/bench_faults.py [--kills 20] [--pairs 10] [--seed 0] [--workdir DIR] [--keep]
 

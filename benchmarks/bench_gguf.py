@@ -1,6 +1,6 @@
-"""Benchmark: llama.cpp decode speed of slim GGUF files against the unslimmed model (README, "GGUF for llama.cpp").
+"""Benchmark: llama.cpp decode speed of slim GGUF files against the unslimmed model (docs/results/gguf.md).
 
-Not a test: run it by hand (needs llama-cpp-python; see README for building it once):
+Not a test: run it by hand (needs llama-cpp-python; see docs/formats.md, "GGUF", for building it once):
 
     python benchmarks/bench_gguf.py                                   # SmolLM2-135M, 6 blocks removed
     python benchmarks/bench_gguf.py --recipe attention --repeats 7

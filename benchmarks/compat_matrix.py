@@ -15,7 +15,7 @@ if any check fails, 2 if an environment could not be made.
 
 Moving the proven range forward is deliberate: run this with ``--versions newest``; if it passes, set
 ``PROVEN_TRANSFORMERS`` in ``slimconv/modeling/configuration_slim.py`` and pyproject's upper bound,
-and refresh ``constraints.txt`` (README, "Dependencies").
+and refresh ``constraints.txt`` (docs/dependencies.md).
 """
 import argparse
 import json

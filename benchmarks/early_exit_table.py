@@ -1,4 +1,4 @@
-"""The README's early-exit table: several knob settings of one early-exit checkpoint, on WikiText-2 test
+"""The early-exit table (docs/results/early-exit.md): several knob settings of one early-exit checkpoint, on WikiText-2 test
 (simulated per-token exit, and real cached decoding) and on the one-token prompt tasks (real exits).
 
     python benchmarks/early_exit_table.py outputs/smollm2-early-exit [--samples 4 --seq-len 512]

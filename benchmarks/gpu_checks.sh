@@ -3,7 +3,7 @@
 # CUDA tests skip there). Two stages, each one command:
 #
 #   benchmarks/gpu_checks.sh tests   # the CUDA tests, and the heal and bench tests with torch seeing the GPU
-#   benchmarks/gpu_checks.sh bench   # SmolLM2-135M on the GPU: the README's first command (convert, validate,
+#   benchmarks/gpu_checks.sh bench   # SmolLM2-135M on the GPU: the README's first command (docs/results/gpu-h200.md) (convert, validate,
 #                                    # heal), heal of the two block recipes, SLEB's window trace at 32 x 256
 #                                    # tokens, torch decode speed of source vs slim in float32 and bfloat16
 #

@@ -1,4 +1,4 @@
-"""Runs `slimconv run` on the shipped SmolLM2 recipes and prints the README's quality/savings table.
+"""Runs `slimconv run` on the shipped SmolLM2 recipes and prints the quality/savings table of docs/results/recipes.md.
 
     python benchmarks/recipe_table.py [recipes/smollm2-*.yaml ...]
 

@@ -1,4 +1,4 @@
-"""The README's search table: `slimconv search` against every single-method recipe that reaches at least the
+"""The search table (docs/results/search.md): `slimconv search` against every single-method recipe that reaches at least the
 same ideal decode speedup, all measured on WikiText-2 test (never used for choosing).
 
     python benchmarks/search_table.py [--model default] [--targets 1.1,1.2,1.3] [--samples 4 --seq-len 128]

@@ -190,14 +190,6 @@ def slim_onnx(out: Path) -> Path:
     return onnx_dir
 
 
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu or auto")
-    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
-
-
 def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=None,
               trust_remote_code: bool = False) -> list[dict]:
     """Measures source and slim, prints the table, writes the rows (OUTPUT/slimconv_bench.json unless
@@ -209,6 +201,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
     from .plan import Plan, source_plan
     from .outdir import BENCH_FILE, PLAN_FILE, RECIPE_FILE, read_json, require_output, write_json
     from .report import console, print_bench, write_card
+    from .runtime import pick_device
     from .source import read_config, resolve_source, same_source
 
     out = require_output(out)
@@ -232,7 +225,7 @@ def run_bench(source: str, out, settings: BenchSettings, out_json=None, plot=Non
                       f"cannot check that {source} is the model it was converted from")
     threads = settings.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    device = _device(settings.device)
+    device = pick_device(settings.device).type
     # auto lets ONNX Runtime fall back to the CPU where torch has CUDA but onnxruntime-gpu is missing.
     ort_provider = "auto" if settings.device == "auto" else device
 

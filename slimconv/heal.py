@@ -36,7 +36,7 @@ from .outdir import (CONFIG_FILE, HEAL_FILE, HEAL_PLOT, PLAN_FILE, RECIPE_FILE, 
                      refuse_overlap, require_output, write_json)
 from .plan import Plan
 from .recipe import Heal
-from .runtime import load_model, load_tokenizer
+from .runtime import load_model, load_tokenizer, pick_device
 from .source import AUX_FILES, same_source, source_paths, weights_sha256
 
 # What the healed output takes from the unhealed one besides the weights (heal writes those, its plan, reports
@@ -123,12 +123,6 @@ def merge_lora(model) -> None:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(mod, child_name, child.merged())
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SlimError("--device cuda: torch sees no CUDA device here", "use --device cpu (or auto)")
-    return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def require_validated(out) -> Path:

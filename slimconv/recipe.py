@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
+                      field_validator)
 
 from .errors import SlimError
 
@@ -66,6 +67,21 @@ def parse_size(text: str, what: str = "output.max_shard_size") -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _bytes(value):
+    """A size written like 2GB (or a byte count) as bytes; None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_size(value, "size")
+    except SlimError as e:
+        raise ValueError(f"not a size; {e.fix}") from None
+
+
+# Bytes, given as a count or a size like 500MB, 2GB, 1.5GiB.
+Size = Annotated[int | None, BeforeValidator(_bytes)]
+Device = Literal["auto", "cpu", "cuda"]
+
+
 class Output(_Strict):
     dir: str = Field(description="output directory of the slim checkpoint")
 
@@ -123,9 +139,13 @@ class Push(_Strict):
     @field_validator("repo_id")
     @classmethod
     def _valid_repo_id(cls, v: str) -> str:
-        from huggingface_hub.utils import validate_repo_id
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-        validate_repo_id(v)  # its HFValidationError is a ValueError: reported like any other key
+        try:
+            validate_repo_id(v)
+        except HFValidationError as e:
+            raise ValueError(f"not a Hub repository id ({e}); give \"namespace/name\" (letters, digits, \"-\", "
+                             "\"_\", \".\"; no \"--\" or \"..\")") from None
         return v
 
 
@@ -139,7 +159,41 @@ class Bench(_Strict):
     batch: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1, description="batch sizes")
     repeats: int = Field(3, ge=1, description="interleaved repeats (source, slim, ...); medians are reported")
     torch_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="what the torch runtime runs source and slim in (float16/bfloat16: as served on a GPU)")
+        "float32", description="what the torch runtime runs source and slim in (float16/bfloat16: as served on a GPU; "
+        "the ONNX runtime runs the export's own precision)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of both runtimes (default: torch's)")
+    device: Device = Field("auto", description="torch device and ONNX Runtime provider (auto: CUDA when available)")
+
+
+# GGUF precisions, and ONNX's with their GGUF spellings (f32 = fp32, f16 = fp16) accepted too.
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+ONNX_DTYPES = ("fp32", "fp16", "bf16", "int4")
+
+
+class Export(_Strict):
+    """`slimconv export` and the export stage of `slimconv run`: an ONNX graph or a GGUF file of the output."""
+
+    format: Literal["onnx", "gguf"] = Field(
+        "onnx", description="onnx: ONNX graph with KV cache, checked against PyTorch, in OUTPUT/onnx; gguf: a "
+        "llama.cpp file OUTPUT/gguf/NAME-DTYPE.gguf (llama architecture for blocks-only outputs, deci for "
+        "sublayer removals), written tensor by tensor")
+    dtype: Literal[ONNX_DTYPES + GGUF_DTYPES] = Field(
+        "fp32", description="ONNX: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; 1% of the logit "
+        "scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, judged by KL and top-1 agreement). GGUF: f32 "
+        "(= fp32), f16 (= fp16), bf16, q8_0, q4_0 (embeddings stay q8_0 under q4_0)")
+    int4_block_size: int = Field(32, ge=16, description="int4: weights per scale along the input dimension (a "
+                                 "power of two, as onnxruntime-genai's builder)")
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="int4: MatMulNBits accuracy_level; 4 = int8 activations (fastest on CPU, the builder's "
+        "choice), 0 = compute in the activation dtype")
+    int4_symmetric: bool = Field(False, description="int4: symmetric blocks, no zero points (onnxruntime-genai's "
+                                 "builder's choice): about 4% faster decode on CPU, KL to the float model 0.57 "
+                                 "against 0.44 on SmolLM2")
+    external_data: Literal["auto", "always", "never"] = Field(
+        "always", description="always: weights in model.onnx.data beside the graph, streamed one tensor at a time; "
+        "never: one self-contained model.onnx (2 GB protobuf limit); auto: inside unless over 2 GB")
+    provider: Device = Field("auto", description="what the ONNX graph is built for and checked on (auto: CUDA when "
+                             "ONNX Runtime sees it)")
 
 
 class Heal(_Strict):
@@ -167,7 +221,7 @@ class Heal(_Strict):
     checkpoint_every: int = Field(50, ge=1, description="save a --resume checkpoint every N steps")
     eval_text: str = Field("kjv", description='second evaluation text, of another domain than the first: "kjv" '
                            "(Genesis and Exodus, shipped), a text file, or \"hf:NAME\"")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when torch sees it")
+    device: Device = Field("auto", description="auto: CUDA when torch sees it")
     seed: int = Field(0, description="seed of the training windows and the adapters' init")
     output: str | None = Field(None, description="healed output folder (default: output.dir + '-healed')")
 
@@ -187,6 +241,7 @@ class Recipe(_Strict):
                                           "push: upload to the Hub as the push section says)")
     push: Push | None = Field(None, description="Hub upload of the push stage")
     bench: Bench | None = Field(None, description="settings of the bench stage (default: Bench's defaults)")
+    export: Export | None = Field(None, description="settings of the export stage (default: ONNX, fp32)")
     heal: Heal | None = Field(None, description="settings of the heal stage (default: Heal's defaults)")
 
 
@@ -237,14 +292,14 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
         raise SlimError(f"{source}: a recipe is a YAML mapping of keys, got {got}",
-                        "see the recipe keys in README.md (or `slimconv schema`)")
+                        "see the recipe keys in docs/recipes.md (or `slimconv schema`)")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         lines = list(dict(_explain(err) for err in e.errors()[::-1]).values())[::-1]
         raise SlimError(
             f"{source} is not a valid recipe:\n  - " + "\n  - ".join(lines),
-            "see the recipe keys in README.md (or `slimconv schema`)",
+            "see the recipe keys in docs/recipes.md (or `slimconv schema`)",
         ) from None
     if "push" in recipe.stages and recipe.push is None:
         raise SlimError(f"{source}: stages include push, but there is no push section",
@@ -252,6 +307,9 @@ def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     if recipe.bench is not None and "bench" not in recipe.stages:
         raise SlimError(f"{source}: there is a bench section, but stages do not include bench",
                         "add bench to stages (after export), or remove the bench section")
+    if recipe.export is not None and "export" not in recipe.stages:
+        raise SlimError(f"{source}: there is an export section, but stages do not include export",
+                        "add export to stages (after validate), or remove the export section")
     if recipe.heal is not None and "heal" not in recipe.stages:
         raise SlimError(f"{source}: there is a heal section, but stages do not include heal",
                         "add heal to stages (after validate), or remove the heal section")

@@ -18,6 +18,19 @@ MODELING_DIR = Path(__file__).parent / "modeling"
 TRUST_FIX = "read its .py files; if you trust them, pass --trust-remote-code (validate, bench, run)"
 
 
+def pick_device(requested: str):
+    """The torch device a stage runs on: "auto" is CUDA when torch sees it, else the CPU; "cuda" without one is
+    a user error."""
+    import torch
+
+    requested = str(requested)
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimError(f"--device {requested}: torch sees no CUDA device here", "use --device cpu (or auto)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
 def bundled_code(directory: Path) -> bool:
     """Whether every Python file in ``directory`` is byte-identical to one of the modeling files this
     slimconv ships (slim, nemotron-nas outputs): code slimconv wrote, which it may run without asking."""

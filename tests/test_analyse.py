@@ -80,7 +80,7 @@ def test_fast_sleb_makes_the_naive_loops_choices(tiny_models, arch, text):
     the same blocks as the naive loop here, and the perplexity of each removal is the exact all-window one.
 
     Halving is a heuristic: when the first windows rank the candidates differently from all of them it can
-    miss the best (on llama-tied's own text it takes block 4 before 5; README, "SLEB, faster", for SmolLM2). With one window repeated the ranking cannot change, so that case checks
+    miss the best (on llama-tied's own text it takes block 4 before 5; docs/results/analysis.md, "SLEB, faster", for SmolLM2). With one window repeated the ranking cannot change, so that case checks
     the bookkeeping; qwen2's own text is a case where the windows disagree and the choices still agree."""
     src = tiny_models[arch]
     ckpt = Checkpoint(src)

@@ -49,9 +49,9 @@ def test_bench_rows_and_card(slim, tiny_models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--runtime", "tensorflow"], "unknown runtime tensorflow"),
-    (["--prompt-lens", "128;512"], "--prompt-lens '128;512' is not a comma-separated list"),
-    (["--batch", "0"], "--batch '0' is not a comma-separated list"),
+    (["--runtime", "tensorflow"], "--runtimes tensorflow: Input should be 'torch' or 'onnx'"),
+    (["--prompt-lens", "128;512"], "--prompt-lens 128;512: Input should be a valid integer"),
+    (["--batch", "0"], "--batch 0: Input should be greater than or equal to 1"),
 ])
 def test_bench_bad_inputs(slim, tiny_models, capsys, args, message):
     assert main(["bench", str(tiny_models["llama-tied"]), str(slim), *args]) == 2

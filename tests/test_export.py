@@ -61,7 +61,7 @@ def test_unslimmed_graph_is_as_lean_as_the_builders(tiny_models, tmp_path):
     assert sum(ops.values()) <= 11 * layers + 16, ops
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
     assert_ops_known_to_onnxruntime(model)
-    # Not the installed onnx's newest IR: onnxruntime 1.30 refused IR 14 (README, "Measured on a GPU").
+    # Not the installed onnx's newest IR: onnxruntime 1.30 refused IR 14 (docs/results/gpu-h200.md).
     assert model.ir_version == 10
 
 

@@ -1,7 +1,7 @@
 """GGUF export, proven by running llama.cpp (llama-cpp-python) on it against the run-time reference.
 
 The llama.cpp tests are marked ``llamacpp`` and skip with the reason when llama_cpp is not importable
-(see README, "GGUF for llama.cpp", for how CI installs it)."""
+(see docs/formats.md, "GGUF", for how CI installs it)."""
 import json
 import shutil
 import struct
@@ -20,7 +20,7 @@ try:
 except ImportError:  # the structural tests below still run
     llama_cpp = None
 needs_llamacpp = pytest.mark.skipif(llama_cpp is None, reason="llama_cpp is not importable: pip install "
-                                    "llama-cpp-python (built from source, see README) to run llama.cpp on the GGUF")
+                                    "llama-cpp-python (built from source, see docs/formats.md) to run llama.cpp on the GGUF")
 
 CHANGES = {
     "blocks": dict(remove={"blocks": [1, "3-4"]}),
@@ -286,3 +286,25 @@ def test_llamacpp_runs_smollm2_gguf_like_the_reference(smollm2_dir, smollm2_ids,
     err, top1 = agreement(llamacpp_logits(tmp_path / "q8.gguf", smollm2_ids), ref)
     print(f"smollm2 {change} q8_0: max abs {err:.4f}, top-1 {top1:.3f}")
     assert top1 >= 0.84, f"{change} q8_0: top-1 {top1} (max abs {err})"
+
+
+def test_the_run_stage_exports_what_the_recipes_export_section_says(gguf_models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    recipe.write_text(yaml.safe_dump(dict(
+        model=str(gguf_models["llama-tied"]), remove={"attention": [2]}, output={"dir": str(out)},
+        stages=["convert", "validate", "export"], export={"format": "gguf", "dtype": "q8_0"},
+        validate={"exactness": {"prompt_tokens": 8, "greedy_tokens": 4}, "quality": {"enabled": False}})))
+    assert main(["run", str(recipe)]) == 0
+    assert [p.name for p in (out / "gguf").iterdir()] == ["out-q8_0.gguf"]
+    assert not (out / "onnx").exists()
+
+
+def test_an_export_section_with_a_dtype_its_format_lacks_is_refused_before_any_work(gguf_models, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model=str(gguf_models["llama-tied"]), remove={"attention": [2]}, output={"dir": str(tmp_path / "out")},
+        stages=["convert", "export"], export={"format": "gguf", "dtype": "int4"})))
+    assert main(["run", str(recipe)]) == 2
+    assert "export.dtype int4 is an ONNX precision" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -283,7 +283,7 @@ def test_a_repeated_part_weights_the_mix_with_other_windows(tmp_path, src, texts
 
 def test_heal_on_generated_data_runs_end_to_end(tmp_path, src, texts):
     # A random tiny model's samples say nothing about held-out text, so this checks the training loss falls
-    # on the samples and the report and card say what the data was; SmolLM2's numbers are in the README.
+    # on the samples and the report and card say what the data was; SmolLM2's numbers are in docs/results/healing.md.
     out = _output(tmp_path, src, texts)
     healed = tmp_path / "healed"
     flags = _flags(texts)

@@ -129,8 +129,8 @@ def test_search_command_writes_recipe_path_and_plot(tiny_models, tmp_path, monke
     (["--target", "decode:fast"], "not a number"),
     (["--target", "layers:6"], "whole number from 1 to 5"),
     (["--target", "decode:1.2", "--ops", "parallel"], "unreachable"),
-    (["--target", "decode:1.2", "--ops", "heads,,"], "unknown heads"),
-    (["--target", "decode:1.2", "--ops", ","], "names nothing"),
+    (["--target", "decode:1.2", "--ops", "heads,,"], "--ops heads: Input should be 'blocks', 'attention'"),
+    (["--target", "decode:1.2", "--ops", ","], 'ops "": List should have at least 1 item'),
     (["--target", "decode:1.2", "--seq-len", "100000"], "fewer than one window"),
     (["--target", "decode:1.2", "--samples", "0"], "--samples"),
 ])

@@ -92,7 +92,7 @@ def genai_config(cfg: dict, info: dict, precision: Precision) -> dict:
 # int4 changes the weights themselves, so it is judged against the PyTorch model with the same int4-rounded
 # weights (what the graph should compute); what remains is MatMulNBits' int8 activations (accuracy level
 # 4): on SmolLM2, 3.3% of the logit scale, KL 0.004, 94% top-1. Against the float model int4 itself costs
-# KL 0.42 there, which the report gives beside. Measured values: README, "ONNX export".
+# KL 0.42 there, which the report gives beside. Measured values: docs/results/onnx.md.
 CRITERIA = {
     "float32": dict(abs=2e-4, rel=0.0, kl=1e-6, top1=1.0, greedy=1.0),
     "float16": dict(abs=0.0, rel=1e-2, kl=1e-3, top1=0.97, greedy=0.9),

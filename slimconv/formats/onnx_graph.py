@@ -84,7 +84,7 @@ class Precision:
     accuracy_level: int = 4
     quantize_lm_head: bool = True
     # Asymmetric blocks (a zero point each): on SmolLM2-135M the KL to the float model is 0.44 against
-    # 0.57 symmetric (README); onnxruntime-genai's builder defaults to symmetric.
+    # 0.57 symmetric (docs/results/onnx.md); onnxruntime-genai's builder defaults to symmetric.
     symmetric: bool = False
 
     def __post_init__(self):

@@ -17,38 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from ..data import calibration_ids
 from ..errors import SlimError
 from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
 from ..plan import source_plan
+from .settings import AnalysisSettings
 
 PAPER_DEFAULTS = "SLEB and ShortGPT calibrate on 128 samples of 2048 tokens; Gromov et al. use the last token"
-
-
-class AnalysisSettings(BaseModel):
-    """Everything that determines an analysis; stored in metrics.json so a result says how it was made."""
-
-    model: str
-    calib: str = Field("wikitext2", description='"wikitext2" (valid split), a text file, or "hf:NAME[:CONFIG]"')
-    samples: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=8)
-    seed: int = 0
-    sleb_blocks: int | None = Field(None, ge=0, description="SLEB removals to run (0: none; None: 20% of the layers)")
-    max_window: int | None = Field(None, ge=1, description="largest n for angular distance (None: half the layers)")
-    group_sizes: list[int] = [2]
-    group_ppl: bool = True
-    naive_check: int = Field(0, ge=0, description="SLEB iterations to repeat without the prefix cache")
-    sleb_halving: bool = Field(False, description="SLEB ranks candidates by successive halving over the windows "
-                               "(less work; the choices may differ from the naive loop's)")
-    max_memory: int | None = Field(None, description="bytes of layer weights kept in memory; None: all")
-    batch_size: int = Field(8, ge=1)
-    angular_tokens: int = Field(2048, ge=1, description="tokens sampled for the angular distances")
-    norm: str = "per_layer"
-    device: str = "cpu"
-    allow_pickle: bool = False
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,7 +100,7 @@ def sleb(runner: Runner, config: dict, blocks: int, prefix_cache: bool = True, h
     block removed is the best of those scored on every window: less work, and not guaranteed to make the
     same choices. Unlike the search, SLEB does not let the previous step's ranking cut the first round:
     on SmolLM2 with 8 x 256 calibration tokens that cut changed the choice at step 2, while halving alone
-    made the naive loop's 9 choices (README, "SLEB, faster").
+    made the naive loop's 9 choices (docs/results/analysis.md, "SLEB, faster").
     A candidate's entry in ``candidates`` is its perplexity on the ``windows`` it was scored on.
     """
     stack = list(source_plan(config).layers)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import arch as A
 from ..layout import as_slim_config, layer_jobs
 from ..plan import LayerSpec, layer_spec
+from ..runtime import pick_device
 from ..source import Checkpoint
 
 
@@ -30,7 +31,7 @@ class LayerBank:
 
     def __init__(self, ckpt: Checkpoint, norm: str = "per_layer", budget: int | None = None, device: str = "cpu"):
         self.ckpt = ckpt
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.config = as_slim_config(ckpt.config)
         self.arch = A.get_arch(ckpt.config)
         self.norm = norm

@@ -20,47 +20,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, Field
 
 from ..errors import SlimError
 from .layerwise import (Halving, LayerBank, Runner, final_hidden, kl_divergence, ppl, ranked_nlls)
 from ..plan import Plan, build_plan, costs
 from ..recipe import parse_recipe
-
-OPS = ("blocks", "attention", "mlp", "parallel")
-
-METRICS = {
-    "decode": "ideal decode speedup: bytes read per token (weights + KV cache), memory-bound decode (CPU, large GPUs)",
-    "decode-gpu": "ideal GPU decode latency speedup at batch 1: bytes read / bandwidth + a fixed time per "
-                  "sequential layer (kernel launches), so parallel groups count",
-    "prefill": "ideal prefill speedup: FLOPs per token",
-    "params": "parameters kept, as a fraction of the source (params:0.8 = at most 80%)",
-    "layers": "sequential layers kept (layers:24 = at most 24; a parallel group counts as one)",
-}
-
-
-class SearchSettings(BaseModel):
-    """Everything that determines a search; stored in search.json."""
-
-    model: str
-    target: str = Field(description="METRIC:VALUE, e.g. decode:1.25, prefill:1.3, layers:24, params:0.8")
-    ops: list[str] = list(OPS)
-    calib: str = "wikitext2"
-    samples: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=8)
-    seed: int = 0
-    exact: bool = False
-    max_group: int = Field(3, ge=2, description="largest parallel group a search may build")
-    context: int = Field(512, ge=1, description="context length of the cost model (tokens)")
-    gpu_bandwidth: float = Field(3.0e12, gt=0, description="decode-gpu: bytes/s read from GPU memory")
-    layer_latency_us: float = Field(40.0, ge=0, description="decode-gpu: fixed microseconds per sequential layer")
-    bytes_per_param: int = 2
-    norm: str = "per_layer"
-    batch_size: int = Field(8, ge=1)
-    max_memory: int | None = None
-    device: str = "cpu"
-    allow_pickle: bool = False
-
+from .settings import METRICS, OPS, SearchSettings
 
 @dataclass(frozen=True)
 class Target:
@@ -91,15 +56,6 @@ def parse_target(text: str, config: dict) -> Target:
     if metric not in ("params", "layers") and not (math.isfinite(v) and v > 1):
         raise SlimError(f"--target {text!r}: a speedup target is a number above 1", f"e.g. {metric}:1.25")
     return Target(metric, v)
-
-
-def parse_ops(text: str) -> list[str]:
-    named = [o.strip() for o in str(text).split(",") if o.strip()]
-    bad = [o for o in named if o not in OPS]
-    if bad or not named:
-        raise SlimError(f"--ops {text!r}: {'unknown ' + ', '.join(bad) if bad else 'names nothing'}",
-                        f"choose from {','.join(OPS)} (comma-separated)")
-    return [o for o in OPS if o in named]
 
 
 @dataclass(frozen=True)
@@ -269,7 +225,7 @@ class Step:
     seconds: float
 
 
-FEW_TOKENS = 2048  # the default 8 x 256; below it the README's 1.30x measurement saw choices overfit
+FEW_TOKENS = 2048  # the default 8 x 256; below it the 1.30x measurement (docs/results/search.md) saw choices overfit
 
 
 def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tuple, n_changes: int, tokens: int,
@@ -285,7 +241,7 @@ def print_search_plan(s: SearchSettings, config: dict, target: Target, reach: tu
         console.print(f"  [yellow]warning:[/] {tokens} calibration tokens are few for a search, which picks among "
                       "many candidates at every step and so fits what it is shown: on SmolLM2 a 1.30x search on "
                       "512 tokens ranked its recipe above SLEB's that 4096 tokens (and the test split) rank below "
-                      "it (README, \"Search\"); give --samples 16 --seq-len 256 when the result matters")
+                      "it (docs/results/search.md); give --samples 16 --seq-len 256 when the result matters")
     console.print(f"  step 1: {n_changes} candidate changes that gain {target.metric} (of blocks, sublayers, groups of "
                   f"2..{s.max_group}, grown groups, as --ops allow); each step keeps the lowest loss increase per unit "
                   "of speedup still missing")
