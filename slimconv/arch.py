@@ -1,10 +1,25 @@
-"""Supported architectures, described as data.
+"""Model families, described as data, and the one object a stage reads them through.
 
-Every supported family has the Llama decoder layout (pre-norm RMSNorm, separate q/k/v/o and
-gate/up/down projections, RoPE); they differ only in which projections carry a bias, whether q and k
-have a per-head RMSNorm, and how sliding-window attention is configured. Adding a family with the
-same layout is one row in ARCHS.
+Every supported family is a decoder of RMSNorm'ed attention and gated-MLP sublayers with RoPE; what differs
+is written down per family in ``FAMILIES``:
+
+- the tensor names of a layer's parts (``Names``), including fused q/k/v or gate/up tensors (Phi-3) and which
+  norms a sublayer owns: its input norm, and its output norm where the family has one (Gemma 2/3 and OLMo 2
+  "sandwich" norms; OLMo 2 has no input norms at all);
+- the norm's form: ``w`` or ``1 + w`` (Gemma);
+- q/k norms: none, one gain per head dimension (Qwen3, Gemma 3), or one over all heads (OLMo 2);
+- scalars: embedding, residual, attention and logits multipliers (Granite, Gemma), soft-caps (Gemma 2);
+- per-layer config lists: sliding windows (``layer_types`` or one global window), RoPE per layer type
+  (Gemma 3), layers without RoPE (SmolLM3's ``no_rope_layers``);
+- the config key of the activation.
+
+``get_arch(config)`` resolves a source config against its family once, into an ``Arch`` that the plan,
+the converter, the analysis engine, heal and the exporters read. slimconv's own output layout (the slim
+format) is one canonical family, ``CANONICAL``: q/k/v and gate/up split, norms in ``w`` form, the attention
+and residual multipliers folded into the weights, the logits multiplier into the final norm. What cannot be
+folded travels in the slim config (the embedding multiplier of a tied embedding, soft-caps, RoPE kinds).
 """
+import math
 from dataclasses import dataclass
 
 from .errors import SlimError
@@ -16,11 +31,119 @@ EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 LAYER = "model.layers.{i}."
-INPUT_NORM = "input_layernorm.weight"
-POST_NORM = "post_attention_layernorm.weight"
-ATTN = "self_attn.{p}_proj.{kind}"
-QK_NORM = "self_attn.{p}_norm.weight"
-MLP = "mlp.{p}_proj.{kind}"
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass(frozen=True)
+class Names:
+    """A layer's tensors, relative to ``model.layers.{i}.`` and without ``.weight``/``.bias``; None: absent.
+    ``qkv`` / ``gate_up``: one fused tensor instead of q, k, v (in that order along the output dim) / gate,
+    up (gate first)."""
+
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    qkv: str | None = None
+    q_norm: str = "self_attn.q_norm"
+    k_norm: str = "self_attn.k_norm"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    gate_up: str | None = None
+    attn_in: str | None = "input_layernorm"
+    attn_out: str | None = None
+    mlp_in: str | None = "post_attention_layernorm"
+    mlp_out: str | None = None
+
+
+LLAMA_NAMES = Names()
+SANDWICH = Names(attn_out="post_attention_layernorm", mlp_in="pre_feedforward_layernorm",
+                 mlp_out="post_feedforward_layernorm")
+# slimconv's own layout: every norm a family can have, under a name that says which sublayer owns it.
+CANONICAL = Names(attn_out="attention_output_layernorm", mlp_out="mlp_output_layernorm")
+
+
+def canonical_names(norms: dict | None) -> Names:
+    """``CANONICAL`` with only the norms a slim config's ``norms`` names (None: Llama's two input norms)."""
+    has = {"attention_input": True, "mlp_input": True, **(norms or {})}
+    return Names(attn_in=CANONICAL.attn_in if has["attention_input"] else None,
+                 attn_out=CANONICAL.attn_out if has.get("attention_output") else None,
+                 mlp_in=CANONICAL.mlp_in if has["mlp_input"] else None,
+                 mlp_out=CANONICAL.mlp_out if has.get("mlp_output") else None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model_type differs from Llama. Config keys are read by ``get_arch``; a str value of a bias
+    entry is the config key whose boolean says whether that projection has a bias."""
+
+    attn_bias: dict
+    mlp_bias: str | bool = False
+    names: Names = LLAMA_NAMES
+    qk_norm: str | None = None          # "head": (head_dim,) shared by every head; "full": over all heads
+    norm_offset: float = 0.0            # 1.0: a norm applies (1 + weight)
+    sliding: str | None = "global"      # "global": config.sliding_window for every layer; "layer_types": per layer
+    sliding_switch: str | None = None   # config key that must be true for any window to apply
+    activation: str = "hidden_act"
+    embedding_multiplier: str | None = None   # config key, or "sqrt_hidden"
+    residual_multiplier: str | None = None
+    attention_multiplier: str | None = None   # the attention's scale itself (instead of head_dim ** -0.5)
+    query_pre_attn_scalar: str | None = None  # the attention's scale is this ** -0.5
+    logits_scaling: str | None = None         # logits are divided by it
+    attn_softcap: str | None = None
+    final_softcap: str | None = None
+    rope_by_layer_type: bool = False    # rope_parameters holds one entry per layer type
+    no_rope: str | None = None          # config list, one entry per layer: 0 = that layer has no RoPE
+    differs: str = ""                   # for messages: what sets it apart from Llama
+
+
+def _bias(key):
+    return dict.fromkeys(ATTN_PROJ, key)
+
+
+FAMILIES = {
+    "llama": Family(_bias("attention_bias"), "mlp_bias"),
+    "mistral": Family(_bias(False)),
+    "ministral": Family(_bias(False), sliding="layer_types", differs="Mistral with per-layer sliding windows"),
+    "qwen2": Family({"q": True, "k": True, "v": True, "o": False}, sliding="layer_types"),
+    "qwen3": Family(_bias("attention_bias"), qk_norm="head", sliding="layer_types"),
+    "gemma": Family(_bias("attention_bias"), norm_offset=1.0, embedding_multiplier="sqrt_hidden",
+                    differs="(1 + weight) norms and embeddings scaled by sqrt(hidden)"),
+    "gemma2": Family(_bias("attention_bias"), names=SANDWICH, norm_offset=1.0, sliding="layer_types",
+                     activation="hidden_activation", embedding_multiplier="sqrt_hidden",
+                     query_pre_attn_scalar="query_pre_attn_scalar", attn_softcap="attn_logit_softcapping",
+                     final_softcap="final_logit_softcapping", differs="sandwich norms and logit soft-capping"),
+    "gemma3_text": Family(_bias("attention_bias"), names=SANDWICH, qk_norm="head", norm_offset=1.0,
+                          sliding="layer_types", activation="hidden_activation", embedding_multiplier="sqrt_hidden",
+                          query_pre_attn_scalar="query_pre_attn_scalar", attn_softcap="attn_logit_softcapping",
+                          final_softcap="final_logit_softcapping", rope_by_layer_type=True,
+                          differs="sandwich norms, q/k norms and RoPE per layer type"),
+    "phi3": Family(_bias(False), names=Names(qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),
+                   differs="fused qkv_proj and gate_up_proj"),
+    "granite": Family(_bias("attention_bias"), "mlp_bias", embedding_multiplier="embedding_multiplier",
+                      residual_multiplier="residual_multiplier", attention_multiplier="attention_multiplier",
+                      logits_scaling="logits_scaling", differs="embedding, residual, attention and logits multipliers"),
+    "smollm3": Family(_bias("attention_bias"), "mlp_bias", sliding="layer_types", sliding_switch="use_sliding_window",
+                      no_rope="no_rope_layers", differs="layers without RoPE"),
+    "olmo2": Family(_bias("attention_bias"), names=Names(attn_in=None, attn_out="post_attention_layernorm", mlp_in=None,
+                                                         mlp_out="post_feedforward_layernorm"),
+                    qk_norm="full", differs="output norms instead of input norms, q/k norms over all heads"),
+}
+# Families users ask about, and what keeps them out.
+WHY_NOT = {
+    "gemma3": ("gemma3_text", "a Gemma 3 checkpoint with a vision tower (Gemma3ForConditionalGeneration); its text "
+                              "model is not converted inside the multimodal checkpoint yet"),
+    "mistral3": ("mistral", "a Mistral 3 checkpoint with a vision tower (Mistral3ForConditionalGeneration); its text "
+                            "model is not converted inside the multimodal checkpoint yet"),
+    "mixtral": ("mistral", "its MLP is a mixture of experts"),
+    "qwen2_moe": ("qwen2", "its MLP is a mixture of experts"),
+    "qwen3_moe": ("qwen3", "its MLP is a mixture of experts"),
+    "olmo3": ("olmo2", "OLMo 3 adds sliding windows with a period to OLMo 2's layout, not described yet"),
+    "cohere2": ("llama", "Cohere 2 uses LayerNorm, a parallel attention/MLP block and a layer period"),
+    "gpt2": ("llama", "GPT-2 uses LayerNorm, learned positions and a fused c_attn"),
+}
+ARCHS = FAMILIES  # the model_types slimconv converts
 
 
 # Configs leave these out when they equal the defaults: no grouped-query attention, head_dim = hidden / heads.
@@ -34,61 +157,123 @@ def head_dim(config: dict) -> int:
 
 @dataclass(frozen=True)
 class Arch:
+    """A source config resolved against its family: what every stage needs, computed once."""
+
     model_type: str
-    # projection -> config key whose boolean value says whether it has a bias, or a constant
-    attn_bias: dict
-    mlp_bias: str | bool
-    qk_norm: bool
-    # "layer_types": per-layer list names sliding layers; "global": config.sliding_window applies to all
-    sliding: str
+    family: Family
+    bias: dict                  # projection -> has a bias
+    mlp_bias: bool
+    activation: str
+    windows: tuple              # per source layer: sliding window or None
+    rope: tuple                 # per source layer: a key of rope_kinds, or None (no RoPE)
+    rope_kinds: dict            # kind -> rope_parameters
+    embedding_multiplier: float | None
+    residual_multiplier: float
+    query_scale: float          # the attention's scale / head_dim ** -0.5, folded into q
+    logits_multiplier: float    # folded into the final norm
+    attn_softcap: float | None
+    final_softcap: float | None
+    head_dim: int
 
-    def projection_bias(self, config: dict) -> dict:
-        return {p: bool(config.get(v, False)) if isinstance(v, str) else v for p, v in self.attn_bias.items()}
+    @property
+    def names(self) -> Names:
+        return self.family.names
 
-    def has_mlp_bias(self, config: dict) -> bool:
-        return bool(config.get(self.mlp_bias, False)) if isinstance(self.mlp_bias, str) else self.mlp_bias
+    @property
+    def qk_norm(self) -> str | None:
+        return self.family.qk_norm
 
-    def layer_windows(self, config: dict) -> list:
-        n, window = config["num_hidden_layers"], config.get("sliding_window")
-        if window is None:
-            return [None] * n
-        if self.sliding == "global":
-            return [window] * n
+    @property
+    def pre_norm(self) -> bool:
+        """Every sublayer reads a normed input and adds its output unnormed: the shape a parallel group's
+        norm gains fold into (DESIGN.md, "Layer parallelism as one wide layer")."""
+        n = self.names
+        return n.attn_in is not None and n.mlp_in is not None and n.attn_out is None and n.mlp_out is None
+
+    def projection_bias(self, config: dict | None = None) -> dict:
+        return dict(self.bias)
+
+    def has_mlp_bias(self, config: dict | None = None) -> bool:
+        return self.mlp_bias
+
+    def layer_windows(self, config: dict | None = None) -> list:
+        return list(self.windows)
+
+
+def _number(config: dict, key: str | None, default):
+    if key is None:
+        return default
+    value = config.get(key)
+    return default if value is None else float(value)
+
+
+def _windows(family: Family, config: dict, n: int) -> list:
+    window = config.get("sliding_window")
+    if window is None or family.sliding is None or (family.sliding_switch and not config.get(family.sliding_switch)):
+        return [None] * n
+    if family.sliding == "global":
+        return [window] * n
+    types = config.get("layer_types") or ["full_attention"] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _rope(family: Family, config: dict, n: int) -> tuple[list, dict]:
+    params = config.get("rope_parameters")
+    if params is None:  # a transformers 4 config: rope_theta and rope_scaling at the top level
+        params = dict(config.get("rope_scaling") or {"rope_type": "default"})
+        params.setdefault("rope_type", params.pop("type", "default"))
+        params["rope_theta"] = config.get("rope_theta", 10000.0)
+        if config.get("partial_rotary_factor") is not None:
+            params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    if family.rope_by_layer_type:
         types = config.get("layer_types") or ["full_attention"] * n
-        return [window if t == "sliding_attention" else None for t in types]
-
-
-_ALL_ATTN = {p: "attention_bias" for p in ATTN_PROJ}
-ARCHS = {
-    "llama": Arch("llama", _ALL_ATTN, "mlp_bias", qk_norm=False, sliding="global"),
-    "mistral": Arch("mistral", dict.fromkeys(ATTN_PROJ, False), False, qk_norm=False, sliding="global"),
-    "qwen2": Arch("qwen2", {"q": True, "k": True, "v": True, "o": False}, False, qk_norm=False,
-                  sliding="layer_types"),
-    "qwen3": Arch("qwen3", _ALL_ATTN, False, qk_norm=True, sliding="layer_types"),
-}
-
-# Families users ask about, and what keeps them out.
-WHY_NOT = {
-    "gemma": "Gemma scales embeddings and uses (1 + weight) norms",
-    "gemma2": "Gemma 2 has extra pre/post feed-forward norms and logit soft-capping",
-    "gemma3": "Gemma 3 has extra pre/post feed-forward norms and mixed local/global RoPE",
-    "phi3": "Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj",
-    "mixtral": "Mixtral's MLP is a mixture of experts",
-    "qwen2_moe": "its MLP is a mixture of experts",
-    "gpt2": "GPT-2 uses LayerNorm, learned positions and fused c_attn",
-}
+        missing = sorted({t for t in types if t not in params})
+        if missing:
+            raise SlimError(f"config.json: rope_parameters has no entry for layer type(s) {missing}",
+                            "use the config.json published with these weights")
+        kinds = {t: dict(params[t]) for t in dict.fromkeys(types)}
+        rope = list(types)
+    else:
+        kinds, rope = {"default": dict(params)}, ["default"] * n
+    if family.no_rope:
+        flags = config.get(family.no_rope) or [1] * n
+        rope = [r if flags[i] else None for i, r in enumerate(rope)]
+    return rope, kinds
 
 
 def get_arch(config: dict) -> Arch:
+    """The source config resolved against its family (``FAMILIES``); an unsupported family is a SlimError
+    naming the closest supported one and what differs."""
     model_type = config.get("model_type")
-    if model_type in ARCHS:
-        if config.get("hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-            raise SlimError(f"unsupported activation {config['hidden_act']!r} in the source config")
-        return ARCHS[model_type]
-    why = WHY_NOT.get(model_type, "its decoder layout is not described in slimconv/arch.py")
-    raise SlimError(
-        f"model_type {model_type!r} is not supported: {why}.",
-        f"use a model of a supported family ({', '.join(ARCHS)})",
+    family = FAMILIES.get(model_type)
+    if family is None:
+        close, why = WHY_NOT.get(model_type, ("llama", "its decoder layout is not described in slimconv/arch.py"))
+        raise SlimError(f"model_type {model_type!r} is not supported: {why}. The closest supported family is "
+                        f"{close!r}", f"use a model of a supported family ({', '.join(FAMILIES)})")
+    activation = config.get(family.activation) or config.get("hidden_act") or "silu"
+    if activation not in ACTIVATIONS:
+        raise SlimError(f"unsupported activation {activation!r} ({family.activation!r} in the source config)",
+                        f"slimconv's MLPs run {', '.join(ACTIVATIONS)}")
+    n, hd = config["num_hidden_layers"], head_dim(config)
+    if family.query_pre_attn_scalar:
+        scale = float(config[family.query_pre_attn_scalar]) ** -0.5
+    else:
+        scale = _number(config, family.attention_multiplier, hd ** -0.5)
+    embed = family.embedding_multiplier
+    rope, kinds = _rope(family, config, n)
+    return Arch(
+        model_type=model_type, family=family,
+        bias={p: bool(config.get(v, False)) if isinstance(v, str) else v for p, v in family.attn_bias.items()},
+        mlp_bias=bool(config.get(family.mlp_bias, False)) if isinstance(family.mlp_bias, str) else family.mlp_bias,
+        activation=activation, windows=tuple(_windows(family, config, n)), rope=tuple(rope), rope_kinds=kinds,
+        embedding_multiplier=(math.sqrt(config["hidden_size"]) if embed == "sqrt_hidden"
+                              else _number(config, embed, None)),
+        residual_multiplier=_number(config, family.residual_multiplier, 1.0),
+        query_scale=scale / hd ** -0.5,
+        logits_multiplier=1.0 / _number(config, family.logits_scaling, 1.0),
+        attn_softcap=_number(config, family.attn_softcap, None),
+        final_softcap=_number(config, family.final_softcap, None),
+        head_dim=hd,
     )
 
 
@@ -96,41 +281,62 @@ def get_arch(config: dict) -> Arch:
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, mlp_bias: bool, qk_norm: bool,
-                  per_head_qk_norm: bool = False) -> dict[str, tuple]:
+def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, mlp_bias: bool, qk_norm: str | None,
+                  names: Names = CANONICAL, per_head_qk_norm: bool = False) -> dict[str, tuple]:
     """Every tensor a checkpoint described by ``config`` must hold, as name -> shape, each dimension a pair
-    (size, the config key or count it follows from), built from the name templates above.
+    (size, the config key or count it follows from), built from the name templates ``names``.
 
     ``layers``: per decoder layer, (query heads, KV heads, MLP width), 0 for a removed sublayer. ``bias``,
-    ``mlp_bias``, ``qk_norm``: which optional tensors exist. q/k norms are (head_dim,) in a stock checkpoint
-    and (heads, head_dim) in slimconv's own format, where a wide layer's heads keep their member's gains."""
+    ``mlp_bias``, ``qk_norm``: which optional tensors exist. q/k norms "head" are (head_dim,) in a stock
+    checkpoint and (heads, head_dim) in slimconv's own format (``per_head_qk_norm``), where a wide layer's
+    heads keep their member's gains; "full" norms are (heads x head_dim,)."""
     hidden, hd = (config["hidden_size"], "hidden_size"), head_dim(config)
     vocab = (config["vocab_size"], "vocab_size")
     shapes = {EMBED: (vocab, hidden), FINAL_NORM: (hidden,)}
     if not config.get("tie_word_embeddings", False):
         shapes[LM_HEAD] = (vocab, hidden)
+
+    def add(at, name, kind, shape):
+        shapes[f"{at}{name}.{kind}"] = shape
+
     for i, (q, kv, width) in enumerate(layers):
         at = LAYER.format(i=i)
         if q:
             heads = (q * hd, "num_attention_heads x head_dim" if q == config["num_attention_heads"]
                      else f"{q} heads x head_dim")
             kvs = (kv * hd, "num_key_value_heads x head_dim" if kv == kv_heads(config) else f"{kv} KV heads x head_dim")
-            for p, shape in (("q", (heads, hidden)), ("k", (kvs, hidden)), ("v", (kvs, hidden)), ("o", (hidden, heads))):
-                shapes[at + ATTN.format(p=p, kind="weight")] = shape
+            rows = {"q": heads, "k": kvs, "v": kvs}
+            if names.qkv:
+                add(at, names.qkv, "weight", ((q * hd + 2 * kv * hd, "(heads + 2 x KV heads) x head_dim"), hidden))
+            for p in "qkv":
+                if not names.qkv:
+                    add(at, getattr(names, p), "weight", (rows[p], hidden))
                 if bias[p]:
-                    shapes[at + ATTN.format(p=p, kind="bias")] = shape[:1]
+                    add(at, getattr(names, p), "bias", (rows[p],))
+            add(at, names.o, "weight", (hidden, heads))
+            if bias["o"]:
+                add(at, names.o, "bias", (hidden,))
             if qk_norm:
                 for p, n in (("q", q), ("k", kv)):
                     norm = (hd, "head_dim")
-                    shapes[at + QK_NORM.format(p=p)] = ((n, f"{n} heads"), norm) if per_head_qk_norm else (norm,)
-            shapes[at + INPUT_NORM] = (hidden,)
+                    shape = (((n * hd, f"{n} heads x head_dim"),) if qk_norm == "full"
+                             else ((n, f"{n} heads"), norm) if per_head_qk_norm else (norm,))
+                    add(at, getattr(names, f"{p}_norm"), "weight", shape)
+            for norm in (names.attn_in, names.attn_out):
+                if norm:
+                    add(at, norm, "weight", (hidden,))
         if width:
             inter = (width, "intermediate_size" if width == config["intermediate_size"] else f"MLP width {width}")
+            if names.gate_up:
+                add(at, names.gate_up, "weight", ((2 * width, "2 x intermediate_size"), hidden))
             for p, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
-                shapes[at + MLP.format(p=p, kind="weight")] = shape
+                if not (names.gate_up and p != "down"):
+                    add(at, getattr(names, p), "weight", shape)
                 if mlp_bias:
-                    shapes[at + MLP.format(p=p, kind="bias")] = shape[:1]
-            shapes[at + POST_NORM] = (hidden,)
+                    add(at, getattr(names, p), "bias", shape[:1])
+            for norm in (names.mlp_in, names.mlp_out):
+                if norm:
+                    add(at, norm, "weight", (hidden,))
     return shapes
 
 
@@ -138,5 +344,5 @@ def stock_shapes(config: dict) -> dict[str, tuple]:
     """``tensor_shapes`` of a stock checkpoint of a supported family: every layer whole."""
     arch = get_arch(config)
     layer = (config["num_attention_heads"], kv_heads(config), config["intermediate_size"])
-    return tensor_shapes(config, [layer] * config["num_hidden_layers"], arch.projection_bias(config),
-                         arch.has_mlp_bias(config), arch.qk_norm)
+    return tensor_shapes(config, [layer] * config["num_hidden_layers"], arch.bias, arch.mlp_bias, arch.qk_norm,
+                         arch.names)

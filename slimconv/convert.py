@@ -88,6 +88,10 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
         # Every architecture slimconv converts is a stock transformers model_type: a source's auto_map only
         # points at code the output does not carry, which would make loading it fail (or run foreign code).
         cfg.pop("auto_map", None)
+        if not cfg.get("architectures"):  # a dequantised GGUF source has none; engines pick the class from it
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            cfg["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[src["model_type"]]]
         if src.get("model_type") == "qwen2" and "max_window_layers" in src and "layer_types" not in src:
             raise SlimError("this qwen2 config sets sliding layers by max_window_layers without layer_types",
                             "load and re-save it with transformers 5 so that layer_types is explicit")
@@ -108,11 +112,11 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
     jobs = tensor_jobs(plan, ckpt, dtype, renamed=fmt == "stock")
     modeling = MODELING_FILES
     if fmt == "nemotron-nas":
-        from .formats.nemotron import NAS_FILES, by_layer, choose_format, zero_bias_jobs
+        from .formats.nemotron import NAS_FILES, by_layer, choose_format, extra_jobs
 
         choose_format(fmt, plan, ckpt.config)  # a plan the format cannot carry is an error, never a wrong file
 
-        jobs, modeling = by_layer(jobs + zero_bias_jobs(plan, ckpt, dtype)), NAS_FILES
+        jobs, modeling = by_layer(jobs + extra_jobs(plan, ckpt, dtype, jobs)), NAS_FILES
     info = write_shards(jobs, out, parse_size(max_shard_size))
     write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype, fmt))
     if fmt != "stock":
@@ -150,8 +154,9 @@ def output_shapes(config: dict) -> dict:
     layers = [(s["attention"]["num_heads"] if s["attention"] else 0,
                s["attention"]["num_key_value_heads"] if s["attention"] else 0,
                s["mlp"]["intermediate_size"] if s["mlp"] else 0) for s in view.slim_layers]
-    return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias, view.qk_norm,
-                           per_head_qk_norm=True)
+    return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias,
+                           "head" if view.qk_norm is True else view.qk_norm or None,
+                           A.canonical_names(getattr(view, "norms", None)), per_head_qk_norm=True)
 
 
 def checked_output(slim_dir: Path) -> Checkpoint:

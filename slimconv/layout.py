@@ -55,94 +55,151 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _Reader:
+    """``ckpt.get`` remembering the last tensor read: a fused q/k/v (or gate/up) tensor is sliced three (two)
+    times in a row, and is read once."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.name, self.tensor = ckpt, None, None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name != self.name:
+            self.name, self.tensor = None, None  # the old one is freed before the new one is read
+            self.tensor, self.name = self.ckpt.get(name), name
+        return self.tensor
+
+
 def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm: str, dtype: str) -> list[Job]:
-    """The tensors of output layer ``out_i`` computing ``spec`` (``norm``: the plan's parallel norm mode)."""
+    """The tensors of output layer ``out_i`` computing ``spec``, in slimconv's canonical layout (``arch.CANONICAL``):
+    fused q/k/v and gate/up split, norms in ``w`` form, the attention scale folded into q (or its norm) and the
+    residual multiplier into the sublayer's last projection (or its output norm), a wide layer's members
+    concatenated with their input norm gains folded into the columns that read them (``norm``: the plan's
+    parallel norm mode)."""
     cfg = ckpt.config
-    src = lambda m, t: A.LAYER.format(i=m) + t
-    dst = lambda t: A.LAYER.format(i=out_i) + t
-    get = lambda m, t: ckpt.get(src(m, t)).to(torch.float32)
+    names, out = arch.names, A.CANONICAL
+    heads, kv, hd = cfg["num_attention_heads"], A.kv_heads(cfg), arch.head_dim
+    rows = {"q": (0, heads * hd), "k": (heads * hd, kv * hd), "v": ((heads + kv) * hd, kv * hd)}
+    offset = arch.family.norm_offset
+    read = _Reader(ckpt)
+    at = lambda m, t: A.LAYER.format(i=m) + t
     jobs = []
 
-    def add(template, members, shape, compute):
-        name = src(members[0], template)
-        jobs.append(Job(dst(template), shape, tensor_dtype(name, ckpt, dtype), compute))
+    def stored(m, p, kind):
+        """The source tensor that holds projection ``p`` of layer ``m`` (a fused one for split parts)."""
+        fused = names.qkv if p in "qkv" else names.gate_up if p in ("gate", "up") else None
+        return at(m, f"{fused or getattr(names, p)}.{kind}")
 
-    def stacked(members, template, dim, gain=None):
-        """Concatenates the members' tensors along ``dim``, scaling input columns by a norm gain.
+    def part(m, p, kind="weight"):
+        """Projection ``p`` of source layer ``m`` as stored (sliced out of its fused tensor if it is one)."""
+        t = read(stored(m, p, kind))
+        if p in "qkv" and names.qkv:
+            return t.narrow(0, *rows[p])
+        if p in ("gate", "up") and names.gate_up:
+            half = t.shape[0] // 2
+            return t.narrow(0, 0 if p == "gate" else half, half)
+        return t
 
-        A single member without gain passes through untouched; otherwise each member is written into
-        a preallocated output, so the only float32 temporary is one member's tensor (gains are applied
-        in float32 and rounded once).
-        """
-        shapes = [ckpt.shapes[src(m, template)] for m in members]
+    def shape_of(m, p, kind="weight"):
+        shape = list(ckpt.shapes[stored(m, p, kind)])
+        if p in "qkv" and names.qkv:
+            shape[0] = rows[p][1]
+        elif p in ("gate", "up") and names.gate_up:
+            shape[0] //= 2
+        return shape
+
+    def gain(m, role):
+        """A norm's effective gain (w + offset) of source layer ``m``, in float32."""
+        return read(at(m, getattr(names, role) + ".weight")).to(torch.float32) + offset
+
+    def add(name, dtype_of, shape, compute):
+        jobs.append(Job(A.LAYER.format(i=out_i) + name, tuple(shape), tensor_dtype(dtype_of, ckpt, dtype), compute))
+
+    def projection(members, p, kind, dim, scale=1.0, columns=None):
+        """Members' ``p`` concatenated along ``dim``, times ``scale``, input columns times norm gain ``columns``.
+        One member as stored passes through untouched; otherwise each member is written into a preallocated
+        output, so the only float32 temporary is one member's tensor (scales apply in float32, rounded once)."""
+        shapes = [shape_of(m, p, kind) for m in members]
         shape = list(shapes[0])
         shape[dim] = sum(s[dim] for s in shapes)
-        out_dtype = tensor_dtype(src(members[0], template), ckpt, dtype)
+        name = stored(members[0], p, kind)
 
         def compute():
-            if len(members) == 1 and gain is None:
-                return ckpt.get(src(members[0], template))
-            out, offset = torch.empty(shape, dtype=out_dtype), 0
+            if len(members) == 1 and scale == 1.0 and columns is None:
+                return part(members[0], p, kind).clone() if names.qkv or names.gate_up else part(members[0], p, kind)
+            result, start = torch.empty(shape, dtype=tensor_dtype(name, ckpt, dtype)), 0
             for m in members:
-                t = ckpt.get(src(m, template))
-                if gain:
-                    t = t.to(torch.float32) * get(m, gain)[None, :]
-                out.narrow(dim, offset, t.shape[dim]).copy_(t)
-                offset += t.shape[dim]
-            return out
+                t = part(m, p, kind).to(torch.float32) * scale
+                if columns is not None:
+                    t = t * gain(m, columns)[None, :]
+                result.narrow(dim, start, t.shape[dim]).copy_(t)
+                start += t.shape[dim]
+            return result
 
-        add(template, members, tuple(shape), compute)
+        add(f"{getattr(out, p)}.{kind}", name, shape, compute)
 
-    def summed(members, template):
-        add(template, members, ckpt.shapes[src(members[0], template)],
-            lambda: sum(get(m, template) for m in members))
+    def summed(members, p, scale):
+        add(f"{getattr(out, p)}.bias", stored(members[0], p, "bias"), shape_of(members[0], p, "bias"),
+            lambda: sum(part(m, p, "bias").to(torch.float32) for m in members) * scale)
 
-    def ones_like(members, template):
-        add(template, members, ckpt.shapes[src(members[0], template)],
-            lambda: torch.ones(ckpt.shapes[src(members[0], template)]))
+    def norm_gain(members, role, out_name, how="own", scale=1.0):
+        """A norm of the output layer: its member's gain (``own``), the identity (``ones``: gains folded into the
+        projections), or the members' mean gain (``mean``: the LP authors' shared norm)."""
+        name = at(members[0], getattr(names, role) + ".weight")
+        compute = {"own": lambda: gain(members[0], role) * scale,
+                   "ones": lambda: torch.ones(ckpt.shapes[name]),
+                   "mean": lambda: sum(gain(m, role) for m in members) / len(members)}[how]
+        if how == "own" and offset == 0 and scale == 1.0:
+            compute = lambda: read(name)
+        add(f"{out_name}.weight", name, ckpt.shapes[name], compute)
 
+    # The residual multiplier scales what a sublayer adds: its output norm's gain where it has one, else its
+    # last projection.
+    residual = arch.residual_multiplier
     if spec.attention:
-        attn_mem = spec.attention.sources
-        wide = len(attn_mem) > 1
-        gain = A.INPUT_NORM if wide else None
-        bias = arch.projection_bias(cfg)
+        mem = spec.attention.sources
+        wide = len(mem) > 1
+        columns = "attn_in" if wide else None
+        q_scale = arch.query_scale if not arch.qk_norm else 1.0
         for p in "qkv":
-            stacked(attn_mem, A.ATTN.format(p=p, kind="weight"), 0, gain)
-            if bias[p]:
-                stacked(attn_mem, A.ATTN.format(p=p, kind="bias"), 0)
-        stacked(attn_mem, A.ATTN.format(p="o", kind="weight"), 1)
-        if bias["o"]:
-            summed(attn_mem, A.ATTN.format(p="o", kind="bias"))
-        if arch.qk_norm:
-            heads = {"q": cfg["num_attention_heads"], "k": A.kv_heads(cfg)}
+            projection(mem, p, "weight", 0, q_scale if p == "q" else 1.0, columns)
+            if arch.bias[p]:
+                projection(mem, p, "bias", 0, q_scale if p == "q" else 1.0)
+        o_scale = residual if names.attn_out is None else 1.0
+        projection(mem, "o", "weight", 1, o_scale)
+        if arch.bias["o"]:
+            summed(mem, "o", o_scale)
+        if arch.qk_norm == "head":
+            n_heads = {"q": heads, "k": kv}
             for p in "qk":
-                t = A.QK_NORM.format(p=p)
+                src = at(mem[0], getattr(names, f"{p}_norm") + ".weight")
+                scale = arch.query_scale if p == "q" else 1.0
                 # Per-head weights: a wide layer's heads keep their own member's q/k norm gain.
-                add(t, attn_mem, (heads[p] * len(attn_mem), ckpt.shapes[src(attn_mem[0], t)][0]),
-                    lambda t=t, p=p: torch.cat([get(m, t).expand(heads[p], -1) for m in attn_mem]))
-        if wide:
-            ones_like(attn_mem, A.INPUT_NORM)
-        else:
-            stacked(attn_mem, A.INPUT_NORM, 0)
+                add(f"{getattr(out, p + '_norm')}.weight", src, (n_heads[p] * len(mem), ckpt.shapes[src][0]),
+                    lambda t=f"{p}_norm", p=p, scale=scale, mem=mem: torch.cat(
+                        [gain(m, t).expand(n_heads[p], -1) for m in mem]) * scale)
+        elif arch.qk_norm == "full":  # over all heads: a wide layer has no such norm (build_plan refuses one)
+            for p in "qk":
+                norm_gain(mem, f"{p}_norm", getattr(out, f"{p}_norm"), scale=arch.query_scale if p == "q" else 1.0)
+        if names.attn_in:
+            norm_gain(mem, "attn_in", out.attn_in, "ones" if wide else "own")
+        if names.attn_out:
+            norm_gain(mem, "attn_out", out.attn_out, scale=residual)
     if spec.mlp:
-        mlp_mem = spec.mlp.sources
-        wide = len(mlp_mem) > 1
+        mem = spec.mlp.sources
+        wide = len(mem) > 1
         fold = wide and norm == "per_layer"
-        gain = A.POST_NORM if fold else None
         for p in ("gate", "up"):
-            stacked(mlp_mem, A.MLP.format(p=p, kind="weight"), 0, gain)
-            if arch.has_mlp_bias(cfg):
-                stacked(mlp_mem, A.MLP.format(p=p, kind="bias"), 0)
-        stacked(mlp_mem, A.MLP.format(p="down", kind="weight"), 1)
-        if arch.has_mlp_bias(cfg):
-            summed(mlp_mem, A.MLP.format(p="down", kind="bias"))
-        if fold:
-            ones_like(mlp_mem, A.POST_NORM)
-        elif wide:  # norm: mean -- one shared norm whose gain is the members' mean (the LP authors' code)
-            add(A.POST_NORM, mlp_mem, ckpt.shapes[src(mlp_mem[0], A.POST_NORM)],
-                lambda: sum(get(m, A.POST_NORM) for m in mlp_mem) / len(mlp_mem))
-        else:
-            stacked(mlp_mem, A.POST_NORM, 0)
+            projection(mem, p, "weight", 0, columns="mlp_in" if fold else None)
+            if arch.mlp_bias:
+                projection(mem, p, "bias", 0)
+        down_scale = residual if names.mlp_out is None else 1.0
+        projection(mem, "down", "weight", 1, down_scale)
+        if arch.mlp_bias:
+            summed(mem, "down", down_scale)
+        if names.mlp_in:
+            norm_gain(mem, "mlp_in", out.mlp_in, "ones" if fold else "mean" if wide else "own")
+        if names.mlp_out:
+            norm_gain(mem, "mlp_out", out.mlp_out, scale=residual)
     return jobs
 
 
@@ -155,45 +212,91 @@ def _renamed_layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, dtype: st
     ]
 
 
-def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None = None) -> list[Job]:
+def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None = None, arch: A.Arch | None = None) -> list[Job]:
     """``renamed``: copy each kept layer's tensors under its new index (a stock output; default: when the plan
-    is uniform) instead of building them from the layer spec."""
-    arch = A.get_arch(ckpt.config)
+    is uniform) instead of building them in the canonical layout from the layer spec. The final norm of the
+    canonical layout carries the norm offset and the logits multiplier."""
+    arch = arch or A.get_arch(ckpt.config)
     renamed = plan.uniform if renamed is None else renamed
     plain = lambda name: Job(name, ckpt.shapes[name], tensor_dtype(name, ckpt, dtype), lambda: ckpt.get(name))
     jobs = [plain(A.EMBED)]
     for i, spec in enumerate(plan.layers):
         jobs += (_renamed_layer_jobs(spec, i, ckpt, dtype) if renamed
                  else layer_jobs(spec, i, ckpt, arch, plan.norm, dtype))
-    jobs.append(plain(A.FINAL_NORM))
+    final = plain(A.FINAL_NORM)
+    scale, offset = arch.logits_multiplier, arch.family.norm_offset
+    if not renamed and (scale != 1.0 or offset):
+        final.compute = lambda: (ckpt.get(A.FINAL_NORM).to(torch.float32) + offset) * scale
+    jobs.append(final)
     if A.LM_HEAD in ckpt and not ckpt.config.get("tie_word_embeddings", False):
         jobs.append(plain(A.LM_HEAD))
     return jobs
 
 
-def slim_layers_config(plan: Plan, src: dict) -> dict:
+# Source keys whose effect the canonical layout folds into the weights, or carries under its own keys.
+FOLDED_KEYS = ("residual_multiplier", "attention_multiplier", "logits_scaling", "query_pre_attn_scalar",
+                "embedding_multiplier", "hidden_activation", "no_rope_layers", "no_rope_layer_interval",
+                "sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def slim_layers_config(plan: Plan, src: dict, arch: A.Arch | None = None) -> dict:
     """The ``model_type: slimconv`` config for a plan over a source config (no dtype)."""
-    arch = A.get_arch(src)
-    cfg = {k: v for k, v in src.items() if k not in _SLIM_DROP_KEYS}
+    arch = arch or A.get_arch(src)
+    names = arch.names
+    cfg = {k: v for k, v in src.items() if k not in _SLIM_DROP_KEYS + FOLDED_KEYS}
     cfg.update(
         model_type="slimconv",
         architectures=["SlimForCausalLM"],
         auto_map={"AutoConfig": "configuration_slim.SlimConfig",
                   "AutoModelForCausalLM": "modeling_slim.SlimForCausalLM"},
         source_model_type=src["model_type"],
-        head_dim=A.head_dim(src),
+        head_dim=arch.head_dim,
         num_key_value_heads=A.kv_heads(src),
         num_hidden_layers=len(plan.layers),
         # The cache is never cropped to a window (masks handle windows), so every slot is "full".
         layer_types=["full_attention"] * len(plan.layers),
-        projection_bias=arch.projection_bias(src),
-        mlp_bias=arch.has_mlp_bias(src),
-        qk_norm=arch.qk_norm,
+        projection_bias=arch.bias,
+        mlp_bias=arch.mlp_bias,
+        hidden_act=arch.activation,
+        qk_norm=arch.qk_norm or False,
+        norms=dict(attention_input=names.attn_in is not None, attention_output=names.attn_out is not None,
+                   mlp_input=names.mlp_in is not None, mlp_output=names.mlp_out is not None),
+        rope_kinds=arch.rope_kinds,
+        embedding_multiplier=arch.embedding_multiplier,
+        attn_logit_softcapping=arch.attn_softcap,
+        final_logit_softcapping=arch.final_softcap,
         slim_layers=[s.model_dump() for s in plan.layers],
     )
     if plan.early_exit is not None:
         cfg["early_exit"] = plan.early_exit
     return cfg
+
+
+class CanonicalView:
+    """A stock checkpoint of any supported family seen in slimconv's canonical layout, tensor by tensor (every
+    layer kept): what the readers of slim outputs (the ONNX and GGUF writers) read, so that they meet one
+    layout whatever the family. Tensors are computed on demand (``get``); nothing is held."""
+
+    def __init__(self, ckpt: Checkpoint):
+        config = ckpt.config
+        self.dir, self.config = ckpt.dir, config
+        self.jobs = {j.name: j for j in tensor_jobs(source_plan(config), ckpt, "source", renamed=False)}
+        self.shapes = {n: tuple(j.shape) for n, j in self.jobs.items()}
+        self.dtypes = {n: ST_DTYPES[j.dtype] for n, j in self.jobs.items()}
+        self.where = dict.fromkeys(self.jobs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.jobs
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.jobs[name].compute()
+
+
+def canonical(ckpt: Checkpoint):
+    """``ckpt`` itself when it is a slimconv (or nemotron-nas) output, else its ``CanonicalView``."""
+    if ckpt.config.get("model_type") in ("slimconv", "nemotron-nas"):
+        return ckpt
+    return CanonicalView(ckpt)
 
 
 def as_slim_config(config: dict):

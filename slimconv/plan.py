@@ -14,6 +14,7 @@ class AttentionSpec(BaseModel):
     num_heads: int
     num_key_value_heads: int
     sliding_window: int | None = None
+    rope: str | None = "default"  # a key of the slim config's rope_kinds; None: this attention has no RoPE
 
 
 class MlpSpec(BaseModel):
@@ -54,16 +55,19 @@ def _dims(config: dict) -> dict:
     )
 
 
-def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int]) -> LayerSpec:
+def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int], arch=None) -> LayerSpec:
     """Source layers ``members`` evaluated as one output layer (a wide one when several) with the
     attention of ``attention`` and the MLP of ``mlp`` (subsets of ``members``; empty: that sublayer is
-    removed). The attention's sliding window is its first member's."""
+    removed). The attention's sliding window and RoPE kind are its first member's (a group's members share
+    them: ``build_plan`` checks). ``arch``: ``get_arch(config)``, when the caller has it."""
     d = _dims(config)
-    window = get_arch(config).layer_windows(config)[attention[0]] if attention else None
+    arch = arch or get_arch(config)
+    first = attention[0] if attention else None
     return LayerSpec(
         source_layers=list(members),
         attention=AttentionSpec(sources=list(attention), num_heads=d["heads"] * len(attention),
-                                num_key_value_heads=d["kv"] * len(attention), sliding_window=window)
+                                num_key_value_heads=d["kv"] * len(attention), sliding_window=arch.windows[first],
+                                rope=arch.rope[first])
         if attention else None,
         mlp=MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None,
     )
@@ -106,7 +110,16 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
     if len(blocks) == n:
         raise SlimError("the recipe removes every layer of the model", "keep at least one layer")
 
-    windows = arch.layer_windows(config)
+    if groups and not arch.pre_norm:
+        n_ = arch.names
+        owned = [f"{what} ({name})" for what, name in (("the attention's output norm", n_.attn_out),
+                                                        ("the MLP's output norm", n_.mlp_out)) if name]
+        owned += [f"no {what} input norm" for what, name in (("attention", n_.attn_in), ("MLP", n_.mlp_in))
+                  if name is None]
+        raise SlimError(f"parallel.groups {groups}: a {config.get('model_type')} layer has {' and '.join(owned)}, so a "
+                        "group's members cannot be folded into one wide layer (that needs pre-norm sublayers: an "
+                        "input norm each and no output norm)",
+                        "remove the parallel section, or use remove.blocks / attention / mlp for this family")
     group_of = {g[0]: g for g in groups}
     layers, i = [], 0
     while i < n:
@@ -116,10 +129,14 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
             continue
         attn = [m for m in members if m not in no_attn]
         mlp = [m for m in members if m not in no_mlp]
-        if len({windows[m] for m in attn}) > 1:
+        if len({arch.windows[m] for m in attn}) > 1:
             raise SlimError(f"parallel group {members} mixes sliding-window and full attention layers",
                             "group only layers of the same attention type")
-        layers.append(layer_spec(config, members, attn, mlp))
+        if len({arch.rope[m] for m in attn}) > 1:
+            kinds = {m: arch.rope[m] or "no RoPE" for m in attn}
+            raise SlimError(f"parallel group {members} mixes layers of different RoPE kinds ({kinds})",
+                            "group only layers of the same kind")
+        layers.append(layer_spec(config, members, attn, mlp, arch))
     early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)
@@ -156,8 +173,9 @@ def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
 
 def source_plan(config: dict) -> Plan:
     n = config["num_hidden_layers"]
+    arch = get_arch(config)
     return Plan(model_type=config["model_type"], num_source_layers=n, norm="per_layer", notes=[],
-                layers=[layer_spec(config, [i], [i], [i]) for i in range(n)])
+                layers=[layer_spec(config, [i], [i], [i], arch) for i in range(n)])
 
 
 def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2) -> dict:
@@ -170,8 +188,9 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
     d = _dims(config)
     arch = get_arch(config)
     h, hd = d["hidden"], d["head_dim"]
-    bias = arch.projection_bias(config)
-    mlp_bias = arch.has_mlp_bias(config)
+    bias, mlp_bias, names = arch.bias, arch.mlp_bias, arch.names
+    attn_norms = h * ((names.attn_in is not None) + (names.attn_out is not None))
+    mlp_norms = h * ((names.mlp_in is not None) + (names.mlp_out is not None))
     vocab = config["vocab_size"]
     tied = config.get("tie_word_embeddings", False)
     matmul = vocab * h  # the LM head; the embedding is a lookup
@@ -182,14 +201,14 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
             q, kv = s.attention.num_heads * hd, s.attention.num_key_value_heads * hd
             w = 2 * h * q + 2 * h * kv
             matmul += w
-            params += w + h + (bias["q"] * q + bias["k"] * kv + bias["v"] * kv + bias["o"] * h)
+            params += w + attn_norms + (bias["q"] * q + bias["k"] * kv + bias["v"] * kv + bias["o"] * h)
             params += (q + kv) if arch.qk_norm else 0
             attn_width += s.attention.num_heads
             kv_width += s.attention.num_key_value_heads
         if s.mlp:
             w = 3 * h * s.mlp.intermediate_size
             matmul += w
-            params += w + h + (mlp_bias * (2 * s.mlp.intermediate_size + h))
+            params += w + mlp_norms + (mlp_bias * (2 * s.mlp.intermediate_size + h))
     attn_flops = lambda ctx: 4 * attn_width * hd * ctx  # QK^T and AV
     kv_bytes = 2 * kv_width * hd * bytes_per_param
     return dict(

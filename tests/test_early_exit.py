@@ -43,7 +43,7 @@ def test_off_is_the_exact_model_and_exit_at_k_is_the_truncated_model(tiny_models
     model.config.early_exit_enabled = True
     on = model(input_ids=IDS, use_cache=False)
     m = model.model
-    x, rope = m.embed_tokens(IDS), m.rotary_emb(torch.zeros(1), torch.arange(IDS.shape[1])[None])
+    x, rope = m.embed_tokens(IDS), m.position_embeddings(torch.zeros(1), torch.arange(IDS.shape[1])[None])
     from slimconv.modeling.modeling_slim import mask_factory
 
     masks = mask_factory(None, 0, IDS.shape[1], torch.float32, "cpu")
@@ -66,7 +66,7 @@ def _uncached_greedy(model, prompt, steps):
     for _ in range(steps + 1):
         t = ids.shape[1]
         x = m.embed_tokens(ids)
-        rope, masks = m.rotary_emb(x, torch.arange(t)[None]), mask_factory(None, 0, t, torch.float32, "cpu")
+        rope, masks = m.position_embeddings(x, torch.arange(t)[None]), mask_factory(None, 0, t, torch.float32, "cpu")
         done = torch.tensor(exits + [n] * (t - len(exits)))  # exit layer per position; n: still running
         decided = None
         for i, layer in enumerate(m.layers):
@@ -114,7 +114,7 @@ def test_batch_exits_at_the_first_check_where_every_row_is_confident(tiny_models
     m, policy = model.model, model.config.early_exit
     n = len(m.layers)
     x, masks = m.embed_tokens(rows), mask_factory(None, 0, 6, torch.float32, "cpu")
-    rope = m.rotary_emb(x, torch.arange(6)[None])
+    rope = m.position_embeddings(x, torch.arange(6)[None])
     confident = []
     for i, layer in enumerate(m.layers):
         x = layer(x, rope, masks, None)

@@ -71,7 +71,11 @@ def test_parallel_group_becomes_one_wide_layer():
     assert wide.mlp.intermediate_size == 3 * 96
 
 
-def test_unsupported_architecture_says_why():
+def test_unsupported_architecture_says_why_and_names_the_closest_family():
     with pytest.raises(SlimError) as e:
-        build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "phi3"})
-    assert "phi3" in str(e.value) and "fuses" in str(e.value)
+        build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "mixtral"})
+    assert "'mixtral' is not supported" in str(e.value) and "mixture of experts" in str(e.value)
+    assert "closest supported family is 'mistral'" in str(e.value)
+    with pytest.raises(SlimError) as e:
+        build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "falcon"})
+    assert "'falcon' is not supported" in str(e.value) and "gemma3_text" in e.value.fix

@@ -63,7 +63,20 @@ def nas_blockers(plan: Plan, config: dict) -> list[str]:
     if groups:
         why.append(f"parallel groups {groups} (a wide layer has more heads than the format's one head count)")
     if arch.qk_norm:
-        why.append(f"{config['model_type']} has per-head q/k norms, which vLLM's and mlx-lm's nemotron-nas code do not load")
+        why.append(f"{config['model_type']} has q/k norms, which vLLM's and mlx-lm's nemotron-nas code do not load")
+    names = arch.names
+    out_norms = [n for n in (names.attn_out, names.mlp_out) if n]
+    if out_norms or not (names.attn_in and names.mlp_in):
+        why.append(f"{config['model_type']} puts norms where the format has none ("
+                   + ", ".join([f"output norm {n}" for n in out_norms]
+                               + [f"no {w} input norm" for w, n in (("attention", names.attn_in), ("MLP", names.mlp_in))
+                                  if not n]) + ")")
+    if arch.attn_softcap or arch.final_softcap:
+        why.append("logit soft-capping, which the format has no field for")
+    if len(set(arch.rope)) > 1 or len(arch.rope_kinds) > 1:
+        why.append("RoPE that differs between layers (kinds per layer type, or layers without RoPE)")
+    if any((p or {}).get("partial_rotary_factor", 1.0) != 1.0 for p in arch.rope_kinds.values()):
+        why.append("partial rotary embeddings (partial_rotary_factor), which the format's readers do not apply")
     windows = sorted({s.attention.sliding_window for s in plan.layers if s.attention and s.attention.sliding_window})
     if windows:
         why.append(f"sliding-window attention (window {windows[0]}), which nemotron-nas readers ignore: they would "
@@ -73,8 +86,8 @@ def nas_blockers(plan: Plan, config: dict) -> list[str]:
                    "the format's readers derive it that way")
     if heads % kv:
         why.append(f"{heads} attention heads are not a multiple of {kv} KV heads (n_heads_in_group)")
-    if config.get("hidden_act", "silu") not in NAS_ACTIVATIONS:
-        why.append(f"activation {config['hidden_act']!r} (mlx-lm reads {', '.join(NAS_ACTIVATIONS)})")
+    if arch.activation not in NAS_ACTIVATIONS:
+        why.append(f"activation {arch.activation!r} (mlx-lm reads {', '.join(NAS_ACTIVATIONS)})")
     kind = (_rope(config)[1] or {}).get("rope_type", "default")
     if kind not in NAS_ROPE_TYPES:
         why.append(f"RoPE scaling {kind!r} (carried: {', '.join(NAS_ROPE_TYPES)})")
@@ -113,8 +126,9 @@ def nas_config(plan: Plan, src: dict) -> dict:
     hidden, heads = src["hidden_size"], src["num_attention_heads"]
     kv = src.get("num_key_value_heads") or heads
     from ..arch import get_arch
+    from ..layout import FOLDED_KEYS
 
-    bias = get_arch(src).projection_bias(src)
+    arch = get_arch(src)
     theta, scaling = _rope(src)
     blocks = []
     for s in plan.layers:
@@ -122,7 +136,8 @@ def nas_config(plan: Plan, src: dict) -> dict:
         ffn = dict(_FFN_KEYS, no_op=s.mlp is None,
                    ffn_mult=None if s.mlp is None else ffn_mult_for(s.mlp.intermediate_size, hidden))
         blocks.append({"attention": attn, "ffn": ffn})
-    cfg = {k: v for k, v in src.items() if k not in _DROP and k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    cfg = {k: v for k, v in src.items()
+           if k not in _DROP + FOLDED_KEYS and k not in ("rope_parameters", "rope_scaling", "rope_theta")}
     cfg.update(
         architectures=["DeciLMForCausalLM"],
         model_type="nemotron-nas",
@@ -130,12 +145,13 @@ def nas_config(plan: Plan, src: dict) -> dict:
                   "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
         num_hidden_layers=len(plan.layers),
         num_key_value_heads=kv,
-        attention_bias=any(bias.values()),
-        mlp_bias=bool(src.get("mlp_bias", False)),
-        hidden_act=src.get("hidden_act", "silu"),
+        attention_bias=any(arch.bias.values()),
+        mlp_bias=arch.mlp_bias,
+        hidden_act=arch.activation,
         rms_norm_eps=src.get("rms_norm_eps", 1e-6),
         max_position_embeddings=src.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
+        # An embedding multiplier is folded into the embedding, so a tied head becomes its own tensor.
+        tie_word_embeddings=bool(src.get("tie_word_embeddings", False)) and arch.embedding_multiplier is None,
         rope_theta=theta,  # the legacy keys mlx-lm and NVIDIA's checkpoints use ...
         rope_scaling=scaling,
         rope_parameters={**(scaling or {"rope_type": "default"}), "rope_theta": theta},  # ... and transformers 5's
@@ -144,28 +160,36 @@ def nas_config(plan: Plan, src: dict) -> dict:
     return cfg
 
 
-def zero_bias_jobs(plan: Plan, ckpt, dtype: str) -> list:
-    """All-zero biases for projections the source has without one, when others have one (qwen2's o_proj): the
-    format's single attention_bias flag gives every projection a bias, and a zero bias is exact."""
+def extra_jobs(plan: Plan, ckpt, dtype: str, jobs: list) -> list:
+    """What the format needs beside the canonical layout's tensors: all-zero biases for projections the source has
+    without one when others have one (qwen2's o_proj; the format's single attention_bias flag gives every
+    projection a bias, and a zero bias is exact), and an embedding multiplier folded into the embedding, the
+    tied head then written as the unscaled matrix."""
     import torch
 
     from .. import arch as A
-    from ..layout import Job, tensor_dtype
+    from ..layout import Job
 
-    bias = A.get_arch(ckpt.config).projection_bias(ckpt.config)
-    if not any(bias.values()):
-        return []
-    hidden = ckpt.config["hidden_size"]
-    jobs = []
+    arch = A.get_arch(ckpt.config)
+    extra = []
+    if arch.embedding_multiplier is not None:
+        embed = next(j for j in jobs if j.name == A.EMBED)
+        if A.LM_HEAD not in {j.name for j in jobs}:
+            extra.append(Job(A.LM_HEAD, embed.shape, embed.dtype, embed.compute))
+        mult, raw = arch.embedding_multiplier, embed.compute
+        embed.compute = lambda: raw().to(torch.float32) * torch.tensor(mult, dtype=embed.dtype).float()
+    if not any(arch.bias.values()):
+        return extra
+    hidden, hd, names = ckpt.config["hidden_size"], arch.head_dim, A.CANONICAL
     for i, s in enumerate(plan.layers):
         if not s.attention:
             continue
-        for p in (p for p, has in bias.items() if not has):
-            weight = A.LAYER.format(i=s.attention.sources[0]) + A.ATTN.format(p=p, kind="weight")
-            rows = ckpt.shapes[weight][0] if p != "o" else hidden
-            jobs.append(Job(A.LAYER.format(i=i) + A.ATTN.format(p=p, kind="bias"), (rows,),
-                            tensor_dtype(weight, ckpt, dtype), lambda rows=rows: torch.zeros(rows)))
-    return jobs
+        rows = {"q": s.attention.num_heads * hd, "k": s.attention.num_key_value_heads * hd,
+                "v": s.attention.num_key_value_heads * hd, "o": hidden}
+        for p in (p for p, has in arch.bias.items() if not has):
+            extra.append(Job(A.LAYER.format(i=i) + f"{getattr(names, p)}.bias", (rows[p],),
+                             next(j.dtype for j in jobs if j.name == A.EMBED), lambda n=rows[p]: torch.zeros(n)))
+    return extra
 
 
 def by_layer(jobs: list) -> list:

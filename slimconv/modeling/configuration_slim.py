@@ -31,6 +31,11 @@ class SlimConfig(LlamaConfig):
     [...], "intermediate_size": I}}``. ``num_attention_heads``/``num_key_value_heads`` keep the source's
     per-layer values because RoPE and the head size derive from them.
 
+    The source family's differences from Llama that the weights could not absorb: ``norms`` (which of
+    attention_input, attention_output, mlp_input, mlp_output each layer has), ``qk_norm`` (False, "head" or
+    "full"), ``rope_kinds`` (RoPE parameters by the kind an attention names in its ``rope``; None: no RoPE),
+    ``embedding_multiplier``, ``attn_logit_softcapping`` and ``final_logit_softcapping``.
+
     ``early_exit`` (optional) is the AdaInfer stop policy that the modeling code evaluates after each
     layer: ``{"policy": "linear" | "gap", "features": [...], "weights": [...], "bias": b, "threshold": t,
     "min_layer": m, "every": k}``. ``early_exit_enabled = False`` runs every layer (exactness checks).
@@ -39,7 +44,12 @@ class SlimConfig(LlamaConfig):
     model_type = "slimconv"
     slim_layers: list | None = None
     projection_bias: dict | None = None
-    qk_norm: bool = False
+    qk_norm: bool | str = False
+    norms: dict | None = None
+    rope_kinds: dict | None = None
+    embedding_multiplier: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     source_model_type: str | None = None
     early_exit: dict | None = None
     early_exit_enabled: bool = True

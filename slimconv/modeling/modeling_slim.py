@@ -69,7 +69,8 @@ def _rotate_half(x):
 
 
 class SlimRMSNorm(nn.Module):
-    """RMSNorm over the last dim; ``shape`` may be (heads, head_dim) for per-head q/k norms of a wide layer."""
+    """RMSNorm over the last dim; ``shape`` may be (heads, head_dim) for per-head q/k norms of a wide layer.
+    Every family's norm is stored in this ``w`` form (slimconv folds Gemma's ``1 + w`` at conversion)."""
 
     def __init__(self, shape, eps):
         super().__init__()
@@ -84,9 +85,32 @@ class SlimRMSNorm(nn.Module):
 
 
 def _rope(x, position_embeddings):
-    """RoPE on (batch, heads, seq, head_dim), as transformers' apply_rotary_pos_emb."""
+    """RoPE on (batch, heads, seq, head_dim), as transformers' apply_rotary_pos_emb; with partial rotary (cos
+    narrower than head_dim) only the first dims rotate, as Phi-3's."""
     cos, sin = position_embeddings
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos[:, None] + _rotate_half(x_rot) * sin[:, None], x_pass], dim=-1)
+
+
+class SlimRotaryEmbedding(LlamaRotaryEmbedding):
+    """transformers' rotary embedding for one RoPE kind of the config (``config.rope_parameters`` is that kind's);
+    the default type honours ``partial_rotary_factor`` (Llama's ignores it, Phi-3's does not)."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs):
+        params = config.rope_parameters
+        dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
+
+
+def _qk_norm_mode(config):
+    """None, "head" (one gain per head dimension; ``True`` in configs of earlier slimconv) or "full"."""
+    mode = getattr(config, "qk_norm", False)
+    return "head" if mode is True else (mode or None)
 
 
 class SlimAttention(nn.Module):
@@ -97,6 +121,8 @@ class SlimAttention(nn.Module):
         self.num_kv_heads = spec["num_key_value_heads"]
         self.head_dim = config.head_dim
         self.sliding_window = spec.get("sliding_window")
+        self.rope = spec.get("rope", "default")
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
         self.cache_index = cache_index
         self.scaling = self.head_dim**-0.5
         h, d = config.hidden_size, self.head_dim
@@ -104,19 +130,34 @@ class SlimAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias.get("k", False))
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias.get("v", False))
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias.get("o", False))
-        if config.qk_norm:
+        self.qk_norm = _qk_norm_mode(config)
+        if self.qk_norm == "head":
             self.q_norm = SlimRMSNorm((self.num_heads, d), config.rms_norm_eps)
             self.k_norm = SlimRMSNorm((self.num_kv_heads, d), config.rms_norm_eps)
+        elif self.qk_norm == "full":  # over all heads at once (OLMo 2)
+            self.q_norm = SlimRMSNorm(self.num_heads * d, config.rms_norm_eps)
+            self.k_norm = SlimRMSNorm(self.num_kv_heads * d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
+    def _project(self, proj, norm, x, heads):
+        b, t, _ = x.shape
+        y = proj(x)
+        if self.qk_norm == "full":
+            y = norm(y)
+        y = y.view(b, t, heads, self.head_dim)
+        if self.qk_norm == "head":
+            y = norm(y)
+        return y.transpose(1, 2)
+
+    def _rotated(self, y, position_embeddings):
+        return y if self.rope is None else _rope(y, position_embeddings[self.rope])
+
     def _keys_values(self, x, position_embeddings):
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return _rope(k.transpose(1, 2), position_embeddings), v.transpose(1, 2)
+        k = self._rotated(self._project(self.k_proj, self.k_norm, x, self.num_kv_heads), position_embeddings)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
 
     def fill_cache(self, x, position_embeddings, cache):
         """Stores this layer's keys/values for ``x`` (already normed) without computing attention."""
@@ -124,16 +165,19 @@ class SlimAttention(nn.Module):
 
     def forward(self, x, position_embeddings, masks, cache):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = _rope(q.transpose(1, 2), position_embeddings)
+        q = self._rotated(self._project(self.q_proj, self.q_norm, x, self.num_heads), position_embeddings)
         k, v = self._keys_values(x, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.cache_index)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=masks(self.sliding_window), scale=self.scaling, enable_gqa=True
-        )
+        mask = masks(self.sliding_window)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        else:  # soft-capped logits (Gemma 2): tanh(s / cap) * cap before the mask, which SDPA cannot do
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+            scores = torch.tanh(scores / self.softcap) * self.softcap + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -150,31 +194,80 @@ class SlimMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Which norms a sublayer owns, by the family (the config's ``norms``); configs of earlier slimconv have Llama's.
+_NORMS = {"attention_input": True, "attention_output": False, "mlp_input": True, "mlp_output": False}
+
+
+def _norm(config, role):
+    own = {**_NORMS, **(getattr(config, "norms", None) or {})}[role]
+    return SlimRMSNorm(config.hidden_size, config.rms_norm_eps) if own else None
+
+
+def _apply(norm, x):
+    return x if norm is None else norm(x)
+
+
 class SlimDecoderLayer(nn.Module):
+    """``x + out_norm(attn(in_norm(x)))``, then the same for the MLP; each norm only where the family has it."""
+
     def __init__(self, config, spec, cache_index):
         super().__init__()
-        eps = config.rms_norm_eps
+        self.input_layernorm = self.self_attn = self.attention_output_layernorm = None
+        self.post_attention_layernorm = self.mlp = self.mlp_output_layernorm = None
         if spec.get("attention"):
-            self.input_layernorm = SlimRMSNorm(config.hidden_size, eps)
+            self.input_layernorm = _norm(config, "attention_input")
             self.self_attn = SlimAttention(config, spec["attention"], cache_index)
-        else:
-            self.input_layernorm = self.self_attn = None
+            self.attention_output_layernorm = _norm(config, "attention_output")
         if spec.get("mlp"):
-            self.post_attention_layernorm = SlimRMSNorm(config.hidden_size, eps)
+            self.post_attention_layernorm = _norm(config, "mlp_input")
             self.mlp = SlimMLP(config, spec["mlp"])
-        else:
-            self.post_attention_layernorm = self.mlp = None
+            self.mlp_output_layernorm = _norm(config, "mlp_output")
 
     def fill_cache(self, x, position_embeddings, cache):
         if self.self_attn is not None:
-            self.self_attn.fill_cache(self.input_layernorm(x), position_embeddings, cache)
+            self.self_attn.fill_cache(_apply(self.input_layernorm, x), position_embeddings, cache)
+
+    def attention_block(self, x, position_embeddings, masks, cache):
+        """What the attention sublayer adds to the residual stream ``x``."""
+        y = self.self_attn(_apply(self.input_layernorm, x), position_embeddings, masks, cache)
+        return _apply(self.attention_output_layernorm, y)
+
+    def mlp_block(self, x):
+        """What the MLP sublayer adds to the residual stream ``x``."""
+        return _apply(self.mlp_output_layernorm, self.mlp(_apply(self.post_attention_layernorm, x)))
 
     def forward(self, x, position_embeddings, masks, cache):
         if self.self_attn is not None:
-            x = x + self.self_attn(self.input_layernorm(x), position_embeddings, masks, cache)
+            x = x + self.attention_block(x, position_embeddings, masks, cache)
         if self.mlp is not None:
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.mlp_block(x)
         return x
+
+
+def rotary_embeddings(config) -> nn.ModuleDict:
+    """One rotary embedding per RoPE kind the layers use (``config.rope_kinds``; configs of earlier slimconv have
+    one, ``default``, in ``rope_parameters``)."""
+    import copy
+
+    kinds = getattr(config, "rope_kinds", None) or {"default": config.rope_parameters}
+    used = {(s.get("attention") or {}).get("rope", "default") for s in config.slim_layers} - {None}
+    out = nn.ModuleDict()
+    for kind in sorted(used):
+        kind_config = copy.copy(config)
+        kind_config.rope_parameters = dict(kinds[kind])
+        out[kind] = SlimRotaryEmbedding(config=kind_config)
+    return out
+
+
+def embed_scale(config, x):
+    """The embedding multiplier (Gemma's sqrt(hidden), Granite's), in the activations' dtype, as the source."""
+    mult = getattr(config, "embedding_multiplier", None)
+    return x if mult is None else x * torch.tensor(mult, dtype=x.dtype)
+
+
+def final_softcap(config, logits):
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 EXIT_FEATURES = ("top1_prob", "gap", "layer_frac")
@@ -264,7 +357,7 @@ class SlimModel(SlimPreTrainedModel):
             slot += 1 if spec.get("attention") else 0
         self.layers = nn.ModuleList(layers)
         self.norm = SlimRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = rotary_embeddings(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -273,13 +366,17 @@ class SlimModel(SlimPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def position_embeddings(self, x, position_ids):
+        """(cos, sin) by RoPE kind, what every layer's forward takes."""
+        return {kind: rope(x, position_ids=position_ids) for kind, rope in self.rotary_emb.items()}
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 exit_head=None, **kwargs):
         """``exit_head`` (the LM head) turns on the config's early-exit policy; None runs every layer.
         The cache comes in ``kwargs`` under any name transformers uses (see ``CACHE_NAME``)."""
         cache = _take_cache(kwargs)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = embed_scale(self.config, self.embed_tokens(input_ids))
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -289,13 +386,13 @@ class SlimModel(SlimPreTrainedModel):
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None]
         masks = mask_factory(attention_mask, past, t, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
-        position_embeddings = self.rotary_emb(x, position_ids=position_ids)
+        position_embeddings = self.position_embeddings(x, position_ids)
         policy, n = self.config.early_exit, len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x, position_embeddings, masks, cache if use_cache else None)
             if exit_head is None or not may_exit(i, n, policy):
                 continue
-            logits = exit_head(self.norm(x[:, -1]))
+            logits = final_softcap(self.config, exit_head(self.norm(x[:, -1])))
             if (exit_score(exit_features(logits, i, n), policy) >= policy["threshold"]).all():
                 if use_cache:
                     for skipped in self.layers[i + 1:]:
@@ -340,5 +437,5 @@ class SlimForCausalLM(SlimPreTrainedModel, GenerationMixin):
         if out.exit_logits is not None and h.shape[1] == 1:
             logits = out.exit_logits[:, None]  # the policy already paid for the LM head on this position
         else:
-            logits = self.lm_head(h)
+            logits = final_softcap(self.config, self.lm_head(h))
         return SlimCausalLMOutput(logits=logits, exit_layer=out.exit_layer, **{CACHE_NAME: getattr(out, CACHE_NAME)})

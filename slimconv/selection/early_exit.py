@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from ..errors import SlimError
-from ..modeling.modeling_slim import CACHE_NAME, EXIT_FEATURES, exit_features, exit_score, mask_factory, may_exit
+from ..modeling.modeling_slim import (CACHE_NAME, EXIT_FEATURES, embed_scale, exit_features, exit_score,
+                                      final_softcap, mask_factory, may_exit)
 
 ROWS = 512  # tokens whose full-vocabulary logits are held at once
 
@@ -74,19 +75,19 @@ def model_records(model, ids: torch.Tensor, batch_size: int = 4) -> dict:
     """Records of a loaded SlimForCausalLM (its layers one at a time, every layer run: no exit)."""
     m = model.model
     t = ids.shape[1]
-    rope = m.rotary_emb(torch.zeros(1, t, 1), torch.arange(t)[None])
+    rope = m.position_embeddings(torch.zeros(1, t, 1), torch.arange(t)[None])
     masks = mask_factory(None, 0, t, torch.float32, ids.device)
     parts = []
     for b in range(0, len(ids), batch_size):
         rows = ids[b:b + batch_size]
 
         def states(rows=rows):
-            x = m.embed_tokens(rows)
+            x = embed_scale(model.config, m.embed_tokens(rows))
             for layer in m.layers:
                 x = layer(x, rope, masks, None)
                 yield x
 
-        parts.append(layer_records(states(), lambda h: model.lm_head(m.norm(h)), rows))
+        parts.append(layer_records(states(), lambda h: final_softcap(model.config, model.lm_head(m.norm(h))), rows))
     return {k: torch.cat([p[k] for p in parts], 1) for k in parts[0]}
 
 

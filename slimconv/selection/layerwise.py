@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import arch as A
-from ..layout import as_slim_config, layer_jobs
-from ..plan import LayerSpec, layer_spec
+from ..layout import as_slim_config, layer_jobs, tensor_jobs
+from ..plan import LayerSpec, Plan, layer_spec
 from ..runtime import pick_device
 from ..source import Checkpoint
 
@@ -42,7 +42,11 @@ class LayerBank:
         tied = A.LM_HEAD not in ckpt or ckpt.config.get("tie_word_embeddings", False)
         self.embed = ckpt.get(A.EMBED).float().to(self.device)
         self.head = self.embed if tied else ckpt.get(A.LM_HEAD).float().to(self.device)
-        self.final_norm = ckpt.get(A.FINAL_NORM).float().to(self.device)
+        # The final norm in the canonical layout (offset and logits multiplier folded), as the converter writes it.
+        final = next(j for j in tensor_jobs(Plan(model_type=ckpt.config["model_type"], num_source_layers=0, layers=[],
+                                                 norm=norm, notes=[]), ckpt, "float32", arch=self.arch)
+                     if j.name == A.FINAL_NORM)
+        self.final_norm = final.compute().float().to(self.device)
         self.eps = ckpt.config.get("rms_norm_eps", 1e-6)
 
     def layer(self, spec: LayerSpec) -> torch.nn.Module:
@@ -73,17 +77,18 @@ class Runner:
     """The calibration set's activations pushed through layers, in sample batches."""
 
     def __init__(self, bank: LayerBank, ids: torch.Tensor, batch_size: int = 8):
-        from ..modeling.modeling_slim import mask_factory
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        from ..modeling.modeling_slim import mask_factory, rotary_embeddings
 
         self.bank, self.ids, self.batch_size = bank, ids.to(bank.device), batch_size
         t = ids.shape[1]
-        rope = LlamaRotaryEmbedding(config=bank.config).to(bank.device)
-        self.rope = rope(torch.zeros(1, t, 1, device=bank.device), torch.arange(t, device=bank.device)[None])
+        x, positions = torch.zeros(1, t, 1, device=bank.device), torch.arange(t, device=bank.device)[None]
+        self.rope = {kind: rope.to(bank.device)(x, positions) for kind, rope in rotary_embeddings(bank.config).items()}
         self.masks = mask_factory(None, 0, t, torch.float32, bank.device)
 
     def embed(self) -> torch.Tensor:
-        return F.embedding(self.ids, self.bank.embed)
+        from ..modeling.modeling_slim import embed_scale
+
+        return embed_scale(self.bank.config, F.embedding(self.ids, self.bank.embed))
 
     @property
     def windows(self) -> int:
@@ -113,8 +118,8 @@ class Runner:
         layer = self.bank.layer(spec)
         mid, out = torch.empty_like(x), torch.empty_like(x)
         for s in self.batches(len(x)):
-            h = x[s] + layer.self_attn(layer.input_layernorm(x[s]), self.rope, self.masks, None)
-            mid[s], out[s] = h, h + layer.mlp(layer.post_attention_layernorm(h))
+            h = x[s] + layer.attention_block(x[s], self.rope, self.masks, None)
+            mid[s], out[s] = h, h + layer.mlp_block(h)
         return mid, out
 
     @torch.no_grad()
@@ -134,8 +139,10 @@ class Runner:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head of hidden states ``h`` (rows, hidden)."""
+        from ..modeling.modeling_slim import final_softcap
+
         b = self.bank
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + b.eps) * b.final_norm) @ b.head.T
+        return final_softcap(b.config, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + b.eps) * b.final_norm) @ b.head.T)
 
 
 def ppl(nll: float) -> float:
