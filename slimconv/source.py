@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import SlimError
@@ -138,8 +139,6 @@ def _load_pickle(path: Path) -> dict:
     """A .bin state dict through torch's restricted unpickler (tensors and plain containers only); what it
     refuses is reported, never run."""
     import pickle
-
-    import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -314,7 +313,13 @@ class Checkpoint:
         # Opened per tensor so the memory map is released at once: pages of already-read tensors
         # would otherwise stay resident and peak memory would grow towards the model size.
         with safe_open(self.where[name], framework="pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(name)
+        # Every stage reads weights through here, tensor by tensor, so the check costs one pass over data that
+        # is read anyway; a NaN would otherwise travel into the output and every export of it.
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise SlimError(f"{self.where[name]}: tensor {name} holds {bad} NaN or Inf value(s)", _DAMAGED_FIX)
+        return t
 
     def aux_files(self) -> list[Path]:
         return [self.dir / n for n in AUX_FILES if (self.dir / n).is_file()]

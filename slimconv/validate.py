@@ -36,14 +36,30 @@ def load_reference(source_dir, plan: Plan, round_to: torch.dtype | None, trust_r
 
 
 @torch.no_grad()
+def greedy_cached(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens from ``generate()`` with the model's KV cache, EOS included: the uncached reference
+    (``greedy_no_cache``) does not stop or refuse at an EOS either, and generate() would refuse one before
+    ``min_new_tokens`` (a false mismatch on a model that emits its EOS early)."""
+    import copy
+
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.eos_token_id = None
+    try:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False,
+                              pad_token_id=0)
+    finally:
+        model.generation_config = saved
+
+
+@torch.no_grad()
 def exactness(slim, reference, prompt: torch.Tensor, settings: Exactness, dtype_name: str) -> dict:
     prompt = prompt[None] if prompt.dim() == 1 else prompt
     a = slim(input_ids=prompt, use_cache=False).logits
     b = reference(input_ids=prompt).logits
     err = (a - b).abs().max().item()
     tol = settings.max_abs_error if settings.max_abs_error is not None else TOLERANCE[dtype_name]
-    slim_tokens = slim.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=settings.greedy_tokens,
-                                min_new_tokens=settings.greedy_tokens, do_sample=False, pad_token_id=0)
+    slim_tokens = greedy_cached(slim, prompt, settings.greedy_tokens)
     ref_tokens = greedy_no_cache(reference, prompt, settings.greedy_tokens)
     new_a, new_b = slim_tokens[0, prompt.shape[1]:], ref_tokens[0, prompt.shape[1]:]
     same = int((new_a == new_b).sum())

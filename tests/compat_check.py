@@ -41,7 +41,9 @@ def _load(directory: Path):
 
 def _greedy(model, ids, mask, n):
     """Greedy tokens (batch, prompt + n) and each step's logits (batch, n, vocab) from ``generate()``."""
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    # EOS off: the reference neither stops nor refuses at one, and generate() refuses one before min_new_tokens.
+    model.generation_config.eos_token_id = None
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits, 1)
 

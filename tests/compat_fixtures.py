@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from compat_check import EXPECT
-from helpers import ARCH_CONFIGS, convert, make_tiny
+from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, convert, make_tiny
 from slimconv.reference import apply_plan, greedy_no_cache
 from slimconv.runtime import load_model
 
@@ -24,6 +24,10 @@ KINDS = {
 # nemotron-nas (DeciLM classes over the slim layers) needs MLP widths on its 256 grid: its own tiny sources.
 NAS_KINDS = {"nemotron-nas": dict(remove={"blocks": [1], "attention": [2, 5], "mlp": [0]})}
 NAS_ARCHS = ("llama-tied", "qwen2")
+# The other families' slim outputs: their own norms, scalars and RoPE in the shipped modeling code; parallel groups
+# only where they fold and the tiny model's layers 0-1 and 3-5 share their attention's kind.
+FAMILY_KINDS = {family: ["stock", "sublayers"] + (["parallel"] if family in ("gemma", "phi3", "granite") else [])
+                for family in FAMILY_CONFIGS}
 PROMPT = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(7))
 NEW_TOKENS = 10
 
@@ -33,6 +37,7 @@ def build(root: Path) -> list[Path]:
     """Writes ``root/ARCH-KIND/`` for every architecture and kind; returns the output folders."""
     outputs = []
     cases = [(arch, arch, kind, recipe, {}) for arch in ARCH_CONFIGS for kind, recipe in KINDS.items()]
+    cases += [(family, family, kind, KINDS[kind], {}) for family, kinds in FAMILY_KINDS.items() for kind in kinds]
     cases += [(arch, f"{arch}-nas", kind, recipe, dict(intermediate_size=256))
               for arch in NAS_ARCHS for kind, recipe in NAS_KINDS.items()]
     for arch, source, kind, recipe, overrides in cases:

@@ -8,6 +8,7 @@ from slimconv.recipe import parse_recipe
 from slimconv.reference import apply_plan, greedy_no_cache
 from slimconv.runtime import load_model
 from slimconv.source import Checkpoint
+from slimconv.validate import greedy_cached
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -21,12 +22,37 @@ ARCH_CONFIGS = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16)),
 }
+# The families beyond Llama's layout, each with what sets it apart turned on (scalars away from 1, soft-caps that
+# bite on tiny logits, a sliding window shorter than the test prompts, partial rotary, RoPE kinds per layer).
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILY_CONFIGS = {
+    "gemma": ("GemmaConfig", dict(head_dim=16, **_IDS)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **_IDS)),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, **_IDS,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, **_IDS,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.75})),
+    "granite": ("GraniteConfig", dict(tie_word_embeddings=True, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.1, logits_scaling=3.0, **_IDS)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=3, tie_word_embeddings=True, **_IDS)),
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False, **_IDS)),
+    "ministral": ("MinistralConfig", dict(sliding_window=8, head_dim=16, **_IDS,
+                                          layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2
+                                          + ["sliding_attention"] * 2)),
+}
+ALL_CONFIGS = {**ARCH_CONFIGS, **FAMILY_CONFIGS}
+# Families whose sublayers are pre-norm (an input norm each, no output norm): parallel groups fold only there.
+PRE_NORM = [a for a in ALL_CONFIGS if a not in ("gemma2", "gemma3_text", "olmo2")]
 
 
 def make_tiny(directory: Path, name: str, seed: int = 0, **overrides) -> Path:
     import transformers
 
-    cls, extra = ARCH_CONFIGS[name]
+    cls, extra = ALL_CONFIGS[name]
     torch.manual_seed(seed)
     config = getattr(transformers, cls)(**{**TINY, **extra, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -69,8 +95,7 @@ def compare(src: Path, out: Path, plan, ids: torch.Tensor, greedy: int = 16):
     """
     slim, ref = load_model(out), apply_plan(load_model(src), plan)
     err = (slim(input_ids=ids, use_cache=False).logits - ref(input_ids=ids).logits).abs().max().item()
-    got = slim.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=greedy,
-                        min_new_tokens=greedy, do_sample=False, pad_token_id=0)
+    got = greedy_cached(slim, ids[:1], greedy)
     want = greedy_no_cache(ref, ids[:1], greedy)
     return err, torch.equal(got, want)
 

@@ -250,7 +250,7 @@ def rotary_embeddings(config) -> nn.ModuleDict:
     import copy
 
     kinds = getattr(config, "rope_kinds", None) or {"default": config.rope_parameters}
-    used = {(s.get("attention") or {}).get("rope", "default") for s in config.slim_layers} - {None}
+    used = {s["attention"].get("rope", "default") for s in config.slim_layers if s.get("attention")} - {None}
     out = nn.ModuleDict()
     for kind in sorted(used):
         kind_config = copy.copy(config)

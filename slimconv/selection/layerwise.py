@@ -44,7 +44,7 @@ class LayerBank:
         self.head = self.embed if tied else ckpt.get(A.LM_HEAD).float().to(self.device)
         # The final norm in the canonical layout (offset and logits multiplier folded), as the converter writes it.
         final = next(j for j in tensor_jobs(Plan(model_type=ckpt.config["model_type"], num_source_layers=0, layers=[],
-                                                 norm=norm, notes=[]), ckpt, "float32", arch=self.arch)
+                                                 norm=norm, notes=[]), ckpt, "float32", renamed=False, arch=self.arch)
                      if j.name == A.FINAL_NORM)
         self.final_norm = final.compute().float().to(self.device)
         self.eps = ckpt.config.get("rms_norm_eps", 1e-6)

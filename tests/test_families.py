@@ -1,0 +1,183 @@
+"""The families beyond Llama's layout (issue 28), on tiny random models built from transformers' own config classes:
+every removal is exact against the run-time reference (logits and cached greedy tokens) in every format that can
+carry the family, parallel groups fold where the sublayers are pre-norm and are refused elsewhere, and the analysis
+engine scores candidates exactly as the reference computes them."""
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from helpers import FAMILY_CONFIGS, PRE_NORM, compare, convert, make_tiny
+from slimconv.cli import main
+from slimconv.errors import SlimError
+from slimconv.plan import source_plan
+from slimconv.source import Checkpoint
+
+FAMILIES = list(FAMILY_CONFIGS)
+CHANGES = {
+    "blocks": dict(remove={"blocks": [1, "3-4"]}),
+    "attention": dict(remove={"attention": "3-5"}),
+    "mlp": dict(remove={"mlp": [0, 5]}),
+    "mix": dict(remove={"blocks": [0], "attention": [2, 5], "mlp": [1]}),
+}
+# Pairs whose members share their attention's window and RoPE kind (SmolLM3's tiny model has no RoPE in layers 2
+# and 5; Ministral's slides in layers 0, 1, 4, 5).
+PAIRS = {"ministral": [[0, 1], [2, 3]]}
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {name: make_tiny(root / name, name) for name in FAMILIES}
+
+
+def _exact(src, out, plan):
+    err, same = compare(src, out, plan, IDS)
+    assert err < 1e-5, f"max |logit error| {err}"
+    assert same, "cached greedy tokens differ from the reference's"
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removals_are_exact(families, tmp_path, family, change):
+    plan = convert(families[family], tmp_path / "out", **CHANGES[change])
+    _exact(families[family], tmp_path / "out", plan)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == (family if change == "blocks" else "slimconv")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_recipes_are_exact(families, tmp_path, family):
+    rng = random.Random(family)
+    for k in range(3):
+        layers = list(range(6))
+        blocks = rng.sample(layers, rng.randint(0, 2))
+        rest = [i for i in layers if i not in blocks]
+        attention = rng.sample(rest, rng.randint(0, 2))
+        mlp = rng.sample([i for i in rest if i not in attention], rng.randint(0, 2))
+        out = tmp_path / f"out{k}"
+        plan = convert(families[family], out, remove={"blocks": blocks, "attention": attention, "mlp": mlp})
+        _exact(families[family], out, plan)
+
+
+@pytest.mark.parametrize("norm", ["per_layer", "mean"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in PRE_NORM])
+def test_parallel_groups_fold_where_sublayers_are_pre_norm(families, tmp_path, family, norm):
+    groups = PAIRS.get(family, [[0, 1], [3, 4]])
+    plan = convert(families[family], tmp_path / "out", remove={"mlp": [5]}, parallel={"groups": groups, "norm": norm})
+    _exact(families[family], tmp_path / "out", plan)
+
+
+@pytest.mark.parametrize("family, norm", [("gemma2", "post_attention_layernorm"),
+                                          ("gemma3_text", "post_feedforward_layernorm"),
+                                          ("olmo2", "no attention input norm")])
+def test_a_parallel_group_across_output_norms_is_refused_before_any_work(families, tmp_path, capsys, family, norm):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(families[family]), parallel={"groups": [[0, 1]]},
+                                          output={"dir": str(tmp_path / "out")})))
+    assert main(["convert", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.groups [[0, 1]]" in err and norm in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, key", [("gemma3_text", "layer_types"), ("smollm3", "no_rope_layers"),
+                                         ("gemma2", "layer_types")])
+def test_a_stock_output_slices_the_per_layer_lists(families, tmp_path, family, key):
+    from transformers import AutoModelForCausalLM
+
+    convert(families[family], tmp_path / "out", remove={"blocks": [1, 4]})
+    source = json.loads((families[family] / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config[key] == [source[key][i] for i in (0, 2, 3, 5)]
+    assert "auto_map" not in config and not (tmp_path / "out" / "modeling_slim.py").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the stock class, no remote code
+
+
+def test_phi3_stock_output_keeps_its_fused_tensors_and_slim_splits_them(families, tmp_path):
+    convert(families["phi3"], tmp_path / "stock", remove={"blocks": [2]})
+    convert(families["phi3"], tmp_path / "slim", remove={"attention": [2]})
+    stock, slim = Checkpoint(tmp_path / "stock").where, Checkpoint(tmp_path / "slim").where
+    assert "model.layers.0.self_attn.qkv_proj.weight" in stock and "model.layers.0.mlp.gate_up_proj.weight" in stock
+    assert "model.layers.0.self_attn.q_proj.weight" in slim and "model.layers.0.mlp.gate_proj.weight" in slim
+    assert not any("qkv_proj" in n or "gate_up" in n for n in slim)
+
+
+# nemotron-nas needs MLP widths on its 256 grid and full rotary: sources of their own.
+NAS = {"granite": dict(intermediate_size=256), "phi3": dict(intermediate_size=256, rope_parameters={
+    "rope_type": "default", "rope_theta": 10000.0})}
+
+
+@pytest.mark.parametrize("family", NAS)
+def test_nemotron_nas_carries_granite_folded_and_phi3_split(tmp_path, family):
+    src = make_tiny(tmp_path / "src", family, **NAS[family])
+    plan = convert(src, tmp_path / "out", fmt="nemotron-nas", remove={"blocks": [1], "attention": [2, 5], "mlp": [0]})
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas"
+    assert not {"embedding_multiplier", "residual_multiplier", "logits_scaling"} & set(config)
+    _exact(src, tmp_path / "out", plan)
+
+
+@pytest.mark.parametrize("family, why", [("gemma2", "soft-capping"), ("gemma3_text", "RoPE that differs"),
+                                         ("olmo2", "output norm"), ("smollm3", "layers without RoPE"),
+                                         ("phi3", "partial rotary"), ("gemma", "gelu_pytorch_tanh")])
+def test_nemotron_nas_names_what_it_cannot_carry(families, tmp_path, family, why):
+    from slimconv.formats.nemotron import choose_format
+    from slimconv.plan import build_plan
+    from slimconv.recipe import parse_recipe
+
+    config = Checkpoint(families[family]).config
+    plan = build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}, "remove": {"attention": [1]}}), config)
+    with pytest.raises(SlimError) as e:
+        choose_format("nemotron-nas", plan, config)
+    assert why in str(e.value)
+    assert choose_format("auto", plan, config)[0] == "slim"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_analysis_engine_scores_candidates_as_the_reference_computes_them(families, family):
+    import torch.nn.functional as F
+
+    from slimconv.plan import build_plan
+    from slimconv.recipe import parse_recipe
+    from slimconv.reference import apply_plan
+    from slimconv.runtime import load_model
+    from slimconv.selection.layerwise import LayerBank, Runner, candidate_nlls, group_spec
+
+    src = families[family]
+    ckpt = Checkpoint(src)
+    cfg = ckpt.config
+    runner = Runner(LayerBank(ckpt), IDS, batch_size=3)
+
+    @torch.no_grad()
+    def reference(**recipe):
+        plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **recipe}), cfg)
+        logits = apply_plan(load_model(src), plan)(input_ids=IDS).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten()).item()
+
+    cands = [(2, 1, []), (4, 1, [group_spec(cfg, [4], attention=False)]), (0, 0, [])]
+    want = [reference(remove={"blocks": [2]}), reference(remove={"attention": [4]}), reference()]
+    if family in PRE_NORM:
+        pair = PAIRS.get(family, [[0, 1]])[0]
+        cands.append((pair[0], 2, [group_spec(cfg, pair)]))
+        want.append(reference(parallel={"groups": [pair]}))
+    assert candidate_nlls(runner, source_plan(cfg).layers, cands) == pytest.approx(want, abs=1e-5)
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensor(families, tmp_path, capsys):
+    import shutil
+
+    src = shutil.copytree(families["granite"], tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(src), remove={"blocks": [1]}, output={"dir": str(tmp_path / "o")})))
+    assert main(["convert", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.3.mlp.up_proj.weight holds 1 NaN or Inf value(s)" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
