@@ -33,9 +33,10 @@ FAMILY_CONFIGS = {
         head_dim=16, query_pre_attn_scalar=24, sliding_window=8, **_IDS,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
-    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, **_IDS,
+    # head_dim 32 at partial rotary 0.5: 16 rotary dims, the fewest ONNX Runtime's GroupQueryAttention takes.
+    "phi3": ("Phi3Config", dict(hidden_size=128, tie_word_embeddings=False, **_IDS,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                 "partial_rotary_factor": 0.75})),
+                                                 "partial_rotary_factor": 0.5})),
     "granite": ("GraniteConfig", dict(tie_word_embeddings=True, embedding_multiplier=2.0, residual_multiplier=0.5,
                                       attention_multiplier=0.1, logits_scaling=3.0, **_IDS)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=3, tie_word_embeddings=True, **_IDS)),

@@ -181,3 +181,22 @@ def test_weights_holding_nan_are_refused_naming_the_tensor(families, tmp_path, c
     err = capsys.readouterr().err
     assert "model.layers.3.mlp.up_proj.weight holds 1 NaN or Inf value(s)" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change", ["blocks", "mix", "pairs"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_runtime_matches_pytorch_with_the_cache(families, tmp_path, family, change):
+    """The graph written node by node for each family's norms, scalars, soft-caps, RoPE kinds, partial rotary and
+    activation: ONNX Runtime against the PyTorch checkpoint, prefill and cached decode, batch 1 and left-padded."""
+    from slimconv.formats.onnx_export import export_onnx, validate_onnx
+
+    if change == "pairs" and family not in PRE_NORM:
+        pytest.skip("parallel groups do not fold for this family (see the refusal test)")
+    recipe = (dict(parallel={"groups": PAIRS.get(family, [[0, 1], [3, 4]])}, remove={"mlp": [5]})
+              if change == "pairs" else CHANGES[change])
+    convert(families[family], tmp_path / "out", **recipe)
+    (tmp_path / "onnx").mkdir()
+    export_onnx(tmp_path / "out", tmp_path / "onnx")
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    report = validate_onnx(tmp_path / "onnx", tmp_path / "out", prompts, steps=8, provider="cpu")
+    assert report["passed"], report

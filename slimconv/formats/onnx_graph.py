@@ -51,6 +51,10 @@ DATA_FILE = "model.onnx.data"
 # for the graph itself.
 INLINE_LIMIT = 2**31 - 2**26
 
+# MLP activations other than SiLU (written out as x * Sigmoid(x)): (op, domain). FastGelu is the tanh
+# approximation, which is what gelu_pytorch_tanh computes.
+ACTIVATION_OPS = {"silu": None, "gelu_pytorch_tanh": ("FastGelu", "com.microsoft"), "gelu": ("Gelu", "com.microsoft"),
+                  "relu": ("Relu", "")}
 # precision -> (weight/activation dtype on CPU, on CUDA); int4 keeps activations in these dtypes.
 ACTIVATIONS = {
     "float32": {"cpu": torch.float32},
@@ -194,17 +198,20 @@ class _Graph:
         return self.consts[key]
 
 
-def _rotary_caches(cfg, dtype: torch.dtype):
-    """cos/sin (max_position_embeddings, head_dim / 2) from transformers' own rotary embedding of this
-    config (every RoPE scaling type it knows, attention scaling included)."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+def _rotary_caches(cfg, dtype: torch.dtype) -> dict:
+    """Per RoPE kind the layers use, cos/sin (max_position_embeddings, rotary dims / 2) from the slim modeling
+    code's rotary embeddings (transformers' own, every RoPE scaling type it knows, attention scaling and
+    partial rotary included)."""
+    from ..modeling.modeling_slim import rotary_embeddings
 
-    rope = LlamaRotaryEmbedding(config=cfg)
     positions = torch.arange(cfg.max_position_embeddings)[None]
+    caches = {}
     with torch.no_grad():
-        cos, sin = rope(torch.zeros(1, dtype=torch.float32), positions)
-    half = cfg.head_dim // 2
-    return cos[0, :, :half].to(dtype), sin[0, :, :half].to(dtype)
+        for kind, rope in rotary_embeddings(cfg).items():
+            cos, sin = rope(torch.zeros(1, dtype=torch.float32), positions)
+            half = cos.shape[-1] // 2
+            caches[kind] = (cos[0, :, :half].to(dtype), sin[0, :, :half].to(dtype))
+    return caches
 
 
 class _Decoder:
@@ -218,9 +225,11 @@ class _Decoder:
         self.d = cfg.head_dim
         self.bias = cfg.projection_bias or {}
         self.pairs = 0
-        if cfg.hidden_act != "silu":
+        self.qk_norm = "head" if cfg.qk_norm is True else cfg.qk_norm or None
+        self.norms = {**{"attention_input": True, "mlp_input": True}, **(getattr(cfg, "norms", None) or {})}
+        if cfg.hidden_act not in ACTIVATION_OPS:
             raise SlimError(f"the ONNX graph builder has no activation {cfg.hidden_act!r}",
-                            "only SiLU MLPs (the Llama family) are exported")
+                            f"exported activations: {', '.join(ACTIVATION_OPS)}")
 
     # -- weights -----------------------------------------------------------------------------------
 
@@ -251,6 +260,17 @@ class _Decoder:
                          accuracy_level=self.p.accuracy_level)
 
     # -- the residual stream -----------------------------------------------------------------------
+
+    def stream(self, name: str) -> str:
+        """The residual stream itself, with a pending sublayer output added (for a sublayer without input norm)."""
+        if self.pending is not None:
+            self.residual, self.pending = self.g.op("Add", [self.residual, self.pending], name), None
+        return self.residual
+
+    def output_norm(self, x: str, gain_name: str, name: str) -> str:
+        """A sublayer's output norm (Gemma 2/3, OLMo 2): RMSNorm of what it adds, before the add."""
+        gain = self.g.writer.add(gain_name, self._tensor(gain_name).to(self.dtype))
+        return self.g.op("SimplifiedLayerNormalization", [x, gain], name, axis=-1, epsilon=float(self.cfg.rms_norm_eps))
 
     def norm(self, gain_name: str, name: str) -> str:
         """RMSNorm of the residual stream; a pending sublayer output is added to it in the same node."""
@@ -288,10 +308,14 @@ class _Decoder:
         width = (mh + 2 * self.kv) * d
         parts = [qkv] if members == 1 else self.g.op("Split", [qkv, self.g.const([width] * members, torch.int64)],
                                                      f"layers.{i}/attn/split_members", outputs=members, axis=-1)
-        norms = self._qk_norms(prefix, mh) if self.cfg.qk_norm else None
+        norms = (self._qk_norms(prefix, mh) if self.qk_norm == "head" else
+                 ([self.g.writer.add(prefix + f"{p}_norm.weight", self._tensor(prefix + f"{p}_norm.weight").to(self.dtype))]
+                  for p in "qk") if self.qk_norm == "full" else None)
+        norms = list(norms) if norms is not None else None
         outs = []
         for m, part in enumerate(parts):
-            outs.append(self._gqa(i, m, part, mh, spec.get("sliding_window"), norms and (norms[0][m], norms[1][m])))
+            outs.append(self._gqa(i, m, part, mh, spec.get("sliding_window"), norms and (norms[0][m], norms[1][m]),
+                                  spec.get("rope", "default")))
         attn = outs[0] if members == 1 else self.g.op("Concat", outs, f"layers.{i}/attn/concat_members", axis=-1)
         o_bias = self._tensor(prefix + "o_proj.bias") if self.bias.get("o") else None
         return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj")
@@ -307,7 +331,7 @@ class _Decoder:
             out.append(names)
         return out
 
-    def _gqa(self, i: int, m: int, qkv: str, heads: int, window, norms) -> str:
+    def _gqa(self, i: int, m: int, qkv: str, heads: int, window, norms, rope) -> str:
         name = f"layers.{i}/attn/member{m}"
         d, kv = self.d, self.kv
         q = k = v = ""
@@ -318,16 +342,23 @@ class _Decoder:
             # ONNX Runtime fuses it into GroupQueryAttention on CUDA only, so it is written out here.
             q, k, v = self.g.op("Split", [qkv, self.g.const([heads * d, kv * d, kv * d], torch.int64)],
                                 f"{name}/split_qkv", outputs=3, axis=-1)
-            q, k = (self._head_norm(t, gain, f"{name}/{p}_norm") for t, gain, p in ((q, norms[0], "q"),
-                                                                                 (k, norms[1], "k")))
+            norm = self._head_norm if self.qk_norm == "head" else self._full_norm
+            q, k = (norm(t, gain, f"{name}/{p}_norm") for t, gain, p in ((q, norms[0], "q"), (k, norms[1], "k")))
         slot = self.pairs
         self.pairs += 1
+        cos, sin = self.cos[rope] if rope is not None else ("", "")
+        softcap = getattr(self.cfg, "attn_logit_softcapping", None)
         return self.g.op("GroupQueryAttention",
                          [q, k, v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", self.seqlens,
-                          self.total, self.cos, self.sin, "", self.attn_bias],
+                          self.total, cos, sin, "", self.attn_bias],
                          name, outputs=3, domain=MS, out=[f"{name}/out", f"present.{slot}.key", f"present.{slot}.value"],
-                         num_heads=heads, kv_num_heads=kv, scale=float(d ** -0.5), do_rotary=1,
-                         local_window_size=int(window) if window else -1)[0]
+                         num_heads=heads, kv_num_heads=kv, scale=float(d ** -0.5), do_rotary=int(rope is not None),
+                         local_window_size=int(window) if window else -1,
+                         softcap=float(softcap) if softcap else None)[0]
+
+    def _full_norm(self, x: str, gain: str, name: str) -> str:
+        """A q/k norm over all heads at once (OLMo 2)."""
+        return self.g.op("SimplifiedLayerNormalization", [x, gain], name, axis=-1, epsilon=float(self.cfg.rms_norm_eps))
 
     def _head_norm(self, x: str, gain: str, name: str) -> str:
         per_head = self.g.op("Reshape", [x, self.g.const([0, 0, -1, self.d], torch.int64)], f"{name}/heads")
@@ -344,7 +375,12 @@ class _Decoder:
                                self._tensor(prefix + f"{p}_proj.bias") if bias else None, f"layers.{i}/mlp/{p}_proj")
 
         gate, up = proj("gate", x), proj("up", x)
-        act = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"layers.{i}/mlp/sigmoid")], f"layers.{i}/mlp/silu")
+        kind = self.cfg.hidden_act
+        if kind == "silu":
+            act = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"layers.{i}/mlp/sigmoid")], f"layers.{i}/mlp/silu")
+        else:
+            op, domain = ACTIVATION_OPS[kind]
+            act = self.g.op(op, [gate], f"layers.{i}/mlp/{kind}", domain=domain)
         return proj("down", self.g.op("Mul", [act, up], f"layers.{i}/mlp/gated"))
 
     # -- the whole graph ---------------------------------------------------------------------------
@@ -370,27 +406,55 @@ class _Decoder:
     def build(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g
         self._mask_inputs()
-        cos, sin = _rotary_caches(cfg, self.dtype)
-        self.cos, self.sin = g.writer.add("cos_cache", cos), g.writer.add("sin_cache", sin)
+        caches = _rotary_caches(cfg, self.dtype)
+        for kind, (cos, _) in caches.items():
+            if cos.shape[-1] % 8 or 2 * cos.shape[-1] > self.d:
+                raise SlimError(f"RoPE kind {kind!r} rotates {2 * cos.shape[-1]} of {self.d} head dims: ONNX Runtime's "
+                                "GroupQueryAttention needs the rotary dims / 2 to be a multiple of 8",
+                                "keep the PyTorch checkpoint for this model (or export one whose partial rotary "
+                                "factor gives a multiple of 16 rotary dims)")
+        single = len(caches) == 1
+        self.cos = {kind: (g.writer.add("cos_cache" if single else f"cos_cache.{kind}", cos),
+                           g.writer.add("sin_cache" if single else f"sin_cache.{kind}", sin))
+                    for kind, (cos, sin) in caches.items()}
         embed = self._tensor("model.embed_tokens.weight")
         embed_name = g.writer.add("model.embed_tokens.weight", embed.to(self.dtype))
         self.residual, self.pending = g.op("Gather", [embed_name, "input_ids"], "embed_tokens"), None
+        mult = getattr(cfg, "embedding_multiplier", None)
+        if mult is not None:
+            # Rounded to the activations' dtype first, as the source multiplies.
+            self.residual = g.op("Mul", [self.residual, g.const(float(torch.tensor(mult, dtype=self.dtype)), self.dtype)],
+                                 "embed_scale")
         for i, spec in enumerate(cfg.slim_layers):
+            at = f"model.layers.{i}."
             if spec.get("attention"):
-                x = self.norm(f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
-                self.pending = self.attention(i, spec["attention"], x)
+                x = (self.norm(at + "input_layernorm.weight", f"layers.{i}/input_layernorm")
+                     if self.norms["attention_input"] else self.stream(f"layers.{i}/attn/residual"))
+                out = self.attention(i, spec["attention"], x)
+                if self.norms.get("attention_output"):
+                    out = self.output_norm(out, at + "attention_output_layernorm.weight", f"layers.{i}/attn/output_norm")
+                self.pending = out
             if spec.get("mlp"):
-                x = self.norm(f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
-                self.pending = self.mlp(i, x)
+                x = (self.norm(at + "post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+                     if self.norms["mlp_input"] else self.stream(f"layers.{i}/mlp/residual"))
+                out = self.mlp(i, x)
+                if self.norms.get("mlp_output"):
+                    out = self.output_norm(out, at + "mlp_output_layernorm.weight", f"layers.{i}/mlp/output_norm")
+                self.pending = out
         x = self.norm("model.norm.weight", "final_norm")
         tied = "lm_head.weight" not in self.ckpt
         quantized = self.p.dtype == "int4" and self.p.quantize_lm_head
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        head_out = "logits" if cap is None else None
         if tied and not quantized:
             # One copy of the tied matrix: the head reads the embedding transposed, in one node.
-            g.op("FusedMatMul", [x, embed_name], "lm_head", domain=MS, out="logits", transB=1)
+            logits = g.op("FusedMatMul", [x, embed_name], "lm_head", domain=MS, out=head_out, transB=1)
         else:
-            self.linear(x, embed if tied else self._tensor("lm_head.weight"), None, "lm_head", quantize=quantized,
-                        out="logits")
+            logits = self.linear(x, embed if tied else self._tensor("lm_head.weight"), None, "lm_head",
+                                 quantize=quantized, out=head_out)
+        if cap is not None:  # Gemma 2: tanh(logits / cap) * cap
+            capped = g.op("Tanh", [g.op("Div", [logits, g.const(float(cap), self.dtype)], "softcap/div")], "softcap/tanh")
+            g.op("Mul", [capped, g.const(float(cap), self.dtype)], "softcap/mul", out="logits")
         return self._model("logits")
 
     def _model(self, logits: str) -> onnx.ModelProto:
@@ -414,13 +478,13 @@ class _Decoder:
 def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool) -> dict:
     """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint ``ckpt``;
     returns the number of cache pairs, nodes and weight bytes."""
-    from ..layout import as_slim_config
+    from ..layout import as_slim_config, canonical
 
     config = dict(ckpt.config)
     config.pop("early_exit", None)  # the graph runs every layer
     writer = _Writer(out, external)
     try:
-        decoder = _Decoder(ckpt, as_slim_config(config), precision, writer)
+        decoder = _Decoder(canonical(ckpt), as_slim_config(config), precision, writer)
         model = decoder.build()
     finally:
         writer.close()
