@@ -50,13 +50,17 @@ def load_model(directory, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    custom = bool(json.loads((directory / "config.json").read_text()).get("auto_map"))
+    config = json.loads((directory / "config.json").read_text())
+    custom = bool(config.get("auto_map"))
     ours = custom and bundled_code(directory)
     if custom and not ours and not trust_remote_code:
         raise SlimError(f"{directory} carries its own modeling code (auto_map in config.json), which slimconv "
                         "does not run without your agreement", TRUST_FIX)
+    # Stock soft-capped attention (Gemma 2) in eager: transformers 5.0.0 picks SDPA for it, which drops the
+    # cap (measured: logits off by 5e-4 on a tiny model); eager is what its Gemma 2 docs ask for.
+    eager = {"attn_implementation": "eager"} if config.get("attn_logit_softcapping") and not custom else {}
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                 trust_remote_code=ours or trust_remote_code)
+                                                 trust_remote_code=ours or trust_remote_code, **eager)
     return model.eval()
 
 

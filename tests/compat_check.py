@@ -33,9 +33,13 @@ MAX_ABS_ERROR = 1e-4
 
 
 def _load(directory: Path):
-    remote = "auto_map" in json.loads((directory / "config.json").read_text())
+    config = json.loads((directory / "config.json").read_text())
+    remote = "auto_map" in config
+    # A stock soft-capped attention (Gemma 2) in eager, as slimconv's runtime.load_model and transformers' own Gemma 2
+    # docs do: transformers 5.0.0 picks SDPA for it, which drops the cap.
+    eager = {"attn_implementation": "eager"} if config.get("attn_logit_softcapping") and not remote else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, trust_remote_code=remote)
+        str(directory), dtype=torch.float32, trust_remote_code=remote, **eager)
     return model.eval()
 
 

@@ -28,7 +28,10 @@ CHANGES = {
     "mlp": dict(remove={"mlp": [0, 5]}),
     "mix": dict(remove={"blocks": [1], "attention": [2, 3], "mlp": [0, 5]}),
 }
-ARCHS = {"llama-tied": {}, "llama-bias-untied": {}, "qwen2": {}, "mistral": dict(sliding_window=None)}
+# granite: its multipliers folded (the embedding's into token_embd, the tied head written unscaled); phi3: split,
+# with whole-head rotary (llama.cpp's llama refuses a partial one: "invalid n_rot").
+ARCHS = {"llama-tied": {}, "llama-bias-untied": {}, "qwen2": {}, "mistral": dict(sliding_window=None), "granite": {},
+         "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})}
 @pytest.fixture(scope="module")
 def gguf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
@@ -308,3 +311,16 @@ def test_an_export_section_with_a_dtype_its_format_lacks_is_refused_before_any_w
     assert main(["run", str(recipe)]) == 2
     assert "export.dtype int4 is an ONNX precision" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, why", [("gemma2", "output norms"), ("olmo2", "lacks input norms"),
+                                         ("gemma3_text", "q/k norms"), ("smollm3", "layers without RoPE"),
+                                         ("gemma", "activation 'gelu_pytorch_tanh'"), ("phi3", "partial rotary")])
+def test_a_family_llamacpps_llama_and_deci_cannot_run_is_refused_naming_why(tmp_path, capsys, family, why):
+    src = make_tiny(tmp_path / "src", family, vocab_size=VOCAB)
+    bpe_tokenizer(src)
+    slim_output(src, tmp_path / "out", remove={"attention": [2]})
+    assert main(["export", str(tmp_path / "out"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF cannot carry this model exactly" in err and why in err
+    assert not (tmp_path / "out" / "gguf").exists()

@@ -53,16 +53,36 @@ def gguf_blockers(config: dict) -> list[str]:
         if s.get("attention") and s["attention"].get("sliding_window"):
             why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
             break
+    family = config.get("source_model_type")
     if config.get("qk_norm"):
-        why.append(f"{config.get('source_model_type')} has per-head q/k norms (llama.cpp's llama/deci do not load them)")
+        why.append(f"{family} has q/k norms (llama.cpp's llama/deci do not load them)")
+    norms = {"attention_input": True, "mlp_input": True, **(config.get("norms") or {})}
+    if norms.get("attention_output") or norms.get("mlp_output") or not (norms["attention_input"] and norms["mlp_input"]):
+        why.append(f"{family} has output norms or lacks input norms, which llama.cpp's llama/deci do not have (its "
+                   f"{family} architecture is not written by slimconv)")
     if config.get("hidden_act", "silu") != "silu":
         why.append(f"activation {config['hidden_act']!r} (llama.cpp's llama/deci MLP is SiLU-gated)")
-    kind = (config.get("rope_parameters") or {}).get("rope_type", "default")
-    if kind not in ("default", "linear"):
-        why.append(f"RoPE scaling {kind!r} (this exporter writes default and linear RoPE only)")
+    if config.get("attn_logit_softcapping") or config.get("final_logit_softcapping"):
+        why.append("logit soft-capping (llama.cpp's llama/deci have none)")
+    kinds = _rope_kinds(config)
+    used = {(s.get("attention") or {}).get("rope", "default") for s in layers if s.get("attention")}
+    if None in used or len(used) > 1:
+        why.append(f"{family} has layers without RoPE or RoPE per layer type (llama.cpp's llama/deci rotate every "
+                   "layer alike)")
+    for kind in used - {None}:
+        rope_type = kinds[kind].get("rope_type", "default")
+        if rope_type not in ("default", "linear"):
+            why.append(f"RoPE scaling {rope_type!r} (this exporter writes default and linear RoPE only)")
+        if kinds[kind].get("partial_rotary_factor", 1.0) != 1.0:
+            why.append(f"partial rotary (factor {kinds[kind]['partial_rotary_factor']}): llama.cpp's llama/deci "
+                       "rotate whole heads (its phi3 architecture is not written by slimconv)")
     if layers and not layers[0].get("attention"):
         why.append("output layer 0 has no attention: llama.cpp derives the head size from layer 0's head count")
     return why
+
+
+def _rope_kinds(config: dict) -> dict:
+    return config.get("rope_kinds") or {"default": config.get("rope_parameters") or {}}
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -218,14 +238,17 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _plan_tensors(config: dict, ckpt, dtype: str):
-    """Yields (gguf name, torch shape, compute) for every tensor, in file order."""
+    """Yields (gguf name, torch shape, compute) for every tensor, in file order. An embedding multiplier (Granite)
+    is folded into the token embedding, the tied output head then written as the unscaled matrix."""
     hidden, head_dim = config["hidden_size"], config["head_dim"]
     L = "model.layers.{}."
+    mult = config.get("embedding_multiplier")
 
     def src(name, transform=None):
         return lambda: (transform(ckpt.get(name)) if transform else ckpt.get(name))
 
-    yield "token_embd.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight")
+    scaled = (lambda t: t.to(torch.float32) * float(torch.tensor(mult, dtype=t.dtype))) if mult is not None else None
+    yield "token_embd.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight", scaled)
     for i, s in enumerate(config["slim_layers"]):
         pre = L.format(i)
         if s.get("attention"):
@@ -252,6 +275,8 @@ def _plan_tensors(config: dict, ckpt, dtype: str):
     yield "output_norm.weight", (hidden,), src("model.norm.weight")
     if "lm_head.weight" in ckpt and not config.get("tie_word_embeddings", False):
         yield "output.weight", ckpt.shapes["lm_head.weight"], src("lm_head.weight")
+    elif mult is not None:
+        yield "output.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight")
 
 
 def _is_deci(config: dict) -> bool:
@@ -315,11 +340,12 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     """Writes ``path`` from a slimconv output folder; returns what was written (architecture, tokenizer, sizes)."""
     import gguf
 
+    from ..layout import canonical
     from ..provenance import GGUF_KEY
     from ..source import Checkpoint, weights_sha256
 
     cfg = checked_config(slim_dir, dtype)
-    ckpt = Checkpoint(slim_dir)
+    ckpt = canonical(Checkpoint(slim_dir))
     deci = _is_deci(cfg)
     arch = "deci" if deci else "llama"
     layers = cfg["slim_layers"]
@@ -343,7 +369,7 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     writer.add_key_length(cfg["head_dim"])
     writer.add_value_length(cfg["head_dim"])
     writer.add_rope_dimension_count(cfg["head_dim"])
-    rope = cfg.get("rope_parameters") or {}
+    rope = next(iter(_rope_kinds(cfg).values()))
     writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
