@@ -73,6 +73,14 @@ def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list
     )
 
 
+def groupable(arch, members) -> bool:
+    """Whether source layers ``members`` can be evaluated as one wide layer: a pre-norm family, and attentions of
+    one window and one RoPE kind (``build_plan`` says which of these fails, for a recipe)."""
+    members = list(members)
+    return (arch.pre_norm and len({arch.windows[m] for m in members}) == 1
+            and len({arch.rope[m] for m in members}) == 1)
+
+
 def build_plan(recipe: Recipe, config: dict) -> Plan:
     arch = get_arch(config)
     n = config["num_hidden_layers"]

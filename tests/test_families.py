@@ -200,3 +200,34 @@ def test_onnx_runtime_matches_pytorch_with_the_cache(families, tmp_path, family,
     prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
     report = validate_onnx(tmp_path / "onnx", tmp_path / "out", prompts, steps=8, provider="cpu")
     assert report["passed"], report
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+def test_every_stage_runs_on_the_family(families, tmp_path, family):
+    """plan, convert, validate (exact), analyze, search, heal, ONNX export and bench on one family, as a user runs
+    them (a word-level tokenizer so that the stages that read text can)."""
+    from helpers import with_word_tokenizer
+
+    src = with_word_tokenizer(families[family], tmp_path / "src", 127)
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{rng.randrange(127)}" for _ in range(6000)))
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model=str(src), remove={"blocks": [1], "attention": [4]}, output={"dir": str(out)},
+        validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                  "quality": {"data": str(text), "samples": 2, "seq_len": 32}})))
+    assert main(["plan", str(recipe)]) == 0
+    assert main(["convert", str(recipe)]) == 0
+    assert main(["validate", str(out)]) == 0
+    report = json.loads((out / "slimconv_report.json").read_text())
+    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
+    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
+    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), *calib, "--sleb-blocks", "1"]) == 0
+    assert main(["search", str(src), "--target", "layers:5", "-o", str(tmp_path / "se"), *calib]) == 0
+    assert main(["heal", str(out), "--steps", "3", "--seq-len", "16", "--batch", "2", "--data", str(text),
+                 "--eval-text", str(text)]) == 0
+    assert main(["export", str(tmp_path / "out-healed")]) == 0
+    assert main(["bench", str(src), str(out), "--runtime", "torch,onnx", "--repeats", "1", "--new-tokens", "2",
+                 "--prompt-lens", "8"]) == 0

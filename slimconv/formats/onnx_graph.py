@@ -321,13 +321,17 @@ class _Decoder:
         return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj")
 
     def _qk_norms(self, prefix: str, mh: int):
-        """Per member, the q and k norm gains (head_dim,): a member's heads share its source layer's gain."""
+        """Per member, the q and k norm gains: (head_dim,) when the member's heads share one (as converted), else
+        (heads x head_dim,) applied after the norm (a healed output trains each head's gain on its own)."""
         out = []
         for p, per_member in (("q", mh), ("k", self.kv)):
-            t = self._tensor(prefix + f"{p}_norm.weight")
-            t = t.reshape(-1, self.d)
-            names = [self.g.writer.add(f"{prefix}{p}_norm.{m}", t[m * per_member].to(self.dtype))
-                     for m in range(max(1, t.shape[0] // per_member))]
+            t = self._tensor(prefix + f"{p}_norm.weight").reshape(-1, self.d)
+            names = []
+            for m in range(max(1, t.shape[0] // per_member)):
+                rows = t[m * per_member:(m + 1) * per_member]
+                shared = bool((rows == rows[0]).all())
+                names.append((self.g.writer.add(f"{prefix}{p}_norm.{m}", (rows[0] if shared else rows.reshape(-1))
+                                                .to(self.dtype)), shared))
             out.append(names)
         return out
 
@@ -360,11 +364,15 @@ class _Decoder:
         """A q/k norm over all heads at once (OLMo 2)."""
         return self.g.op("SimplifiedLayerNormalization", [x, gain], name, axis=-1, epsilon=float(self.cfg.rms_norm_eps))
 
-    def _head_norm(self, x: str, gain: str, name: str) -> str:
+    def _head_norm(self, x: str, gain: tuple, name: str) -> str:
+        """Per-head RMSNorm; ``gain``: (initializer, whether the heads share it) from ``_qk_norms``."""
+        gain, shared = gain
         per_head = self.g.op("Reshape", [x, self.g.const([0, 0, -1, self.d], torch.int64)], f"{name}/heads")
-        normed = self.g.op("SimplifiedLayerNormalization", [per_head, gain], name, axis=-1,
+        scale = gain if shared else self.g.const([1.0] * self.d, self.dtype)
+        normed = self.g.op("SimplifiedLayerNormalization", [per_head, scale], name, axis=-1,
                            epsilon=float(self.cfg.rms_norm_eps))
-        return self.g.op("Reshape", [normed, self.g.const([0, 0, -1], torch.int64)], f"{name}/flat")
+        flat = self.g.op("Reshape", [normed, self.g.const([0, 0, -1], torch.int64)], f"{name}/flat")
+        return flat if shared else self.g.op("Mul", [flat, gain], f"{name}/gain")
 
     def mlp(self, i: int, x: str) -> str:
         prefix = f"model.layers.{i}.mlp."

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..data import calibration_ids
 from ..errors import SlimError
 from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
-from ..plan import source_plan
+from ..plan import groupable, source_plan
 from .settings import AnalysisSettings
 
 PAPER_DEFAULTS = "SLEB and ShortGPT calibrate on 128 samples of 2048 tokens; Gromov et al. use the last token"
@@ -45,7 +45,7 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
     bi, attn, mlp, pending, groups = [], [], [], {}, []
     for i, spec in enumerate(tqdm(specs, desc="layer metrics", unit="layer", disable=None)):
         for k in s.group_sizes:
-            if i + k <= n and len({specs[m].attention.sliding_window for m in range(i, i + k)}) == 1:
+            if i + k <= n and groupable(runner.bank.arch, range(i, i + k)):
                 pending[(i, k)] = (x, runner.apply(group_spec(config, list(range(i, i + k))), x))
         mid, out = runner.sublayers(spec, x)
         bi.append(1 - _cos(x, out).mean().item())

@@ -79,6 +79,10 @@ def choose(m: dict, method: str, blocks: int | None = None, attention: int | Non
     if method == "parallel":
         n = _count(pairs, "--pairs", L // 2 + 1)
         groups = [g for g in m["parallel_groups"] if len(g["layers"]) == 2]
+        if not groups:
+            raise SlimError("the analysis measured no parallel pairs: this model's neighbouring layers cannot be "
+                            "evaluated as one (a family with output norms, or neighbours whose attention window or "
+                            "RoPE differs)", "use a removal method (sleb, block-influence, attention, mlp, ...)")
         key = "ppl" if groups and all("ppl" in g for g in groups) else "rel_error"
         used, chosen = set(), []
         for g in sorted(groups, key=lambda g: g[key]):
