@@ -79,3 +79,14 @@ def test_unsupported_architecture_says_why_and_names_the_closest_family():
     with pytest.raises(SlimError) as e:
         build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "falcon"})
     assert "'falcon' is not supported" in str(e.value) and "gemma3_text" in e.value.fix
+
+
+def test_every_shipped_recipe_is_a_valid_recipe():
+    from pathlib import Path
+
+    from slimconv.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 12
+    for path in recipes:
+        load_recipe(path)
