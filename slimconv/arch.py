@@ -143,7 +143,6 @@ WHY_NOT = {
     "cohere2": ("llama", "Cohere 2 uses LayerNorm, a parallel attention/MLP block and a layer period"),
     "gpt2": ("llama", "GPT-2 uses LayerNorm, learned positions and a fused c_attn"),
 }
-ARCHS = FAMILIES  # the model_types slimconv converts
 
 
 # Configs leave these out when they equal the defaults: no grouped-query attention, head_dim = hidden / heads.
@@ -189,15 +188,6 @@ class Arch:
         norm gains fold into (DESIGN.md, "Layer parallelism as one wide layer")."""
         n = self.names
         return n.attn_in is not None and n.mlp_in is not None and n.attn_out is None and n.mlp_out is None
-
-    def projection_bias(self, config: dict | None = None) -> dict:
-        return dict(self.bias)
-
-    def has_mlp_bias(self, config: dict | None = None) -> bool:
-        return self.mlp_bias
-
-    def layer_windows(self, config: dict | None = None) -> list:
-        return list(self.windows)
 
 
 def _number(config: dict, key: str | None, default):

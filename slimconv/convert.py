@@ -146,7 +146,7 @@ def copy_aux(path: Path, out: Path) -> None:
 def output_shapes(config: dict) -> dict:
     """arch.tensor_shapes of a written checkpoint, from its own config: a stock one as its family, a slim or
     nemotron-nas one through the per-layer view slimconv's modeling code reads."""
-    if config.get("model_type") in A.ARCHS:
+    if config.get("model_type") in A.FAMILIES:
         return A.stock_shapes(config)
     from .layout import as_slim_config
 
@@ -171,7 +171,7 @@ def checked_output(slim_dir: Path) -> Checkpoint:
         raise SlimError(e.problem, fix) from None
     except (KeyError, ValueError, TypeError) as e:  # a config of a family slimconv does not know
         raise SlimError(f"{slim_dir / CONFIG_FILE} is neither a slim config nor one of a supported family "
-                        f"({', '.join(sorted(A.ARCHS))}): {type(e).__name__} {e}", fix) from None
+                        f"({', '.join(sorted(A.FAMILIES))}): {type(e).__name__} {e}", fix) from None
     return ckpt
 
 
