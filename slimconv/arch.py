@@ -11,7 +11,9 @@ is written down per family in ``FAMILIES``:
 - scalars: embedding, residual, attention and logits multipliers (Granite, Gemma), soft-caps (Gemma 2);
 - per-layer config lists: sliding windows (``layer_types`` or one global window), RoPE per layer type
   (Gemma 3), layers without RoPE (SmolLM3's ``no_rope_layers``);
-- the config key of the activation.
+- the config key of the activation;
+- a mixture-of-experts MLP (``Moe``): router, experts and shared expert as name templates, routing and the layers
+  that keep a dense MLP as config keys (Qwen3-MoE, Mixtral, Qwen2-MoE).
 
 ``get_arch(config)`` resolves a source config against its family once, into an ``Arch`` that the plan,
 the converter, the analysis engine, heal and the exporters read. slimconv's own output layout (the slim
@@ -74,6 +76,47 @@ def canonical_names(norms: dict | None) -> Names:
 
 
 @dataclass(frozen=True)
+class MoeNames:
+    """A mixture-of-experts MLP's tensors, relative to the layer, without ``.weight``; ``{e}``: the expert index.
+    ``shared_*``: an always-on shared expert and its sigmoid gate (None: absent)."""
+
+    router: str = "mlp.gate"
+    gate: str = "mlp.experts.{e}.gate_proj"
+    up: str = "mlp.experts.{e}.up_proj"
+    down: str = "mlp.experts.{e}.down_proj"
+    shared_gate: str | None = "mlp.shared_expert.gate_proj"
+    shared_up: str | None = "mlp.shared_expert.up_proj"
+    shared_down: str | None = "mlp.shared_expert.down_proj"
+    shared_router: str | None = "mlp.shared_expert_gate"
+
+
+# slimconv's own layout of an MoE sublayer (Qwen's names; a shared expert's tensors only where the source has one).
+CANONICAL_MOE = MoeNames()
+EXPERT_PROJ = ("gate", "up", "down")
+SHARED_PROJ = ("shared_gate", "shared_up", "shared_down")
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A family's mixture-of-experts MLP: softmax top-k routing over ``num_experts`` gated experts of width
+    ``width``, the top-k probabilities renormalised when ``norm_topk`` (a config key, or always: True). Config keys
+    throughout. A layer is sparse unless ``dense_layers`` lists it or ``sparse_step`` skips it (layer i is sparse
+    when (i + 1) % step == 0); a dense layer has the family's ordinary MLP of ``intermediate_size``."""
+
+    names: MoeNames
+    num_experts: tuple = ("num_experts", "num_local_experts")  # the first present (transformers 5 renamed Qwen3-MoE's)
+    top_k: str = "num_experts_per_tok"
+    width: str = "moe_intermediate_size"
+    norm_topk: str | bool = "norm_topk_prob"
+    shared_width: str | None = None
+    dense_layers: str | None = "mlp_only_layers"
+    sparse_step: str | None = "decoder_sparse_step"
+
+
+QWEN_MOE = MoeNames(shared_gate=None, shared_up=None, shared_down=None, shared_router=None)
+
+
+@dataclass(frozen=True)
 class Family:
     """How one model_type differs from Llama. Config keys are read by ``get_arch``; a str value of a bias
     entry is the config key whose boolean says whether that projection has a bias."""
@@ -95,6 +138,7 @@ class Family:
     final_softcap: str | None = None
     rope_by_layer_type: bool = False    # rope_parameters holds one entry per layer type
     no_rope: str | None = None          # config list, one entry per layer: 0 = that layer has no RoPE
+    moe: Moe | None = None              # a mixture-of-experts MLP (in the layers the config makes sparse)
     differs: str = ""                   # for messages: what sets it apart from Llama
 
 
@@ -129,6 +173,19 @@ FAMILIES = {
     "olmo2": Family(_bias("attention_bias"), names=Names(attn_in=None, attn_out="post_attention_layernorm", mlp_in=None,
                                                          mlp_out="post_feedforward_layernorm"),
                     qk_norm="full", differs="output norms instead of input norms, q/k norms over all heads"),
+    "qwen3_moe": Family(_bias("attention_bias"), qk_norm="head", sliding="layer_types", moe=Moe(QWEN_MOE),
+                        differs="Qwen3 with a mixture-of-experts MLP"),
+    "mixtral": Family(_bias(False), moe=Moe(MoeNames(router="block_sparse_moe.gate",
+                                                     gate="block_sparse_moe.experts.{e}.w1",
+                                                     up="block_sparse_moe.experts.{e}.w3",
+                                                     down="block_sparse_moe.experts.{e}.w2", shared_gate=None,
+                                                     shared_up=None, shared_down=None, shared_router=None),
+                                            num_experts=("num_local_experts",), width="intermediate_size",
+                                            norm_topk=True, dense_layers=None, sparse_step=None),
+                      differs="Mistral with a mixture-of-experts MLP"),
+    "qwen2_moe": Family({"q": True, "k": True, "v": True, "o": False}, sliding="layer_types",
+                        moe=Moe(MoeNames(), shared_width="shared_expert_intermediate_size"),
+                        differs="Qwen2 with a mixture-of-experts MLP and a gated shared expert"),
 }
 # Families users ask about, and what keeps them out.
 WHY_NOT = {
@@ -136,9 +193,8 @@ WHY_NOT = {
                               "model is not converted inside the multimodal checkpoint yet"),
     "mistral3": ("mistral", "a Mistral 3 checkpoint with a vision tower (Mistral3ForConditionalGeneration); its text "
                             "model is not converted inside the multimodal checkpoint yet"),
-    "mixtral": ("mistral", "its MLP is a mixture of experts"),
-    "qwen2_moe": ("qwen2", "its MLP is a mixture of experts"),
-    "qwen3_moe": ("qwen3", "its MLP is a mixture of experts"),
+    "deepseek_v3": ("qwen3_moe", "DeepSeek-V3's multi-head latent attention and grouped routing are not described"),
+    "gpt_oss": ("qwen3_moe", "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not described"),
     "olmo3": ("olmo2", "OLMo 3 adds sliding windows with a period to OLMo 2's layout, not described yet"),
     "cohere2": ("llama", "Cohere 2 uses LayerNorm, a parallel attention/MLP block and a layer period"),
     "gpt2": ("llama", "GPT-2 uses LayerNorm, learned positions and a fused c_attn"),
@@ -173,6 +229,16 @@ class Arch:
     attn_softcap: float | None
     final_softcap: float | None
     head_dim: int
+    sparse: tuple               # per source layer: its MLP is a mixture of experts
+    num_experts: int = 0
+    top_k: int = 0
+    norm_topk: bool = False
+    expert_width: int = 0
+    shared_width: int = 0       # the shared expert's width (0: none)
+
+    @property
+    def moe(self) -> Moe | None:
+        return self.family.moe
 
     @property
     def names(self) -> Names:
@@ -231,6 +297,27 @@ def _rope(family: Family, config: dict, n: int) -> tuple[list, dict]:
     return rope, kinds
 
 
+def _experts(moe: Moe | None, config: dict) -> int:
+    return 0 if moe is None else int(next((config[k] for k in moe.num_experts if config.get(k) is not None), 0))
+
+
+def _sparse(moe: Moe | None, config: dict, n: int) -> list[bool]:
+    if not _experts(moe, config):
+        return [False] * n
+    dense = set(config.get(moe.dense_layers) or []) if moe.dense_layers else set()
+    step = int(config.get(moe.sparse_step) or 1) if moe.sparse_step else 1
+    return [i not in dense and (i + 1) % step == 0 for i in range(n)]
+
+
+def _moe_numbers(moe: Moe | None, config: dict) -> dict:
+    if not _experts(moe, config):
+        return {}
+    norm = moe.norm_topk if isinstance(moe.norm_topk, bool) else bool(config.get(moe.norm_topk, False))
+    return dict(num_experts=_experts(moe, config), top_k=int(config[moe.top_k]), norm_topk=norm,
+                expert_width=int(config[moe.width]),
+                shared_width=int(config.get(moe.shared_width) or 0) if moe.shared_width else 0)
+
+
 def get_arch(config: dict) -> Arch:
     """The source config resolved against its family (``FAMILIES``); an unsupported family is a SlimError
     naming the closest supported one and what differs."""
@@ -264,19 +351,36 @@ def get_arch(config: dict) -> Arch:
         attn_softcap=_number(config, family.attn_softcap, None),
         final_softcap=_number(config, family.final_softcap, None),
         head_dim=hd,
+        sparse=tuple(_sparse(family.moe, config, n)),
+        **_moe_numbers(family.moe, config),
     )
+
+
+def moe_layer_keys(config: dict, kept: list[int]) -> dict:
+    """The config entries that say which layers are sparse, rewritten for a stock output of source layers ``kept``:
+    the dense layers as an explicit index list with a period of 1 (a removal breaks any longer period)."""
+    arch = get_arch(config)
+    moe = arch.moe
+    if moe is None or not arch.num_experts or not moe.dense_layers:
+        return {}
+    out = {moe.dense_layers: [j for j, i in enumerate(kept) if not arch.sparse[i]]}
+    if moe.sparse_step:
+        out[moe.sparse_step] = 1
+    return out
 
 
 # safetensors dtypes of the weights slimconv reads and writes: an integer tensor is quantised or not a weight.
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, mlp_bias: bool, qk_norm: str | None,
-                  names: Names = CANONICAL, per_head_qk_norm: bool = False) -> dict[str, tuple]:
+def tensor_shapes(config: dict, layers: list[tuple], bias: dict, mlp_bias: bool, qk_norm: str | None,
+                  names: Names = CANONICAL, per_head_qk_norm: bool = False,
+                  moe_names: MoeNames = CANONICAL_MOE) -> dict[str, tuple]:
     """Every tensor a checkpoint described by ``config`` must hold, as name -> shape, each dimension a pair
     (size, the config key or count it follows from), built from the name templates ``names``.
 
-    ``layers``: per decoder layer, (query heads, KV heads, MLP width), 0 for a removed sublayer. ``bias``,
+    ``layers``: per decoder layer, (query heads, KV heads, MLP width[, experts, shared expert width]), 0 for a
+    removed sublayer; with experts, the MLP is a mixture of that many experts of that width (``moe_names``). ``bias``,
     ``mlp_bias``, ``qk_norm``: which optional tensors exist. q/k norms "head" are (head_dim,) in a stock
     checkpoint and (heads, head_dim) in slimconv's own format (``per_head_qk_norm``), where a wide layer's
     heads keep their member's gains; "full" norms are (heads x head_dim,)."""
@@ -289,7 +393,8 @@ def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, 
     def add(at, name, kind, shape):
         shapes[f"{at}{name}.{kind}"] = shape
 
-    for i, (q, kv, width) in enumerate(layers):
+    for i, layer in enumerate(layers):
+        q, kv, width, experts, shared = (*layer, 0, 0)[:5]
         at = LAYER.format(i=i)
         if q:
             heads = (q * hd, "num_attention_heads x head_dim" if q == config["num_attention_heads"]
@@ -315,7 +420,20 @@ def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, 
             for norm in (names.attn_in, names.attn_out):
                 if norm:
                     add(at, norm, "weight", (hidden,))
-        if width:
+        if width and experts:
+            expert = (width, f"expert width {width}")
+            add(at, moe_names.router, "weight", ((experts, f"{experts} experts"), hidden))
+            for e in range(experts):
+                for p, shape in (("gate", (expert, hidden)), ("up", (expert, hidden)), ("down", (hidden, expert))):
+                    add(at, getattr(moe_names, p).format(e=e), "weight", shape)
+            if shared:
+                inner = (shared, "shared expert width")
+                for p, shape in (("shared_gate", (inner, hidden)), ("shared_up", (inner, hidden)),
+                                 ("shared_down", (hidden, inner))):
+                    add(at, getattr(moe_names, p), "weight", shape)
+                if moe_names.shared_router:
+                    add(at, moe_names.shared_router, "weight", ((1, "1"), hidden))
+        elif width:
             inter = (width, "intermediate_size" if width == config["intermediate_size"] else f"MLP width {width}")
             if names.gate_up:
                 add(at, names.gate_up, "weight", ((2 * width, "2 x intermediate_size"), hidden))
@@ -333,6 +451,8 @@ def tensor_shapes(config: dict, layers: list[tuple[int, int, int]], bias: dict, 
 def stock_shapes(config: dict) -> dict[str, tuple]:
     """``tensor_shapes`` of a stock checkpoint of a supported family: every layer whole."""
     arch = get_arch(config)
-    layer = (config["num_attention_heads"], kv_heads(config), config["intermediate_size"])
-    return tensor_shapes(config, [layer] * config["num_hidden_layers"], arch.bias, arch.mlp_bias, arch.qk_norm,
-                         arch.names)
+    attention = (config["num_attention_heads"], kv_heads(config))
+    layers = [(*attention, arch.expert_width, arch.num_experts, arch.shared_width) if sparse
+              else (*attention, config["intermediate_size"]) for sparse in arch.sparse]
+    return tensor_shapes(config, layers, arch.bias, arch.mlp_bias, arch.qk_norm, arch.names,
+                         moe_names=arch.moe.names if arch.moe else CANONICAL_MOE)

@@ -85,6 +85,7 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
         cfg = {k: ([v[i] for i in kept] if isinstance(v, list) and len(v) == n_src and k != "architectures" else v)
                for k, v in src.items()}
         cfg["num_hidden_layers"] = len(kept)
+        cfg.update(A.moe_layer_keys(src, kept))
         # Every architecture slimconv converts is a stock transformers model_type: a source's auto_map only
         # points at code the output does not carry, which would make loading it fail (or run foreign code).
         cfg.pop("auto_map", None)
@@ -153,7 +154,9 @@ def output_shapes(config: dict) -> dict:
     view = as_slim_config(config)
     layers = [(s["attention"]["num_heads"] if s["attention"] else 0,
                s["attention"]["num_key_value_heads"] if s["attention"] else 0,
-               s["mlp"]["intermediate_size"] if s["mlp"] else 0) for s in view.slim_layers]
+               s["mlp"]["intermediate_size"] if s["mlp"] else 0,
+               len(s["mlp"].get("experts") or []) if s["mlp"] else 0,
+               (s["mlp"].get("shared_intermediate_size") or 0) if s["mlp"] else 0) for s in view.slim_layers]
     return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias,
                            "head" if view.qk_norm is True else view.qk_norm or None,
                            A.canonical_names(getattr(view, "norms", None)), per_head_qk_norm=True)

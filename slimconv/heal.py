@@ -90,6 +90,35 @@ def _layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
+# A mixture of experts' router: frozen unless the settings say otherwise, so that tokens keep their experts.
+ROUTER = "mlp.gate.weight"
+
+
+def disk_state(state: dict, config) -> dict:
+    """``state`` under the names the checkpoint stores it by. transformers holds a stock MoE layer's experts as 3-D
+    tensors (``mlp.experts.gate_up_proj``: experts x 2 widths x hidden, ``mlp.experts.down_proj``); its checkpoint,
+    like slimconv's own, stores each expert's projections apart, named by the family's ``MoeNames``."""
+    from .arch import FAMILIES
+
+    family = FAMILIES.get(config.model_type)
+    if family is None or family.moe is None:
+        return state
+    names, out = family.moe.names, {}
+    for name, t in state.items():
+        at, _, rest = name.partition("mlp.experts.")
+        if rest not in ("gate_up_proj", "down_proj"):
+            out[name] = t
+            continue
+        for e in range(t.shape[0]):
+            if rest == "down_proj":
+                out[at + names.down.format(e=e) + ".weight"] = t[e]
+            else:
+                gate, up = t[e].chunk(2, dim=0)
+                out[at + names.gate.format(e=e) + ".weight"] = gate
+                out[at + names.up.format(e=e) + ".weight"] = up
+    return out
+
+
 def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator) -> tuple[list[int], list[str]]:
     """Freezes everything, then unfreezes (or wraps with adapters) what ``settings.train`` says.
 
@@ -105,13 +134,16 @@ def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator) -> 
         if settings.train == "lora":
             for mod_name, mod in list(layer.named_modules()):
                 for child_name, child in list(mod.named_children()):
-                    if isinstance(child, nn.Linear):
+                    name = f"model.layers.{j}.{mod_name + '.' if mod_name else ''}{child_name}.weight"
+                    if isinstance(child, nn.Linear) and (settings.train_router or not name.endswith(ROUTER)):
                         setattr(mod, child_name, LoRALinear(child, settings.lora_rank, generator))
-                        names.append(f"model.layers.{j}.{mod_name + '.' if mod_name else ''}{child_name}.weight")
+                        names.append(name)
         else:
             for p_name, p in layer.named_parameters():
-                p.requires_grad_(True)
-                names.append(f"model.layers.{j}.{p_name}")
+                name = f"model.layers.{j}.{p_name}"
+                if settings.train_router or not name.endswith(ROUTER):
+                    p.requires_grad_(True)
+                    names += list(disk_state({name: p}, model.config))
     if settings.train != "lora" and (n - 1) in layers:
         model.model.norm.weight.requires_grad_(True)
         names.append("model.norm.weight")
@@ -383,7 +415,7 @@ def _write_weights(student, unhealed: Path, dest: Path, changed: set[str]) -> No
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    state = student.state_dict()
+    state = disk_state(student.state_dict(), student.config)
     for shard in sorted(unhealed.glob("*.safetensors")):
         tensors = {}
         with safe_open(shard, framework="pt") as f:

@@ -112,6 +112,9 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         return read(at(m, getattr(names, role) + ".weight")).to(torch.float32) + offset
 
     def add(name, dtype_of, shape, compute):
+        """``shape``: the output's, None for the source tensor's; a None dimension is the source's."""
+        stored_shape = ckpt.shapes[dtype_of]
+        shape = stored_shape if shape is None else [s if s is not None else stored_shape[k] for k, s in enumerate(shape)]
         jobs.append(Job(A.LAYER.format(i=out_i) + name, tuple(shape), tensor_dtype(dtype_of, ckpt, dtype), compute))
 
     def projection(members, p, kind, dim, scale=1.0, columns=None):
@@ -184,7 +187,14 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
             norm_gain(mem, "attn_in", out.attn_in, "ones" if wide else "own")
         if names.attn_out:
             norm_gain(mem, "attn_out", out.attn_out, scale=residual)
-    if spec.mlp:
+    if spec.mlp and spec.mlp.experts is not None:
+        moe_jobs(spec.mlp, at, arch, add, read, residual if names.mlp_out is None else 1.0)
+        m = spec.mlp.sources[0]
+        if names.mlp_in:
+            norm_gain([m], "mlp_in", out.mlp_in)
+        if names.mlp_out:
+            norm_gain([m], "mlp_out", out.mlp_out, scale=residual)
+    elif spec.mlp:
         mem = spec.mlp.sources
         wide = len(mem) > 1
         fold = wide and norm == "per_layer"
@@ -201,6 +211,31 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         if names.mlp_out:
             norm_gain(mem, "mlp_out", out.mlp_out, scale=residual)
     return jobs
+
+
+def moe_jobs(mlp, at, arch: A.Arch, add, read, scale: float) -> None:
+    """A mixture-of-experts sublayer of one source layer in the canonical layout (``arch.CANONICAL_MOE``): the router
+    keeps the rows of the kept experts, which are renumbered in their order; ``scale`` (the residual multiplier)
+    goes into every down projection. Each tensor is read (and freed) on its own: never a layer's expert set."""
+    src, out, m = arch.moe.names, A.CANONICAL_MOE, mlp.sources[0]
+    kept = list(mlp.experts)
+    router = at(m, src.router + ".weight")
+    every = kept == list(range(arch.num_experts))
+    add(f"{out.router}.weight", router, (len(kept), None),
+        (lambda: read(router)) if every else (lambda: read(router)[kept].clone()))
+
+    def copy(source, target, scaled):
+        name = at(m, source + ".weight")
+        compute = ((lambda: read(name).to(torch.float32) * scale) if scaled and scale != 1.0 else lambda: read(name))
+        add(f"{target}.weight", name, None, compute)
+
+    for j, e in enumerate(kept):
+        for p in A.EXPERT_PROJ:
+            copy(getattr(src, p).format(e=e), getattr(out, p).format(e=j), p == "down")
+    if mlp.shared_intermediate_size:
+        for p in A.SHARED_PROJ:
+            copy(getattr(src, p), getattr(out, p), p == "shared_down")
+        copy(src.shared_router, out.shared_router, False)
 
 
 def _renamed_layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, dtype: str) -> list[Job]:
@@ -234,7 +269,7 @@ def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None =
 
 
 # Source keys whose effect the canonical layout folds into the weights, or carries under its own keys.
-FOLDED_KEYS = ("residual_multiplier", "attention_multiplier", "logits_scaling", "query_pre_attn_scalar",
+FOLDED_KEYS = ("mlp_only_layers", "decoder_sparse_step", "residual_multiplier", "attention_multiplier", "logits_scaling", "query_pre_attn_scalar",
                 "embedding_multiplier", "hidden_activation", "no_rope_layers", "no_rope_layer_interval",
                 "sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping")
 

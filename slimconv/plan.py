@@ -18,8 +18,15 @@ class AttentionSpec(BaseModel):
 
 
 class MlpSpec(BaseModel):
+    """A dense MLP, or (``experts`` set) a mixture of experts: the source experts kept, in order, each of width
+    ``intermediate_size``, with softmax top-k routing and an optional gated shared expert."""
+
     sources: list[int]
     intermediate_size: int
+    experts: list[int] | None = None
+    top_k: int | None = None
+    norm_topk_prob: bool | None = None
+    shared_intermediate_size: int | None = None
 
 
 class LayerSpec(BaseModel):
@@ -63,21 +70,27 @@ def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list
     d = _dims(config)
     arch = arch or get_arch(config)
     first = attention[0] if attention else None
+    if mlp and arch.sparse[mlp[0]]:  # build_plan keeps MoE layers out of parallel groups
+        mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=arch.expert_width,
+                           experts=list(range(arch.num_experts)), top_k=arch.top_k, norm_topk_prob=arch.norm_topk,
+                           shared_intermediate_size=arch.shared_width or None)
+    else:
+        mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None
     return LayerSpec(
         source_layers=list(members),
         attention=AttentionSpec(sources=list(attention), num_heads=d["heads"] * len(attention),
                                 num_key_value_heads=d["kv"] * len(attention), sliding_window=arch.windows[first],
                                 rope=arch.rope[first])
         if attention else None,
-        mlp=MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None,
+        mlp=mlp_spec,
     )
 
 
 def groupable(arch, members) -> bool:
-    """Whether source layers ``members`` can be evaluated as one wide layer: a pre-norm family, and attentions of
-    one window and one RoPE kind (``build_plan`` says which of these fails, for a recipe)."""
+    """Whether source layers ``members`` can be evaluated as one wide layer: a pre-norm family, dense MLPs, and
+    attentions of one window and one RoPE kind (``build_plan`` says which of these fails, for a recipe)."""
     members = list(members)
-    return (arch.pre_norm and len({arch.windows[m] for m in members}) == 1
+    return (arch.pre_norm and not any(arch.sparse[m] for m in members) and len({arch.windows[m] for m in members}) == 1
             and len({arch.rope[m] for m in members}) == 1)
 
 
@@ -128,6 +141,12 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
                         "group's members cannot be folded into one wide layer (that needs pre-norm sublayers: an "
                         "input norm each and no output norm)",
                         "remove the parallel section, or use remove.blocks / attention / mlp for this family")
+    moe = [g for g in groups if any(arch.sparse[m] and m not in no_mlp for m in g)]
+    if moe:
+        raise SlimError(f"parallel.groups {moe}: these layers' MLPs are mixtures of experts; a group is evaluated as "
+                        "one wide layer, and two routers cannot be folded into one",
+                        "group only dense layers, or remove.mlp for the MoE layers of the group (their attentions "
+                        "can still run in parallel)")
     group_of = {g[0]: g for g in groups}
     layers, i = [], 0
     while i < n:
@@ -192,6 +211,8 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
     Prefill FLOPs are per token, averaged over a causal prompt of ``seq_len``; decode FLOPs and bytes are
     for one new token with ``seq_len`` tokens of context. Decode is memory-bound on most hardware, so
     its ideal speedup is the ratio of bytes read per token: weights (at ``bytes_per_param``) plus KV cache.
+    A mixture of experts counts the top-k experts a token is routed to (``active_params``): the batch-1 model.
+    At larger batches the union of the experts the batch touches is read, up to every expert (``params``).
     """
     d = _dims(config)
     arch = get_arch(config)
@@ -204,6 +225,7 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
     matmul = vocab * h  # the LM head; the embedding is a lookup
     params = vocab * h * (1 if tied else 2) + h
     attn_width = kv_width = 0  # summed over layers, in heads
+    inactive = 0  # expert parameters a token does not read
     for s in plan.layers:
         if s.attention:
             q, kv = s.attention.num_heads * hd, s.attention.num_key_value_heads * hd
@@ -213,7 +235,14 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
             params += (q + kv) if arch.qk_norm else 0
             attn_width += s.attention.num_heads
             kv_width += s.attention.num_key_value_heads
-        if s.mlp:
+        if s.mlp and s.mlp.experts is not None:
+            expert, shared = 3 * h * s.mlp.intermediate_size, 3 * h * (s.mlp.shared_intermediate_size or 0)
+            router = h * (len(s.mlp.experts) + (1 if s.mlp.shared_intermediate_size else 0))
+            # A token reads its top-k experts: what batch-1 decoding reads, and the FLOPs it spends.
+            matmul += router + shared + expert * min(s.mlp.top_k, len(s.mlp.experts))
+            params += router + shared + expert * len(s.mlp.experts) + mlp_norms
+            inactive += expert * max(len(s.mlp.experts) - s.mlp.top_k, 0)
+        elif s.mlp:
             w = 3 * h * s.mlp.intermediate_size
             matmul += w
             params += w + mlp_norms + (mlp_bias * (2 * s.mlp.intermediate_size + h))
@@ -221,6 +250,7 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
     kv_bytes = 2 * kv_width * hd * bytes_per_param
     return dict(
         params=params,
+        active_params=params - inactive,
         sequential_layers=len(plan.layers),
         attention_layers=sum(1 for s in plan.layers if s.attention),
         prefill_flops_per_token=2 * matmul + attn_flops((seq_len + 1) / 2),

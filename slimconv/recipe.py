@@ -216,6 +216,8 @@ class Heal(_Strict):
     hidden_weight: float = Field(0.0, ge=0, le=100, description="weight of the MSE between hidden states after "
                                  "each changed layer (normalised by the source's), added to the KL; 0 = KL only")
     lora_rank: int = Field(16, ge=1, le=1024, description="rank of the adapters (train: lora)")
+    train_router: bool = Field(False, description="also train mixture-of-experts routers (frozen by default, so "
+                               "that each token keeps the experts it was routed to)")
     max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes, whatever "
                                       "the steps (the learning-rate schedule still spans `steps`)")
     checkpoint_every: int = Field(50, ge=1, description="save a --resume checkpoint every N steps")

@@ -24,8 +24,18 @@ def plan_rows(plan: Plan) -> list[list[str]]:
         src = ",".join(map(str, s.source_layers))
         kind = "parallel" if len(s.source_layers) > 1 else ("block" if s.attention and s.mlp else
                                                             ("MLP only" if s.mlp else "attention only"))
-        rows.append([str(i), src, kind, _heads(s), str(s.mlp.intermediate_size) if s.mlp else "-"])
+        rows.append([str(i), src, kind, _heads(s), _width(s.mlp)])
     return rows
+
+
+def _width(mlp) -> str:
+    """A dense MLP's width, or a mixture's experts x width, top-k and shared expert width."""
+    if mlp is None:
+        return "-"
+    if mlp.experts is None:
+        return str(mlp.intermediate_size)
+    shared = f" +{mlp.shared_intermediate_size} shared" if mlp.shared_intermediate_size else ""
+    return f"{len(mlp.experts)}x{mlp.intermediate_size} top-{mlp.top_k}{shared}"
 
 
 PLAN_HEADER = ["out", "source layers", "kind", "heads q/kv", "MLP width"]
@@ -40,7 +50,10 @@ def _fmt(v: float) -> str:
 
 def cost_rows(src: dict, slim: dict) -> list[list[str]]:
     L = src["seq_len"]
-    keys = [("parameters", "params"), ("sequential layers", "sequential_layers"),
+    keys = [("parameters", "params")]
+    if src.get("active_params", src["params"]) != src["params"]:  # a mixture of experts: what one token reads
+        keys.append(("active parameters/token", "active_params"))
+    keys += [("sequential layers", "sequential_layers"),
             ("attention layers", "attention_layers"), (f"prefill FLOPs/token (L={L})", "prefill_flops_per_token"),
             (f"decode FLOPs/token (ctx={L})", "decode_flops_per_token"), ("KV-cache bytes/token", "kv_bytes_per_token"),
             (f"decode bytes read/token (ctx={L})", "decode_bytes_per_token")]

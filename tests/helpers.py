@@ -45,7 +45,18 @@ FAMILY_CONFIGS = {
                                           layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2
                                           + ["sliding_attention"] * 2)),
 }
-ALL_CONFIGS = {**ARCH_CONFIGS, **FAMILY_CONFIGS}
+# Mixtures of experts (issue 29): four experts, two per token; Qwen3-MoE with a dense layer by mlp_only_layers,
+# Qwen2-MoE with a shared expert and a period of 2 (odd layers sparse, even ones dense), Mixtral with a window.
+_MOE = dict(num_experts_per_tok=2, **_IDS)
+MOE_CONFIGS = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, moe_intermediate_size=32, mlp_only_layers=[2],
+                                         norm_topk_prob=True, tie_word_embeddings=False, **_MOE)),
+    "mixtral": ("MixtralConfig", dict(head_dim=16, num_local_experts=4, intermediate_size=32, sliding_window=8,
+                                      tie_word_embeddings=False, **_MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                         decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=True, **_MOE)),
+}
+ALL_CONFIGS = {**ARCH_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS}
 # Families whose sublayers are pre-norm (an input norm each, no output norm): parallel groups fold only there.
 PRE_NORM = [a for a in ALL_CONFIGS if a not in ("gemma2", "gemma3_text", "olmo2")]
 
@@ -61,6 +72,9 @@ def make_tiny(directory: Path, name: str, seed: int = 0, **overrides) -> Path:
         for n, p in model.named_parameters():
             if p.dim() == 1:  # norms and biases away from their init so folding errors would show
                 p.copy_((1.0 if "norm" in n else 0.0) + 0.3 * torch.randn_like(p))
+            elif ".experts." in n or n.endswith("mlp.gate.weight"):
+                # Decisive routing and experts that matter: a wrong expert or routing weight would show.
+                p.normal_(0.0, 1.0 if n.endswith("gate.weight") else 0.15)
     model.save_pretrained(directory)
     return directory
 

@@ -73,9 +73,9 @@ def test_parallel_group_becomes_one_wide_layer():
 
 def test_unsupported_architecture_says_why_and_names_the_closest_family():
     with pytest.raises(SlimError) as e:
-        build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "mixtral"})
-    assert "'mixtral' is not supported" in str(e.value) and "mixture of experts" in str(e.value)
-    assert "closest supported family is 'mistral'" in str(e.value)
+        build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "deepseek_v3"})
+    assert "'deepseek_v3' is not supported" in str(e.value) and "latent attention" in str(e.value)
+    assert "closest supported family is 'qwen3_moe'" in str(e.value)
     with pytest.raises(SlimError) as e:
         build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}}), {**CONFIG, "model_type": "falcon"})
     assert "'falcon' is not supported" in str(e.value) and "gemma3_text" in e.value.fix

@@ -170,6 +170,28 @@ def test_the_plugin_refuses_early_exit_and_a_broken_config_naming_why(tmp_path, 
     assert "SlimConfigError: config.json 'slim_layers'[3]['mlp'] needs a positive integer intermediate_size" in printed
 
 
+def test_vllm_runs_stock_moe_outputs_natively_and_the_plugin_refuses_experts(tmp_path, prompt):
+    """Blocks removed from Qwen3-MoE (a dense layer by mlp_only_layers), Mixtral and Qwen2-MoE (a shared expert, a
+    period of 2 rewritten as explicit dense layers): stock checkpoints that vLLM runs with its own MoE code. A slim
+    output with experts is refused by the plugin, saying what runs it."""
+    from helpers import MOE_CONFIGS
+
+    cases, wants = [], []
+    for family in MOE_CONFIGS:
+        src = make_tiny(tmp_path / family, family, **TINY)
+        plan = convert(src, tmp_path / f"{family}-out", remove={"blocks": [1, 4]})
+        cases.append(dict(model=str(tmp_path / f"{family}-out"), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((f"{family}/stock-blocks", reference(src, plan, prompt)))
+    convert(tmp_path / "qwen3_moe", tmp_path / "slim-moe", remove={"attention": [2]})
+    cases.append(dict(model=str(tmp_path / "slim-moe"), prompt=prompt, new_tokens=2))
+    logs = []
+    results = run_vllm(cases, tmp_path, logs)
+    for result, (what, want) in zip(results, wants):
+        check(result, want, what)
+    assert "error" in results[-1]
+    assert "is a mixture of experts, which slimconv's vLLM plugin does not run yet" in " ".join(logs[0].split())
+
+
 @pytest.mark.smollm
 def test_smollm2_in_vllm_nemotron_nas_and_slim_pairs(smollm2_dir, tmp_path):
     from slimconv.data import load_text, token_chunks

@@ -54,6 +54,10 @@ def gguf_blockers(config: dict) -> list[str]:
             why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
             break
     family = config.get("source_model_type")
+    moe = [i for i, s in enumerate(layers) if (s.get("mlp") or {}).get("experts") is not None]
+    if moe:
+        why.append(f"output layers {moe} are mixtures of experts: llama.cpp runs {family} with its own expert "
+                   "tensors (qwen3moe, qwen2moe, llama with experts), which slimconv does not write yet")
     if config.get("qk_norm"):
         why.append(f"{family} has q/k norms (llama.cpp's llama/deci do not load them)")
     norms = {"attention_input": True, "mlp_input": True, **(config.get("norms") or {})}

@@ -62,6 +62,8 @@ def nas_blockers(plan: Plan, config: dict) -> list[str]:
     groups = [s.source_layers for s in plan.layers if len(s.source_layers) > 1]
     if groups:
         why.append(f"parallel groups {groups} (a wide layer has more heads than the format's one head count)")
+    if arch.moe and any(arch.sparse):
+        why.append(f"{config['model_type']}'s MLPs are mixtures of experts, which the format has no block for")
     if arch.qk_norm:
         why.append(f"{config['model_type']} has q/k norms, which vLLM's and mlx-lm's nemotron-nas code do not load")
     names = arch.names

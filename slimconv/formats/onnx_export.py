@@ -209,6 +209,18 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
     return [chunk[: 32 - 9 * i] for i in range(count)]
 
 
+def refuse_experts(slim_dir: Path) -> None:
+    from ..layout import as_slim_config
+
+    layers = as_slim_config(json.loads((slim_dir / "config.json").read_text())).slim_layers
+    moe = [i for i, s in enumerate(layers) if (s.get("mlp") or {}).get("experts") is not None]
+    if moe:
+        raise SlimError(f"{slim_dir}: layers {moe} are mixtures of experts, which slimconv's ONNX graph builder does not "
+                        "write yet (ONNX Runtime's com.microsoft MoE/QMoE contrib operators could carry them; "
+                        "onnxruntime-genai's model builder writes them for some families)",
+                        "serve the Hugging Face checkpoint with transformers (stock outputs also with vLLM)")
+
+
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
                external_data: str = "always", block_size: int = 32, accuracy_level: int = 4,
                symmetric: bool = False) -> dict:
@@ -224,6 +236,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     from ..convert import checked_output
 
     checked_output(slim_dir)  # headers only: damage is found before a long export, not by it
+    refuse_experts(slim_dir)
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
     if out:

@@ -182,16 +182,48 @@ class SlimAttention(nn.Module):
 
 
 class SlimMLP(nn.Module):
-    def __init__(self, config, spec):
+    def __init__(self, config, width, bias):
         super().__init__()
-        h, i, bias = config.hidden_size, spec["intermediate_size"], config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        h = config.hidden_size
+        self.gate_proj = nn.Linear(h, width, bias=bias)
+        self.up_proj = nn.Linear(h, width, bias=bias)
+        self.down_proj = nn.Linear(width, h, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SlimMoE(nn.Module):
+    """A mixture of experts: softmax over the router's logits (in float32), the top-k experts per token, their
+    probabilities renormalised when ``norm_topk_prob``; plus, where the spec has one, a shared expert scaled by a
+    sigmoid gate (Qwen2-MoE). Experts are separate MLPs, so a pruned expert is simply absent."""
+
+    def __init__(self, config, spec):
+        super().__init__()
+        h, width = config.hidden_size, spec["intermediate_size"]
+        self.top_k, self.norm_topk = spec["top_k"], spec["norm_topk_prob"]
+        self.gate = nn.Linear(h, len(spec["experts"]), bias=False)
+        self.experts = nn.ModuleList(SlimMLP(config, width, False) for _ in spec["experts"])
+        shared = spec.get("shared_intermediate_size")
+        self.shared_expert = SlimMLP(config, shared, False) if shared else None
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False) if shared else None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            rows, slot = torch.where(chosen == e)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
 
 
 # Which norms a sublayer owns, by the family (the config's ``norms``); configs of earlier slimconv have Llama's.
@@ -220,7 +252,9 @@ class SlimDecoderLayer(nn.Module):
             self.attention_output_layernorm = _norm(config, "attention_output")
         if spec.get("mlp"):
             self.post_attention_layernorm = _norm(config, "mlp_input")
-            self.mlp = SlimMLP(config, spec["mlp"])
+            mlp = spec["mlp"]
+            self.mlp = (SlimMoE(config, mlp) if mlp.get("experts") is not None
+                        else SlimMLP(config, mlp["intermediate_size"], config.mlp_bias))
             self.mlp_output_layernorm = _norm(config, "mlp_output")
 
     def fill_cache(self, x, position_embeddings, cache):

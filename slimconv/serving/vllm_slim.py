@@ -64,6 +64,10 @@ def check_config(config) -> None:
         if mlp is not None and not (isinstance(mlp.get("intermediate_size"), int) and mlp["intermediate_size"] > 0):
             raise SlimConfigError(f"config.json 'slim_layers'[{i}]['mlp'] needs a positive integer intermediate_size, "
                                   f"got {mlp}; convert the recipe again")
+        if mlp is not None and mlp.get("experts") is not None:
+            raise SlimConfigError(f"config.json 'slim_layers'[{i}]['mlp'] is a mixture of experts, which slimconv's "
+                                  "vLLM plugin does not run yet; a recipe that removes only whole blocks writes a "
+                                  "stock checkpoint, which vLLM runs natively")
         kinds = getattr(config, "rope_kinds", None) or {"default": None}
         if attn is not None and attn.get("rope", "default") not in kinds | {None: None}:
             raise SlimConfigError(f"config.json 'slim_layers'[{i}]['attention']['rope'] is {attn.get('rope')!r}, not "

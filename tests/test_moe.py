@@ -1,0 +1,234 @@
+"""Mixtures of experts (issue 29), on tiny random Qwen3-MoE, Mixtral and Qwen2-MoE models built from transformers'
+own config classes: removing blocks, attention and MoE sublayers is exact against the run-time reference (logits and
+cached greedy tokens), a stock output keeps the layers' kinds true, the formats that cannot carry experts say so, and
+every stage runs on an MoE source."""
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from helpers import MOE_CONFIGS, compare, convert, make_tiny, with_word_tokenizer
+from slimconv.cli import main
+from slimconv.errors import SlimError
+from slimconv.plan import costs, source_plan
+from slimconv.source import Checkpoint
+
+FAMILIES = list(MOE_CONFIGS)
+CHANGES = {
+    "blocks": dict(remove={"blocks": [1, "3-4"]}),
+    "attention": dict(remove={"attention": "3-5"}),
+    "mlp": dict(remove={"mlp": [0, 3]}),
+    "mix": dict(remove={"blocks": [0], "attention": [2, 5], "mlp": [1]}),
+}
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {name: make_tiny(root / name, name) for name in FAMILIES}
+
+
+def _exact(src, out, plan):
+    err, same = compare(src, out, plan, IDS)
+    assert err < 1e-5, f"max |logit error| {err}"
+    assert same, "cached greedy tokens differ from the reference's"
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removals_are_exact(families, tmp_path, family, change):
+    plan = convert(families[family], tmp_path / "out", **CHANGES[change])
+    _exact(families[family], tmp_path / "out", plan)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == (family if change == "blocks" else "slimconv")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_recipes_are_exact(families, tmp_path, family):
+    rng = random.Random(family)
+    for k in range(3):
+        blocks = rng.sample(range(6), rng.randint(0, 2))
+        rest = [i for i in range(6) if i not in blocks]
+        attention = rng.sample(rest, rng.randint(0, 2))
+        mlp = rng.sample([i for i in rest if i not in attention], rng.randint(0, 2))
+        out = tmp_path / f"out{k}"
+        _exact(families[family], out, convert(families[family], out, remove=dict(blocks=blocks, attention=attention,
+                                                                                    mlp=mlp)))
+
+
+def test_a_wrong_expert_is_seen_by_the_exactness_check(families, tmp_path):
+    """The tiny models route decisively and their experts matter: two experts swapped is a large error."""
+    from safetensors.torch import load_file, save_file
+
+    plan = convert(families["qwen2_moe"], tmp_path / "out", remove={"attention": [2]})
+    path = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(path)
+    a, b = (f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in (0, 1))
+    tensors[a], tensors[b] = tensors[b].clone(), tensors[a].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert compare(families["qwen2_moe"], tmp_path / "out", plan, IDS)[0] > 1e-2
+
+
+@pytest.mark.parametrize("family, dense", [("qwen3_moe", [1]), ("qwen2_moe", [0, 1])])
+def test_a_stock_output_says_which_layers_stay_dense(families, tmp_path, family, dense):
+    """Source layers 2 (Qwen3-MoE's mlp_only_layers) and 0, 2, 4 (Qwen2-MoE's period of 2) are dense; without
+    blocks 1, 3 and 4 the dense layers are written out as indices with a period of 1."""
+    from transformers import AutoModelForCausalLM
+
+    convert(families[family], tmp_path / "out", remove={"blocks": [1, 3, 4]})
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["mlp_only_layers"] == dense and config["decoder_sparse_step"] == 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert [hasattr(layer.mlp, "experts") for layer in model.model.layers] == [j not in dense for j in range(3)]
+
+
+def test_the_slim_format_stores_each_expert_apart_under_one_layout(families, tmp_path):
+    convert(families["mixtral"], tmp_path / "out", remove={"attention": [0]})
+    names = Checkpoint(tmp_path / "out").where
+    assert "model.layers.0.mlp.gate.weight" in names and "model.layers.0.mlp.experts.3.down_proj.weight" in names
+    assert not any("block_sparse_moe" in n for n in names)
+
+
+def test_a_parallel_group_over_moe_layers_is_refused_before_any_work(families, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(families["qwen3_moe"]), parallel={"groups": [[0, 1]]},
+                                          output={"dir": str(tmp_path / "out")})))
+    assert main(["convert", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.groups [[0, 1]]" in err and "mixtures of experts" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_attentions_run_in_parallel_where_the_moe_sublayers_go(families, tmp_path):
+    """Qwen2-MoE's layers 0 (dense) and 1 (sparse) as a pair with layer 1's MoE removed: a wide attention, one MLP."""
+    plan = convert(families["qwen2_moe"], tmp_path / "out", remove={"mlp": [1]}, parallel={"groups": [[0, 1]]})
+    assert plan.layers[0].attention.num_heads == 8 and plan.layers[0].mlp.experts is None
+    _exact(families["qwen2_moe"], tmp_path / "out", plan)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_costs_count_active_and_total_parameters(families, family):
+    from transformers import AutoModelForCausalLM
+
+    config = Checkpoint(families[family]).config
+    c = costs(source_plan(config), config)
+    model = AutoModelForCausalLM.from_pretrained(families[family])
+    # (costs count a q/k norm per head, as the slim format stores it; a stock Qwen3-MoE shares one across heads)
+    assert c["params"] == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-2)
+    arch_experts, top_k = 4, 2
+    hidden, width = config["hidden_size"], (config.get("moe_intermediate_size") or config["intermediate_size"])
+    sparse = sum(1 for layer in model.model.layers if hasattr(layer.mlp, "experts"))
+    assert c["params"] - c["active_params"] == sparse * (arch_experts - top_k) * 3 * hidden * width
+
+
+@pytest.mark.parametrize("fmt, why", [("nemotron-nas", "mixtures of experts")])
+def test_nemotron_nas_names_the_experts(families, fmt, why):
+    from slimconv.formats.nemotron import choose_format
+    from slimconv.plan import build_plan
+    from slimconv.recipe import parse_recipe
+
+    config = Checkpoint(families["mixtral"]).config
+    plan = build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}, "remove": {"attention": [1]}}), config)
+    with pytest.raises(SlimError, match=why):
+        choose_format(fmt, plan, config)
+    assert choose_format("auto", plan, config)[0] == "slim"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_analysis_engine_scores_candidates_as_the_reference_computes_them(families, family):
+    import torch.nn.functional as F
+
+    from slimconv.plan import build_plan
+    from slimconv.recipe import parse_recipe
+    from slimconv.reference import apply_plan
+    from slimconv.runtime import load_model
+    from slimconv.selection.layerwise import LayerBank, Runner, candidate_nlls, group_spec
+
+    src = families[family]
+    ckpt = Checkpoint(src)
+    cfg = ckpt.config
+    runner = Runner(LayerBank(ckpt), IDS, batch_size=3)
+
+    @torch.no_grad()
+    def reference(**recipe):
+        plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **recipe}), cfg)
+        logits = apply_plan(load_model(src), plan)(input_ids=IDS).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten()).item()
+
+    cands = [(2, 1, []), (3, 1, [group_spec(cfg, [3], mlp=False)]), (4, 1, [group_spec(cfg, [4], attention=False)]),
+             (0, 0, [])]
+    want = [reference(remove={"blocks": [2]}), reference(remove={"mlp": [3]}), reference(remove={"attention": [4]}),
+            reference()]
+    assert candidate_nlls(runner, source_plan(cfg).layers, cands) == pytest.approx(want, abs=1e-5)
+
+
+def test_every_stage_runs_on_an_moe_source(families, tmp_path, capsys):
+    """plan, convert, validate (exact), analyze, search, heal (router frozen), bench on Qwen2-MoE (a shared expert
+    and dense layers between sparse ones) as a user runs them; ONNX and GGUF export refuse, naming the experts."""
+    from safetensors import safe_open
+
+    src = with_word_tokenizer(families["qwen2_moe"], tmp_path / "src", 127)
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{rng.randrange(127)}" for _ in range(6000)))
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model=str(src), remove={"blocks": [2], "mlp": [3]}, output={"dir": str(out)},
+        validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                  "quality": {"data": str(text), "samples": 2, "seq_len": 32}})))
+    assert main(["plan", str(recipe)]) == 0
+    assert "active" in capsys.readouterr().out
+    assert main(["convert", str(recipe)]) == 0
+    assert main(["validate", str(out)]) == 0
+    report = json.loads((out / "slimconv_report.json").read_text())
+    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
+    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
+    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), *calib, "--sleb-blocks", "1"]) == 0
+    assert main(["search", str(src), "--target", "layers:5", "-o", str(tmp_path / "se"), *calib]) == 0
+    assert main(["heal", str(out), "--train", "all", "--steps", "3", "--seq-len", "16", "--batch", "2", "--data",
+                 str(text), "--eval-text", str(text)]) == 0
+    healed = json.loads((tmp_path / "out-healed" / "slimconv_plan.json").read_text())["heal"]["trained_tensors"]
+    assert "model.layers.1.mlp.experts.0.down_proj.weight" in healed and not any(n.endswith("mlp.gate.weight")
+                                                                                  for n in healed)
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(tmp_path / "out-healed" / "model.safetensors",
+                                                                    "pt") as b:
+        router = "model.layers.1.mlp.gate.weight"
+        assert torch.equal(a.get_tensor(router), b.get_tensor(router))
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 2
+    assert "mixtures of experts" in capsys.readouterr().err
+    assert main(["export", str(out), "--format", "gguf"]) == 2
+    assert "mixtures of experts" in capsys.readouterr().err
+    assert main(["bench", str(src), str(out), "--runtime", "torch", "--repeats", "1", "--new-tokens", "2",
+                 "--prompt-lens", "8"]) == 0
+
+
+def test_heal_of_a_stock_moe_output_writes_experts_back_apart(families, tmp_path):
+    """transformers holds a stock output's experts as 3-D tensors; heal writes them back under the checkpoint's
+    per-expert names (Mixtral's w1/w3/w2), trained, with the router as it was."""
+    from safetensors import safe_open
+
+    src = with_word_tokenizer(families["mixtral"], tmp_path / "src", 127)
+    text = tmp_path / "text.txt"
+    rng = random.Random(1)
+    text.write_text(" ".join(f"w{rng.randrange(127)}" for _ in range(3000)))
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(src), remove={"blocks": [1]}, output={"dir": str(out)}, validate={
+        "exactness": {"prompt_tokens": 16, "greedy_tokens": 4}, "quality": {"data": str(text), "samples": 2,
+                                                                         "seq_len": 32}})))
+    assert main(["convert", str(recipe)]) == 0
+    assert main(["validate", str(out)]) == 0
+    assert main(["heal", str(out), "--train", "all", "--steps", "2", "--seq-len", "16", "--batch", "2", "--data",
+                 str(text), "--eval-text", str(text)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(tmp_path / "out-healed" / "model.safetensors",
+                                                                    "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        w1 = "model.layers.0.block_sparse_moe.experts.2.w1.weight"
+        router = "model.layers.0.block_sparse_moe.gate.weight"
+        assert not torch.equal(a.get_tensor(w1), b.get_tensor(w1))
+        assert torch.equal(a.get_tensor(router), b.get_tensor(router))
