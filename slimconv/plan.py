@@ -27,6 +27,11 @@ class MlpSpec(BaseModel):
     top_k: int | None = None
     norm_topk_prob: bool | None = None
     shared_intermediate_size: int | None = None
+    source_experts: int | None = None  # how many the source layer has
+
+    @property
+    def pruned(self) -> bool:
+        return self.experts is not None and len(self.experts) < self.source_experts
 
 
 class LayerSpec(BaseModel):
@@ -48,7 +53,8 @@ class Plan(BaseModel):
         """True when only whole blocks were removed and no early exit: a stock config of the source
         architecture fits."""
         return self.early_exit is None and all(
-            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers
+            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None and not s.mlp.pruned
+            for s in self.layers
         )
 
 
@@ -62,17 +68,54 @@ def _dims(config: dict) -> dict:
     )
 
 
-def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int], arch=None) -> LayerSpec:
+def kept_experts(recipe: Recipe, config: dict, arch, removed: set) -> dict[int, tuple[list[int], int]]:
+    """``remove.experts`` resolved: source layer -> (the experts it keeps, top-k); a SlimError names the layer,
+    the count and the fix for what cannot be done."""
+    n, out = config["num_hidden_layers"], {}
+    if not recipe.remove.experts:
+        return out
+    if not any(arch.sparse):
+        raise SlimError(f"remove.experts: {config.get('model_type')} has no mixture-of-experts layers",
+                        "remove the experts section (it applies to qwen3_moe, mixtral and qwen2_moe models)")
+    for spec, kept in recipe.remove.experts.items():
+        key = f"remove.experts[{spec!r}]"
+        for i in parse_indices(spec, key, n):
+            if i in out:
+                raise SlimError(f"{key}: layer {i} is also named by another key of remove.experts", "name each layer once")
+            if not arch.sparse[i]:
+                raise SlimError(f"{key}: layer {i} has a dense MLP, not experts",
+                                f"leave it out; the sparse layers are {[j for j in range(n) if arch.sparse[j]]}")
+            if i in removed:
+                raise SlimError(f"{key}: layer {i} loses its MLP (remove.blocks or remove.mlp), so it keeps no experts",
+                                "name it in one of the two only")
+            bad = [e for e in kept if not 0 <= e < arch.num_experts]
+            if bad or len(set(kept)) != len(kept) or not kept:
+                what = (f"expert {bad[0]} does not exist (the layer has {arch.num_experts}: 0-{arch.num_experts - 1})"
+                        if bad else "no expert is kept" if not kept else "an expert is listed twice")
+                raise SlimError(f"{key}: layer {i}: {what}", "list the experts to keep, each once")
+            if len(kept) < arch.top_k and not recipe.remove.cap_top_k:
+                raise SlimError(f"{key}: layer {i} keeps {len(kept)} experts but routes each token to {arch.top_k} "
+                                "(num_experts_per_tok)", f"keep at least {arch.top_k}, or set remove.cap_top_k: true "
+                                f"to route each token to all {len(kept)} kept experts")
+            out[i] = (sorted(kept), min(arch.top_k, len(kept)))
+    return out
+
+
+def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int], arch=None,
+               experts: tuple[list[int], int] | None = None) -> LayerSpec:
     """Source layers ``members`` evaluated as one output layer (a wide one when several) with the
     attention of ``attention`` and the MLP of ``mlp`` (subsets of ``members``; empty: that sublayer is
     removed). The attention's sliding window and RoPE kind are its first member's (a group's members share
-    them: ``build_plan`` checks). ``arch``: ``get_arch(config)``, when the caller has it."""
+    them: ``build_plan`` checks). ``arch``: ``get_arch(config)``, when the caller has it. ``experts``: the experts a
+    mixture-of-experts MLP keeps and its top-k (default: all, the source's)."""
     d = _dims(config)
     arch = arch or get_arch(config)
     first = attention[0] if attention else None
     if mlp and arch.sparse[mlp[0]]:  # build_plan keeps MoE layers out of parallel groups
+        kept, top_k = experts or (list(range(arch.num_experts)), arch.top_k)
         mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=arch.expert_width,
-                           experts=list(range(arch.num_experts)), top_k=arch.top_k, norm_topk_prob=arch.norm_topk,
+                           experts=list(kept), top_k=top_k, norm_topk_prob=arch.norm_topk,
+                           source_experts=arch.num_experts,
                            shared_intermediate_size=arch.shared_width or None)
     else:
         mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None
@@ -147,6 +190,7 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
                         "one wide layer, and two routers cannot be folded into one",
                         "group only dense layers, or remove.mlp for the MoE layers of the group (their attentions "
                         "can still run in parallel)")
+    experts = kept_experts(recipe, config, arch, blocks | no_mlp)
     group_of = {g[0]: g for g in groups}
     layers, i = [], 0
     while i < n:
@@ -163,7 +207,7 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
             kinds = {m: arch.rope[m] or "no RoPE" for m in attn}
             raise SlimError(f"parallel group {members} mixes layers of different RoPE kinds ({kinds})",
                             "group only layers of the same kind")
-        layers.append(layer_spec(config, members, attn, mlp, arch))
+        layers.append(layer_spec(config, members, attn, mlp, arch, experts.get(mlp[0]) if mlp else None))
     early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)

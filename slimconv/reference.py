@@ -5,7 +5,8 @@ between the two is evidence that the conversion is exact.
 It is architecture-agnostic where it can be (DESIGN.md, "Families, widths and serving"): a removed block is
 skipped, and a removed sublayer's module outputs zeros, so whatever norm the family puts around it (an output
 norm of zero is zero) and whatever multiplier it scales it by, the sublayer adds exactly nothing to the
-residual stream. Only a parallel group needs to know the layer's layout: its members' sublayers read the same
+residual stream. Pruned experts are taken out of the source's own MoE block (its router's softmax then runs over
+the kept ones). Only a parallel group needs to know the layer's layout: its members' sublayers read the same
 input and their outputs are summed, which ``RuntimeLayer`` does with the source's own norms and modules.
 """
 import torch
@@ -74,6 +75,20 @@ class RuntimeLayer(nn.Module):
         return x
 
 
+def _keep_experts(moe: nn.Module, kept: list[int], top_k: int) -> None:
+    """Masks a transformers MoE block down to experts ``kept``, through its own modules: the router's rows and the
+    experts' stacked tensors of the others go, so its softmax runs over the kept experts only, exactly what masking
+    the others' logits to -inf gives."""
+    index = torch.tensor(kept)
+    for module, names in ((moe.gate, ("weight",)), (moe.experts, ("gate_up_proj", "down_proj"))):
+        for name in names:
+            setattr(module, name, nn.Parameter(getattr(module, name).data[index], requires_grad=False))
+        module.num_experts = len(kept)
+    for module in (moe, moe.gate):
+        if hasattr(module, "top_k"):
+            module.top_k = top_k
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewires a loaded source causal LM in place so that its forward computes the plan. Every source layer
     keeps its index (so the family's per-layer masks and RoPE still reach it); what the plan removes or merges
@@ -91,6 +106,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             layer.self_attn = _ZeroAttention()
         if spec.mlp is None:
             layer.mlp = _ZeroMLP()
+        elif spec.mlp.pruned:
+            _keep_experts(layer.mlp, spec.mlp.experts, spec.mlp.top_k)
         del replaced[first]
     for m, module in replaced.items():
         layers[m] = module

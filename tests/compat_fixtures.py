@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from compat_check import EXPECT
-from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, convert, make_tiny
+from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, MOE_CONFIGS, convert, make_tiny
 from slimconv.reference import apply_plan, greedy_no_cache
 from slimconv.runtime import load_model
 
@@ -28,6 +28,9 @@ NAS_ARCHS = ("llama-tied", "qwen2")
 # only where they fold and the tiny model's layers 0-1 and 3-5 share their attention's kind.
 FAMILY_KINDS = {family: ["stock", "sublayers"] + (["parallel"] if family in ("gemma", "phi3", "granite") else [])
                 for family in FAMILY_CONFIGS}
+# Mixtures of experts in the shipped modeling code: sublayers removed, and experts pruned (one layer down to one).
+MOE_KINDS = {"sublayers": KINDS["sublayers"],
+             "experts": dict(remove={"experts": {"1": [3], "3": [0, 2]}, "cap_top_k": True})}
 PROMPT = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(7))
 NEW_TOKENS = 10
 
@@ -38,6 +41,7 @@ def build(root: Path) -> list[Path]:
     outputs = []
     cases = [(arch, arch, kind, recipe, {}) for arch in ARCH_CONFIGS for kind, recipe in KINDS.items()]
     cases += [(family, family, kind, KINDS[kind], {}) for family, kinds in FAMILY_KINDS.items() for kind in kinds]
+    cases += [(family, family, kind, recipe, {}) for family in MOE_CONFIGS for kind, recipe in MOE_KINDS.items()]
     cases += [(arch, f"{arch}-nas", kind, recipe, dict(intermediate_size=256))
               for arch in NAS_ARCHS for kind, recipe in NAS_KINDS.items()]
     for arch, source, kind, recipe, overrides in cases:

@@ -232,3 +232,66 @@ def test_heal_of_a_stock_moe_output_writes_experts_back_apart(families, tmp_path
         router = "model.layers.0.block_sparse_moe.gate.weight"
         assert not torch.equal(a.get_tensor(w1), b.get_tensor(w1))
         assert torch.equal(a.get_tensor(router), b.get_tensor(router))
+
+
+# Sparse layers of the tiny models beside layer 1 (Qwen3-MoE: all but 2; Mixtral: all; Qwen2-MoE: the odd ones).
+SPARSE = {"qwen3_moe": "3-5", "mixtral": "2-5", "qwen2_moe": "3"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_experts_match_the_reference_that_masks_them_out_of_the_router(families, tmp_path, family):
+    """remove.experts keeps listed experts (the router loses the others' rows); the reference takes the others out of
+    the source's own MoE block, so its softmax runs over the kept ones. One layer keeps a single expert (top-k capped
+    to 1). The pruned model really differs from the source, and pruning other experts than the reference is seen."""
+    from slimconv.reference import apply_plan
+    from slimconv.runtime import load_model
+
+    recipe = dict(remove={"experts": {"1": [3], SPARSE[family]: [0, 2]}, "cap_top_k": True, "attention": [4]})
+    plan = convert(families[family], tmp_path / "out", **recipe)
+    assert plan.layers[1].mlp.experts == [3] and plan.layers[1].mlp.top_k == 1
+    _exact(families[family], tmp_path / "out", plan)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "slimconv"
+    assert Checkpoint(tmp_path / "out").shapes["model.layers.1.mlp.gate.weight"] == (1, 64)
+    unpruned = convert(families[family], tmp_path / "unpruned", remove={"attention": [4]})
+    with torch.no_grad():
+        a = load_model(tmp_path / "out")(input_ids=IDS).logits
+        b = apply_plan(load_model(families[family]), unpruned)(input_ids=IDS).logits
+    assert (a - b).abs().max() > 1e-2
+    other = convert(families[family], tmp_path / "other", remove={"experts": {"1": [2], SPARSE[family]: [0, 2]},
+                                                                   "cap_top_k": True, "attention": [4]})
+    assert compare(families[family], tmp_path / "other", plan, IDS)[0] > 1e-2 and other.layers[1].mlp.experts == [2]
+
+
+def test_costs_shrink_with_pruned_experts(families):
+    from slimconv.plan import build_plan
+    from slimconv.recipe import parse_recipe
+
+    config = Checkpoint(families["mixtral"]).config
+    plan = build_plan(parse_recipe({"model": "x", "output": {"dir": "o"}, "remove": {"experts": {"0-5": [0, 1]}}}),
+                      config)
+    src, slim = costs(source_plan(config), config), costs(plan, config)
+    expert = 3 * config["hidden_size"] * config["intermediate_size"]
+    assert src["params"] - slim["params"] == 6 * 2 * (expert + config["hidden_size"])
+    assert slim["active_params"] == slim["params"]  # two kept, two routed: every kept expert is read
+    assert src["decode_flops_per_token"] - slim["decode_flops_per_token"] == 2 * 6 * 2 * config["hidden_size"]
+
+
+@pytest.mark.parametrize("family, experts, extra, says", [
+    ("llama-tied", {"0": [0]}, {}, "has no mixture-of-experts layers"),
+    ("qwen3_moe", {"2": [0, 1]}, {}, "layer 2 has a dense MLP"),
+    ("qwen3_moe", {"0": [0, 4]}, {}, "expert 4 does not exist (the layer has 4: 0-3)"),
+    ("qwen3_moe", {"0": [1, 1]}, {}, "an expert is listed twice"),
+    ("qwen3_moe", {"0": [1]}, {}, "layer 0 keeps 1 experts but routes each token to 2"),
+    ("qwen3_moe", {"0-1": [1, 2], "1": [0, 1]}, {}, "layer 1 is also named"),
+    ("mixtral", {"3": [0, 1]}, {"blocks": [3]}, "layer 3 loses its MLP"),
+])
+def test_bad_expert_lists_exit_2_naming_the_layer_and_the_fix(tmp_path, capsys, family, experts, extra, says):
+    src = make_tiny(tmp_path / "src", family)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(src), remove={"experts": experts, **extra},
+                                          output={"dir": str(tmp_path / "out")})))
+    assert main(["convert", str(recipe)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert says in err and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -116,8 +116,8 @@ def choose_format(requested: str, plan: Plan, config: dict) -> tuple[str, str]:
         return "slim", "nemotron-nas cannot carry this plan: " + "; ".join(blockers)
     if requested not in fits:
         what = "; ".join(blockers) if requested == "nemotron-nas" else (
-            "a stock config can only describe a model with whole blocks removed (no sublayer removal, parallel group "
-            "or early exit)")
+            "a stock config can only describe a model with whole blocks removed (no sublayer removal, parallel group, "
+            "pruned experts or early exit)")
         raise SlimError(f"output format {requested!r} cannot carry this plan: {what}",
                         f"use --format {' or '.join(fits)} (or auto)")
     return requested, "requested"

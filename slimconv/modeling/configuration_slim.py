@@ -29,7 +29,9 @@ class SlimConfig(LlamaConfig):
     Each entry of ``slim_layers`` is ``{"source_layers": [...], "attention": None | {"sources": [...],
     "num_heads": H, "num_key_value_heads": KV, "sliding_window": None | W}, "mlp": None | {"sources":
     [...], "intermediate_size": I}}``. ``num_attention_heads``/``num_key_value_heads`` keep the source's
-    per-layer values because RoPE and the head size derive from them.
+    per-layer values because RoPE and the head size derive from them. A mixture-of-experts MLP adds ``"experts"``
+    (the source experts kept, stored renumbered 0..k-1, each of width I), ``"top_k"``, ``"norm_topk_prob"`` and
+    ``"shared_intermediate_size"`` (a gated shared expert, or None).
 
     The source family's differences from Llama that the weights could not absorb: ``norms`` (which of
     attention_input, attention_output, mlp_input, mlp_output each layer has), ``qk_norm`` (False, "head" or
