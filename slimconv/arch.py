@@ -369,6 +369,11 @@ def moe_layer_keys(config: dict, kept: list[int]) -> dict:
     return out
 
 
+def moe_layers(slim_layers: list[dict]) -> list[int]:
+    """The output layers of a slim config's ``slim_layers`` whose MLP is a mixture of experts."""
+    return [i for i, s in enumerate(slim_layers) if (s.get("mlp") or {}).get("experts") is not None]
+
+
 # safetensors dtypes of the weights slimconv reads and writes: an integer tensor is quantised or not a weight.
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 

@@ -152,11 +152,12 @@ def output_shapes(config: dict) -> dict:
     from .layout import as_slim_config
 
     view = as_slim_config(config)
-    layers = [(s["attention"]["num_heads"] if s["attention"] else 0,
-               s["attention"]["num_key_value_heads"] if s["attention"] else 0,
-               s["mlp"]["intermediate_size"] if s["mlp"] else 0,
-               len(s["mlp"].get("experts") or []) if s["mlp"] else 0,
-               (s["mlp"].get("shared_intermediate_size") or 0) if s["mlp"] else 0) for s in view.slim_layers]
+    layers = []
+    for s in view.slim_layers:
+        attention, mlp = s["attention"] or {}, s["mlp"] or {}
+        layers.append((attention.get("num_heads", 0), attention.get("num_key_value_heads", 0),
+                       mlp.get("intermediate_size", 0), len(mlp.get("experts") or []),
+                       mlp.get("shared_intermediate_size") or 0))
     return A.tensor_shapes(view.to_dict(), layers, view.projection_bias, view.mlp_bias,
                            "head" if view.qk_norm is True else view.qk_norm or None,
                            A.canonical_names(getattr(view, "norms", None)), per_head_qk_norm=True)

@@ -269,9 +269,10 @@ def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None =
 
 
 # Source keys whose effect the canonical layout folds into the weights, or carries under its own keys.
-FOLDED_KEYS = ("mlp_only_layers", "decoder_sparse_step", "residual_multiplier", "attention_multiplier", "logits_scaling", "query_pre_attn_scalar",
-                "embedding_multiplier", "hidden_activation", "no_rope_layers", "no_rope_layer_interval",
-                "sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping")
+FOLDED_KEYS = ("mlp_only_layers", "decoder_sparse_step", "residual_multiplier", "attention_multiplier",
+               "logits_scaling", "query_pre_attn_scalar", "embedding_multiplier", "hidden_activation",
+               "no_rope_layers", "no_rope_layer_interval", "sliding_window_pattern", "attn_logit_softcapping",
+               "final_logit_softcapping")
 
 
 def slim_layers_config(plan: Plan, src: dict, arch: A.Arch | None = None) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arch import moe_layers
 from ..errors import SlimError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -54,7 +55,7 @@ def gguf_blockers(config: dict) -> list[str]:
             why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
             break
     family = config.get("source_model_type")
-    moe = [i for i, s in enumerate(layers) if (s.get("mlp") or {}).get("experts") is not None]
+    moe = moe_layers(layers)
     if moe:
         why.append(f"output layers {moe} are mixtures of experts: llama.cpp runs {family} with its own expert "
                    "tensors (qwen3moe, qwen2moe, llama with experts), which slimconv does not write yet")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arch import moe_layers
 from ..errors import SlimError
 from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
 from ..outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
@@ -209,11 +210,10 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
     return [chunk[: 32 - 9 * i] for i in range(count)]
 
 
-def refuse_experts(slim_dir: Path) -> None:
+def refuse_experts(slim_dir: Path, config: dict) -> None:
     from ..layout import as_slim_config
 
-    layers = as_slim_config(json.loads((slim_dir / "config.json").read_text())).slim_layers
-    moe = [i for i, s in enumerate(layers) if (s.get("mlp") or {}).get("experts") is not None]
+    moe = moe_layers(as_slim_config(config).slim_layers)
     if moe:
         raise SlimError(f"{slim_dir}: layers {moe} are mixtures of experts, which slimconv's ONNX graph builder does not "
                         "write yet (ONNX Runtime's com.microsoft MoE/QMoE contrib operators could carry them; "
@@ -235,14 +235,14 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
                         "give the output.dir that `slimconv convert` wrote")
     from ..convert import checked_output
 
-    checked_output(slim_dir)  # headers only: damage is found before a long export, not by it
-    refuse_experts(slim_dir)
+    config = checked_output(slim_dir).config  # headers only: damage is found before a long export, not by it
+    refuse_experts(slim_dir, config)
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
     if out:
         refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
     target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")
-    early_exit = json.loads((slim_dir / "config.json").read_text()).get("early_exit")
+    early_exit = config.get("early_exit")
     if early_exit is not None:
         console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "
                       "stop per token needs control flow in the graph, not done yet); the policy stays in the "
@@ -257,8 +257,7 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         where = f"weights in {DATA_FILE}" if info["external_data"] else "weights inside model.onnx"
         console.print(f"exported in {info['seconds']:.1f} s: {info['nodes']} nodes, {info['cache_pairs']} "
                       f"past/present pairs, {info['weight_bytes'] / 1e6:.0f} MB of weights ({where})")
-        vocab = json.loads((slim_dir / "config.json").read_text())["vocab_size"]
-        report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, vocab), provider=target_provider)
+        report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, config["vocab_size"]), provider=target_provider)
         report["export"] = info
         report[ONNX_KEY] = weights_sha256(slim_dir)  # what push and validate check it against
         report["early_exit"] = "not exported: the graph runs every layer" if early_exit is not None else None
