@@ -115,6 +115,38 @@ def compare(src: Path, out: Path, plan, ids: torch.Tensor, greedy: int = 16):
     return err, torch.equal(got, want)
 
 
+def assert_exact(src: Path, out: Path, plan, ids: torch.Tensor) -> None:
+    """``compare``'s verdict as assertions: logits within 1e-5 of the reference's, greedy tokens identical."""
+    err, same = compare(src, out, plan, ids)
+    assert err < 1e-5, f"max |logit error| {err}"
+    assert same, "cached greedy tokens differ from the reference's"
+
+
+def random_removals(seed: str, layers: int = 6, count: int = 3) -> list[dict]:
+    """``count`` random ``remove`` sections over ``layers`` layers: up to 2 blocks, then up to 2 attentions and up to
+    2 MLPs among the rest (never both sublayers of one layer)."""
+    import random
+
+    rng, out = random.Random(seed), []
+    for _ in range(count):
+        blocks = rng.sample(range(layers), rng.randint(0, 2))
+        rest = [i for i in range(layers) if i not in blocks]
+        attention = rng.sample(rest, rng.randint(0, 2))
+        mlp = rng.sample([i for i in rest if i not in attention], rng.randint(0, 2))
+        out.append(dict(blocks=blocks, attention=attention, mlp=mlp))
+    return out
+
+
+@torch.no_grad()
+def reference_nll(src: Path, ids: torch.Tensor, **recipe) -> float:
+    """The run-time reference's next-token loss on ``ids`` for a recipe over the source ``src``."""
+    import torch.nn.functional as F
+
+    plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **recipe}), Checkpoint(src).config)
+    logits = apply_plan(load_model(src), plan)(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
 BPE_VOCAB = 320  # a tiny model's vocab_size when it has bpe_tokenizer's tokenizer
 BPE_TEXT = ("the quick brown fox jumps over the lazy dog while hello world, slim models run fast and the dog sleeps "
             "under a tree near the river where the fox once lived")

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import MOE_CONFIGS, compare, convert, make_tiny, with_word_tokenizer
+from helpers import (MOE_CONFIGS, assert_exact, compare, convert, make_tiny, random_removals, reference_nll,
+                     with_word_tokenizer)
 from slimconv.cli import main
 from slimconv.errors import SlimError
 from slimconv.plan import costs, source_plan
@@ -31,32 +32,20 @@ def families(tmp_path_factory):
     return {name: make_tiny(root / name, name) for name in FAMILIES}
 
 
-def _exact(src, out, plan):
-    err, same = compare(src, out, plan, IDS)
-    assert err < 1e-5, f"max |logit error| {err}"
-    assert same, "cached greedy tokens differ from the reference's"
-
-
 @pytest.mark.parametrize("change", CHANGES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removals_are_exact(families, tmp_path, family, change):
     plan = convert(families[family], tmp_path / "out", **CHANGES[change])
-    _exact(families[family], tmp_path / "out", plan)
+    assert_exact(families[family], tmp_path / "out", plan, IDS)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == (family if change == "blocks" else "slimconv")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_random_recipes_are_exact(families, tmp_path, family):
-    rng = random.Random(family)
-    for k in range(3):
-        blocks = rng.sample(range(6), rng.randint(0, 2))
-        rest = [i for i in range(6) if i not in blocks]
-        attention = rng.sample(rest, rng.randint(0, 2))
-        mlp = rng.sample([i for i in rest if i not in attention], rng.randint(0, 2))
+    for k, remove in enumerate(random_removals(family)):
         out = tmp_path / f"out{k}"
-        _exact(families[family], out, convert(families[family], out, remove=dict(blocks=blocks, attention=attention,
-                                                                                    mlp=mlp)))
+        assert_exact(families[family], out, convert(families[family], out, remove=remove), IDS)
 
 
 def test_a_wrong_expert_is_seen_by_the_exactness_check(families, tmp_path):
@@ -106,7 +95,7 @@ def test_attentions_run_in_parallel_where_the_moe_sublayers_go(families, tmp_pat
     """Qwen2-MoE's layers 0 (dense) and 1 (sparse) as a pair with layer 1's MoE removed: a wide attention, one MLP."""
     plan = convert(families["qwen2_moe"], tmp_path / "out", remove={"mlp": [1]}, parallel={"groups": [[0, 1]]})
     assert plan.layers[0].attention.num_heads == 8 and plan.layers[0].mlp.experts is None
-    _exact(families["qwen2_moe"], tmp_path / "out", plan)
+    assert_exact(families["qwen2_moe"], tmp_path / "out", plan, IDS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,12 +128,6 @@ def test_nemotron_nas_names_the_experts(families, fmt, why):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_analysis_engine_scores_candidates_as_the_reference_computes_them(families, family):
-    import torch.nn.functional as F
-
-    from slimconv.plan import build_plan
-    from slimconv.recipe import parse_recipe
-    from slimconv.reference import apply_plan
-    from slimconv.runtime import load_model
     from slimconv.selection.layerwise import LayerBank, Runner, candidate_nlls, group_spec
 
     src = families[family]
@@ -152,11 +135,8 @@ def test_the_analysis_engine_scores_candidates_as_the_reference_computes_them(fa
     cfg = ckpt.config
     runner = Runner(LayerBank(ckpt), IDS, batch_size=3)
 
-    @torch.no_grad()
     def reference(**recipe):
-        plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **recipe}), cfg)
-        logits = apply_plan(load_model(src), plan)(input_ids=IDS).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten()).item()
+        return reference_nll(src, IDS, **recipe)
 
     cands = [(2, 1, []), (3, 1, [group_spec(cfg, [3], mlp=False)]), (4, 1, [group_spec(cfg, [4], attention=False)]),
              (0, 0, [])]
@@ -249,7 +229,7 @@ def test_pruned_experts_match_the_reference_that_masks_them_out_of_the_router(fa
     recipe = dict(remove={"experts": {"1": [3], SPARSE[family]: [0, 2]}, "cap_top_k": True, "attention": [4]})
     plan = convert(families[family], tmp_path / "out", **recipe)
     assert plan.layers[1].mlp.experts == [3] and plan.layers[1].mlp.top_k == 1
-    _exact(families[family], tmp_path / "out", plan)
+    assert_exact(families[family], tmp_path / "out", plan, IDS)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "slimconv"
     assert Checkpoint(tmp_path / "out").shapes["model.layers.1.mlp.gate.weight"] == (1, 64)
