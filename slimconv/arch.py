@@ -189,16 +189,49 @@ FAMILIES = {
 }
 # Families users ask about, and what keeps them out.
 WHY_NOT = {
-    "gemma3": ("gemma3_text", "a Gemma 3 checkpoint with a vision tower (Gemma3ForConditionalGeneration); its text "
-                              "model is not converted inside the multimodal checkpoint yet"),
-    "mistral3": ("mistral", "a Mistral 3 checkpoint with a vision tower (Mistral3ForConditionalGeneration); its text "
-                            "model is not converted inside the multimodal checkpoint yet"),
     "deepseek_v3": ("qwen3_moe", "DeepSeek-V3's multi-head latent attention and grouped routing are not described"),
     "gpt_oss": ("qwen3_moe", "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not described"),
     "olmo3": ("olmo2", "OLMo 3 adds sliding windows with a period to OLMo 2's layout, not described yet"),
     "cohere2": ("llama", "Cohere 2 uses LayerNorm, a parallel attention/MLP block and a layer period"),
+    "ministral3": ("mistral", "Ministral 3 scales queries by position (rope_parameters' llama_4_scaling_beta), "
+                              "not described yet"),
     "gpt2": ("llama", "GPT-2 uses LayerNorm, learned positions and a fused c_attn"),
 }
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal checkpoint around a text model of a supported family: where its text config and text tensors
+    are. A stock output keeps the wrapper (its vision tower and projector copied untouched); every stage reads the
+    text model alone. ``layouts``: how the text model's tensors may be stored, as (stored prefix, text-model prefix)
+    pairs: the Hub's original layout, which transformers 5 still writes, and the one transformers 4.52-4.57 wrote."""
+
+    text_type: str                      # the text config's model_type when it names none
+    text_config: str = "text_config"
+    layouts: tuple = ((("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+                      (("model.language_model.", "model."), ("lm_head.", "lm_head.")))
+
+
+MULTIMODAL = {"gemma3": Wrapper("gemma3_text"), "mistral3": Wrapper("mistral")}
+
+
+def text_config(config: dict) -> dict:
+    """The config of the text model a checkpoint holds: ``config`` itself, or a multimodal one's text config with
+    the settings the wrapper decides (a tied head, the dtype)."""
+    wrapper = MULTIMODAL.get(config.get("model_type"))
+    if wrapper is None:
+        return config
+    text = config.get(wrapper.text_config)
+    if not isinstance(text, dict):
+        raise SlimError(f"config.json: a {config['model_type']!r} (multimodal) config without a "
+                        f"{wrapper.text_config!r} object", "use the config.json published with these weights")
+    view = {"model_type": wrapper.text_type, **text}
+    view.pop("architectures", None)  # the wrapper's classes, never the text model's
+    view["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    dtype = text.get("dtype") or config.get("dtype") or config.get("torch_dtype")
+    if dtype:
+        view["dtype"] = dtype
+    return view
 
 
 # Configs leave these out when they equal the defaults: no grouped-query attention, head_dim = hidden / heads.
@@ -321,6 +354,7 @@ def _moe_numbers(moe: Moe | None, config: dict) -> dict:
 def get_arch(config: dict) -> Arch:
     """The source config resolved against its family (``FAMILIES``); an unsupported family is a SlimError
     naming the closest supported one and what differs."""
+    config = text_config(config)
     model_type = config.get("model_type")
     family = FAMILIES.get(model_type)
     if family is None:

@@ -16,13 +16,15 @@ from tqdm import tqdm
 
 from . import arch as A
 from .errors import SlimError
-from .layout import DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layers_config, tensor_dtype, tensor_jobs
+from .layout import FROM_ST, DTYPES, ST_DTYPES, Job, dtype_name, output_dtype, slim_layers_config, tensor_dtype, tensor_jobs
 from .outdir import CONFIG_FILE, PLAN_FILE, RECIPE_FILE, AtomicDir, refuse_overlap, write_json
 from .plan import Plan
 from .recipe import parse_size
 from .source import Checkpoint, check_weights, checked_source, source_paths, weights_sha256
 
 MODELING_DIR = Path(__file__).parent / "modeling"
+MULTIMODAL_FIX = ("remove whole blocks only (`remove.blocks`: a stock output, vision tower included), or set "
+                  "`output.text_only: true` to write the text model alone, which every format carries")
 MODELING_FILES = ("configuration_slim.py", "modeling_slim.py")
 
 
@@ -72,7 +74,9 @@ def _dtype_name(dtype: str, ckpt: Checkpoint) -> str:
     return dtype_name(tensor_dtype(A.EMBED, ckpt, dtype))
 
 
-def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None) -> dict:
+def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None, wrapped: bool = False) -> dict:
+    """The output's config.json. ``wrapped``: a stock output of a multimodal source, its text config rewritten
+    inside the source's own config."""
     src = ckpt.config
     n_src = plan.num_source_layers
     fmt = fmt or ("stock" if plan.uniform else "slim")
@@ -100,17 +104,46 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
         cfg = slim_layers_config(plan, src)
     cfg["dtype"] = _dtype_name(dtype, ckpt)
     cfg.pop("torch_dtype", None)
+    if wrapped:
+        text = ckpt.raw_config[ckpt.wrapper.text_config]
+        cfg = {**ckpt.raw_config, ckpt.wrapper.text_config: {k: v for k, v in cfg.items() if k in text},
+               "dtype": cfg["dtype"]}
+        cfg.pop("torch_dtype", None)
     return cfg
 
 
+def keeps_wrapper(ckpt: Checkpoint, fmt: str, text_only: bool) -> bool:
+    """Whether the output is a multimodal checkpoint like its source; a SlimError when it would have to be and
+    its format cannot be."""
+    if not ckpt.wrapper or text_only:
+        return False
+    if fmt != "stock":
+        raise SlimError(f"{ckpt.dir} is a multimodal {ckpt.raw_config['model_type']!r} checkpoint: only a stock "
+                        f"output keeps its vision tower, and this plan needs the {fmt} format (it removes sublayers, "
+                        "groups layers or prunes experts)", MULTIMODAL_FIX)
+    return True
+
+
+def wrapped_jobs(jobs: list[Job], ckpt: Checkpoint, dtype: str) -> list[Job]:
+    """A stock output's text-model tensors under the multimodal source's stored names, then every tensor outside
+    the text model (vision tower, projector) as it is, in the output dtype."""
+    for job in jobs:
+        job.name = ckpt.stored_name(job.name)
+    return jobs + [Job(name, ckpt.outside_shapes[name], output_dtype(dtype, FROM_ST[ckpt.outside_dtypes[name]]),
+                       lambda name=name: ckpt.get(name)) for name in ckpt.outside]
+
+
 def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_shard_size: str,
-                     fmt: str | None = None) -> dict:
+                     fmt: str | None = None, text_only: bool = False) -> dict:
     """Writes weights, config, modeling code and tokenizer files into ``out`` (an empty directory).
 
     ``fmt``: stock, nemotron-nas or slim (see nemotron.choose_format); None: stock when the plan is uniform,
-    else slim."""
+    else slim. A multimodal source gives a multimodal stock output unless ``text_only``."""
     fmt = fmt or ("stock" if plan.uniform else "slim")
+    wrapped = keeps_wrapper(ckpt, fmt, text_only)
     jobs = tensor_jobs(plan, ckpt, dtype, renamed=fmt == "stock")
+    if wrapped:
+        jobs = wrapped_jobs(jobs, ckpt, dtype)
     modeling = MODELING_FILES
     if fmt == "nemotron-nas":
         from .formats.nemotron import NAS_FILES, by_layer, choose_format, extra_jobs
@@ -119,7 +152,7 @@ def write_checkpoint(plan: Plan, ckpt: Checkpoint, out: Path, dtype: str, max_sh
 
         jobs, modeling = by_layer(jobs + extra_jobs(plan, ckpt, dtype, jobs)), NAS_FILES
     info = write_shards(jobs, out, parse_size(max_shard_size))
-    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype, fmt))
+    write_json(out / CONFIG_FILE, slim_config(plan, ckpt, dtype, fmt, wrapped))
     if fmt != "stock":
         for f in modeling:
             shutil.copy2(MODELING_DIR / f, out / f)
@@ -177,6 +210,15 @@ def checked_output(slim_dir: Path) -> Checkpoint:
         raise SlimError(f"{slim_dir / CONFIG_FILE} is neither a slim config nor one of a supported family "
                         f"({', '.join(sorted(A.FAMILIES))}): {type(e).__name__} {e}", fix) from None
     return ckpt
+
+
+def refuse_multimodal(slim_dir: Path, config: dict, fmt: str, how: str) -> None:
+    """An export of a multimodal checkpoint is refused: ``how`` says how ``fmt`` runs one, which slimconv does not
+    write."""
+    if config.get("model_type") in A.MULTIMODAL:
+        raise SlimError(f"{slim_dir} is a multimodal {config['model_type']!r} checkpoint: {how}; slimconv does not "
+                        f"export its vision tower to {fmt} yet",
+                        "convert with `output.text_only: true` (the text model alone) and export that output")
 
 
 def check_output(out: Path, dtype: str) -> None:
@@ -244,11 +286,14 @@ def run_convert(recipe, force: bool = False) -> Path:
     from .formats.nemotron import choose_format
 
     fmt, why = choose_format(recipe.output.format, plan, ckpt.config)
-    label = {"stock": f"stock {plan.model_type}", "nemotron-nas": "nemotron-nas (DeciLM)", "slim": "slim"}[fmt]
+    wrapped = keeps_wrapper(ckpt, fmt, recipe.output.text_only)
+    stock = f"stock {ckpt.raw_config['model_type']}, vision tower copied" if wrapped else f"stock {plan.model_type}"
+    label = {"stock": stock, "nemotron-nas": "nemotron-nas (DeciLM)", "slim": "slim"}[fmt]
     console.print(f"format: {label} ({why})")
     console.print(f"writing {label} checkpoint to {target.target}")
     with target as tmp:
-        info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size, fmt)
+        info = write_checkpoint(plan, ckpt, tmp, recipe.output.dtype, recipe.output.max_shard_size, fmt,
+                                recipe.output.text_only)
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         base = DEFAULT_BASE if recipe.model == "default" else (recipe.model if not Path(recipe.model).exists() else None)
         license = DEFAULT_LICENSE if recipe.model == "default" else _license(ckpt.dir)

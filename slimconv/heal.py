@@ -415,14 +415,17 @@ def _write_weights(student, unhealed: Path, dest: Path, changed: set[str]) -> No
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from .source import Checkpoint
+
     state = disk_state(student.state_dict(), student.config)
+    text_name = Checkpoint(unhealed).text_name  # a multimodal output stores the text model under a prefix
     for shard in sorted(unhealed.glob("*.safetensors")):
         tensors = {}
         with safe_open(shard, framework="pt") as f:
             for name in f.keys():
                 old = f.get_tensor(name)
-                if name in changed:
-                    new = state[name].detach().to("cpu", old.dtype).contiguous()
+                if text_name(name) in changed:
+                    new = state[text_name(name)].detach().to("cpu", old.dtype).contiguous()
                     if new.shape != old.shape:
                         raise RuntimeError(f"{name}: trained {tuple(new.shape)}, stored {tuple(old.shape)}")
                     tensors[name] = new

@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # safetensors' dtype names.
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
-_FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+FROM_ST = {v: k for k, v in ST_DTYPES.items()}
 # Source config keys that describe per-layer attention types; the slim config carries them per layer.
 _SLIM_DROP_KEYS = ("architectures", "auto_map", "model_type", "layer_types", "sliding_window",
                    "use_sliding_window", "max_window_layers", "transformers_version", "quantization_config")
@@ -48,7 +48,7 @@ def output_dtype(requested: str, source: torch.dtype) -> torch.dtype:
 
 
 def tensor_dtype(name: str, ckpt: Checkpoint, requested: str) -> torch.dtype:
-    return output_dtype(requested, _FROM_ST[ckpt.dtypes[name]])
+    return output_dtype(requested, FROM_ST[ckpt.dtypes[name]])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -110,6 +110,9 @@ class Output(_Strict):
     format: Literal["auto", "stock", "nemotron-nas", "slim"] = Field(
         "auto", description="auto: stock when only blocks go, nemotron-nas (DeciLM: vLLM, SGLang, TensorRT-LLM, "
         "mlx-lm, llama.cpp) when the plan and architecture fit it, slim otherwise")
+    text_only: bool = Field(False, description="for a multimodal source (Gemma 3, Mistral 3): write its text model "
+                            "alone, without the vision tower; the way to remove sublayers from one (a multimodal "
+                            "output is stock: whole blocks only)")
 
 
 class Exactness(_Strict):

@@ -59,9 +59,35 @@ def load_model(directory, trust_remote_code: bool = False):
     # Stock soft-capped attention (Gemma 2) in eager: transformers 5.0.0 picks SDPA for it, which drops the
     # cap (measured: logits off by 5e-4 on a tiny model); eager is what its Gemma 2 docs ask for.
     eager = {"attn_implementation": "eager"} if config.get("attn_logit_softcapping") and not custom else {}
+    if config.get("model_type") in A.MULTIMODAL:
+        return _text_model(directory).eval()
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                  trust_remote_code=ours or trust_remote_code, **eager)
     return model.eval()
+
+
+def _text_model(directory: Path):
+    """The text model of a multimodal checkpoint, as its family's causal LM, loaded from the stored tensors under
+    their text-model names (the vision tower is not loaded: no stage reads it). Its text-only forward is the
+    multimodal model's (tests/test_multimodal.py)."""
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from .source import Checkpoint
+
+    ckpt = Checkpoint(directory)
+    text = AutoConfig.for_model(**ckpt.config)
+    mapping = {"^" + re.escape(stored): view for stored, view in ckpt.layout if stored != view}
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # its load report lists every vision tensor as unexpected
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(directory), config=text, key_mapping=mapping,
+                                                    dtype=torch.float32)
+    finally:
+        logging.set_verbosity(level)
 
 
 def load_tokenizer(directory):

@@ -24,6 +24,7 @@ AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json", "LICENSE", "LICENSE.txt",
+    "preprocessor_config.json", "processor_config.json",  # a multimodal model's image processor
 )
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*"]
 # Config keys the plan, converter and cost model read: each must be a positive integer.
@@ -60,6 +61,9 @@ def read_config(directory: Path) -> dict:
         raise SlimError(f"{path} is not valid JSON ({e})", _DAMAGED_FIX) from None
     if not isinstance(config, dict):
         raise SlimError(f"{path} is not a JSON object of settings (got a {type(config).__name__})", _DAMAGED_FIX)
+    from .arch import text_config
+
+    config = text_config(config)
     for key in _CONFIG_INTS + _CONFIG_OPTIONAL_INTS:
         value = config.get(key)
         if value is None and key in _CONFIG_OPTIONAL_INTS:
@@ -272,23 +276,67 @@ def same_source(recorded: str | None, src_dir: Path, given: str, out: Path, fix:
 
 
 class Checkpoint:
-    """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand."""
+    """A source checkpoint read lazily: shapes from the headers, one tensor at a time on demand.
+
+    A multimodal checkpoint (``arch.MULTIMODAL``) reads as the text model it holds: ``config`` is the text config,
+    ``where``/``shapes``/``dtypes`` name the text tensors as a text-only checkpoint would (``model.layers.0...``),
+    ``stored`` maps those names to the stored ones, and ``outside`` holds the rest (vision tower, projector) under
+    their own names, for a stock output to copy."""
 
     def __init__(self, directory: Path):
+        from .arch import MULTIMODAL
+
         self.dir = Path(directory)
         self.config = read_config(self.dir)
+        self.raw_config = json.loads((self.dir / "config.json").read_bytes())
+        self.wrapper = MULTIMODAL.get(self.raw_config.get("model_type"))
         self.where, self.shapes, self.dtypes = {}, {}, {}
+        self.stored, self.outside = {}, {}
         self.index = None  # the index's weight_map (tensor -> shard file name), when the folder has one
+        found = {}
         for shard in self._shards():
             try:
                 with safe_open(shard, framework="pt") as f:
                     for name in f.keys():
                         sl = f.get_slice(name)
-                        self.where[name] = shard
-                        self.shapes[name] = tuple(sl.get_shape())
-                        self.dtypes[name] = sl.get_dtype()
+                        found[name] = (shard, tuple(sl.get_shape()), sl.get_dtype())
             except SafetensorError as e:
                 raise SlimError(f"{shard} is not a readable safetensors file ({e})", _DAMAGED_FIX) from None
+        self.layout = self._layout(found) if self.wrapper else ()
+        for name, (shard, shape, dtype) in found.items():
+            view = self.text_name(name)
+            if view is None:
+                self.outside[name] = shard
+            else:
+                self.where[view], self.shapes[view], self.dtypes[view] = shard, shape, dtype
+                if view != name:
+                    self.stored[view] = name
+        self.outside_shapes = {n: found[n][1] for n in self.outside}
+        self.outside_dtypes = {n: found[n][2] for n in self.outside}
+        if self.index is not None and self.wrapper:
+            self.index = {self.text_name(k) or k: v for k, v in self.index.items()}
+
+    def _layout(self, found: dict) -> tuple:
+        """Which of the wrapper's layouts holds the text model: the one whose prefix holds its token embedding."""
+        for layout in self.wrapper.layouts:
+            if f"{layout[0][0]}embed_tokens.weight" in found:
+                return layout
+        seen = sorted({".".join(k.split(".")[:2]) for k in found})
+        expected = " or ".join(f"{layout[0][0]}embed_tokens.weight" for layout in self.wrapper.layouts)
+        raise SlimError(f"{self.dir}: a {self.raw_config['model_type']!r} (multimodal) checkpoint whose text model is "
+                        f"not where it belongs: no {expected}; the tensors start with {', '.join(seen[:8])}",
+                        _DAMAGED_FIX)
+
+    def text_name(self, stored: str) -> str | None:
+        """The text-model name of a stored tensor (None: outside the text model); the name itself when the
+        checkpoint is not multimodal."""
+        if not self.layout:
+            return stored
+        return next((view + stored[len(p):] for p, view in self.layout if stored.startswith(p)), None)
+
+    def stored_name(self, view: str) -> str:
+        """Where a text-model tensor of this checkpoint's layout is stored (its own name without a wrapper)."""
+        return next((p + view[len(v):] for p, v in self.layout if view.startswith(v)), view)
 
     def _shards(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -312,13 +360,14 @@ class Checkpoint:
     def get(self, name: str):
         # Opened per tensor so the memory map is released at once: pages of already-read tensors
         # would otherwise stay resident and peak memory would grow towards the model size.
-        with safe_open(self.where[name], framework="pt") as f:
-            t = f.get_tensor(name)
+        shard = self.where[name] if name in self.where else self.outside[name]
+        with safe_open(shard, framework="pt") as f:
+            t = f.get_tensor(self.stored.get(name, name))
         # Every stage reads weights through here, tensor by tensor, so the check costs one pass over data that
         # is read anyway; a NaN would otherwise travel into the output and every export of it.
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise SlimError(f"{self.where[name]}: tensor {name} holds {bad} NaN or Inf value(s)", _DAMAGED_FIX)
+            raise SlimError(f"{shard}: tensor {self.stored.get(name, name)} holds {bad} NaN or Inf value(s)", _DAMAGED_FIX)
         return t
 
     def aux_files(self) -> list[Path]:
@@ -359,12 +408,13 @@ def check_weights(ckpt: Checkpoint, expected: dict, fix: str) -> list[str]:
                         f"num_hidden_layers {n}", fix)
     if ckpt.index is not None:
         index = ckpt.dir / "model.safetensors.index.json"
-        unlisted = sorted(set(ckpt.where) - set(ckpt.index))
-        misplaced = sorted(k for k, f in ckpt.index.items() if k in ckpt.where and ckpt.where[k].name != f)
-        absent = sorted(set(ckpt.index) - set(ckpt.where))
+        held = {**ckpt.where, **ckpt.outside}
+        unlisted = sorted(set(held) - set(ckpt.index))
+        misplaced = sorted(k for k, f in ckpt.index.items() if k in held and held[k].name != f)
+        absent = sorted(set(ckpt.index) - set(held))
         if unlisted or misplaced or absent:
             what = (f"does not list {_few(unlisted)}" if unlisted else
-                    f"puts {misplaced[0]} in {ckpt.index[misplaced[0]]}, but it is in {ckpt.where[misplaced[0]].name}"
+                    f"puts {misplaced[0]} in {ckpt.index[misplaced[0]]}, but it is in {held[misplaced[0]].name}"
                     if misplaced else f"lists {_few(absent)}, which no shard holds")
             raise SlimError(f"{index} does not match its shards: it {what}", _DAMAGED_FIX)
     # (problem, advice): a wrong shape means the config is wrong; the rest, that the weights are.

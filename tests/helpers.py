@@ -79,6 +79,35 @@ def make_tiny(directory: Path, name: str, seed: int = 0, **overrides) -> Path:
     return directory
 
 
+# Multimodal checkpoints (a vision tower around a text model of a supported family), as transformers 5 saves them:
+# the text model under language_model.model., the head (untied) under language_model.lm_head.
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+MULTIMODAL_CONFIGS = {
+    "gemma3": ("Gemma3Config", dict(text_config=dict(FAMILY_CONFIGS["gemma3_text"][1], **TINY),
+                                    vision_config=_VISION, mm_tokens_per_image=4, image_token_index=127,
+                                    boi_token_index=125, eoi_token_index=126)),
+    "mistral3": ("Mistral3Config", dict(text_config=dict(TINY, model_type="mistral", sliding_window=8, head_dim=16,
+                                                         tie_word_embeddings=False, **_IDS),
+                                        vision_config=dict(_VISION, model_type="pixtral", head_dim=16),
+                                        image_token_index=127, tie_word_embeddings=False)),
+}
+
+
+def make_multimodal(directory: Path, name: str, seed: int = 0) -> Path:
+    import transformers
+
+    cls, kwargs = MULTIMODAL_CONFIGS[name]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(getattr(transformers, cls)(**kwargs))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 if "norm" in n else 0.0) + 0.3 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory
+
+
 def with_word_tokenizer(model: Path, dest: Path, words: int) -> Path:
     """A copy of a tiny model with a word-level tokenizer over "w0".."w{words-1}", so commands that read
     text can run on it."""
@@ -96,9 +125,10 @@ def with_word_tokenizer(model: Path, dest: Path, words: int) -> Path:
 
 def convert(src: Path, out: Path, dtype="source", shard="5GB", fmt=None, **recipe):
     ckpt = Checkpoint(src)
-    plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": str(out)}, **recipe}), ckpt.config)
+    parsed = parse_recipe({"model": str(src), "output": {"dir": str(out)}, **recipe})
+    plan = build_plan(parsed, ckpt.config)
     out.mkdir(parents=True)
-    write_checkpoint(plan, ckpt, out, dtype, shard, fmt)
+    write_checkpoint(plan, ckpt, out, dtype, shard, fmt, parsed.output.text_only)
     return plan
 
 

@@ -328,7 +328,11 @@ def checked_config(slim_dir: Path, dtype: str) -> dict:
     """The output's config as slim layers, or a SlimError naming what GGUF cannot carry and what can."""
     from ..layout import as_slim_config
 
+    from ..convert import refuse_multimodal
+
     raw = json.loads((slim_dir / "config.json").read_text())
+    refuse_multimodal(slim_dir, raw, "GGUF", "llama.cpp runs one as a text GGUF beside an mmproj GGUF of the vision "
+                      "tower (its convert_hf_to_gguf.py --mmproj)")
     cfg = as_slim_config(raw).to_dict()
     cfg["early_exit"] = raw.get("early_exit")
     why = gguf_blockers(cfg)

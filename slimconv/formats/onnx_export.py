@@ -233,9 +233,12 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     if not (slim_dir / "config.json").is_file() or not any(slim_dir.glob("*.safetensors")):
         raise SlimError(f"{slim_dir} is not a converted checkpoint (no config.json / safetensors)",
                         "give the output.dir that `slimconv convert` wrote")
-    from ..convert import checked_output
+    from ..convert import checked_output, refuse_multimodal
 
-    config = checked_output(slim_dir).config  # headers only: damage is found before a long export, not by it
+    ckpt = checked_output(slim_dir)  # headers only: damage is found before a long export, not by it
+    refuse_multimodal(slim_dir, ckpt.raw_config, "ONNX", "onnxruntime-genai runs one as separate vision, embedding "
+                      "and text graphs")
+    config = ckpt.config
     refuse_experts(slim_dir, config)
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
