@@ -1,6 +1,12 @@
 """GGUF export for llama.cpp, written directly with the `gguf` library, one tensor at a time.
 
 Architectures (llama.cpp's names):
+  native llama.cpp's own architecture of the family (``NATIVE``: gemma, gemma2, gemma3, qwen3, olmo2, smollm3,
+         phi3) when every kept layer is whole (only blocks removed): its graph has the family's norms, q/k
+         norms, soft-caps, windows and rotary as llama.cpp's own converter writes them. llama.cpp derives some
+         layer kinds from the layer's index (smollm3's no-RoPE step); a layer that would change kind at its new
+         index is refused. Sliding windows are written per layer (attention.sliding_window_pattern), so
+         gemma2/gemma3 layers keep their kind whatever blocks go
   llama  every kept layer has its attention and MLP (only whole blocks removed)
   deci   per-layer head counts and MLP widths (NVIDIA's nemotron-nas in llama.cpp): attention removed is a
          layer with 0 heads; MLP removed while attention stays is written as a 1-wide all-zero MLP (norm gain
@@ -8,8 +14,9 @@ Architectures (llama.cpp's names):
          continue;``) skips the rest of a layer whose FFN width is 0 *before* adding the attention's residual,
          dropping the whole layer; the zero MLP adds exactly 0 at the cost of one multiply-add per token.
 
-Weights: q and k rows are permuted from Hugging Face's half-split RoPE layout to llama.cpp's interleaved
-pairs (what llama.cpp's own converter does for both architectures). Precisions: f32, f16, bf16, and the
+Weights: for llama, deci and smollm3 (llama.cpp's NORM RoPE) q and k rows are permuted from Hugging Face's
+half-split RoPE layout to llama.cpp's interleaved pairs (what llama.cpp's own converter does); the other native
+architectures rotate half-split (NEOX) as Hugging Face does. Precisions: f32, f16, bf16, and the
 block quantisations q8_0 / q4_0 computed by the `gguf` library's quantiser (a pure numpy port of llama.cpp's
 reference quantise functions; llama.cpp's own `llama-quantize` is a C++ binary that needs an f32/f16 GGUF
 first, and its Python binding is not a dependency of slimconv). With q4_0 the token embedding / output stay
@@ -21,6 +28,8 @@ from the tokenizer's own splitting rules) and SentencePiece (tokenizer.model, ll
 with a small protobuf reader: no sentencepiece dependency).
 """
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +51,118 @@ def _qtype(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- what fits
+@dataclass(frozen=True)
+class Native:
+    """llama.cpp's own architecture for a family (src/models/<arch>.cpp), what its graph takes from the file and
+    what it decides by itself. Everything else (norms, q/k norm form, activation) is read from the slim config."""
+
+    arch: str
+    pairs: bool = False            # NORM RoPE: q/k rows permuted to interleaved pairs
+    windows: bool = False          # reads a per-layer sliding_window_pattern
+    swa_rope_kind: bool = False    # sliding layers rotate with rope.freq_base_swa, unscaled (gemma3)
+    softcaps: tuple = ()           # the soft-caps its graph applies
+    embedding_scale: bool = False  # scales embeddings by sqrt(n_embd) itself
+    tied_only: bool = False        # reads the output head from token_embd, always
+    square: bool = False           # creates q and o as n_embd x n_embd: heads x head_dim must equal hidden
+    partial_rotary: bool = False   # rotates the first rope.dimension_count dims of a head
+    gate_up: bool = False          # ffn_up holds gate then up (no ffn_gate)
+    no_rope_step: int = 0          # a layer with (index + 1) % step == 0 has no RoPE, whatever the file says
+    head_required: bool = False    # needs output.weight even when the head is tied
+    activation: str = "silu"
+    large: tuple = ()              # layer counts llama.cpp takes for its 27B type, whose query scale is
+                                   # (hidden / heads) ** -0.5 instead of head_dim ** -0.5
+
+
+_GEMMA = dict(embedding_scale=True, activation="gelu_pytorch_tanh")
+NATIVE = {
+    "gemma": Native("gemma", tied_only=True, **_GEMMA),
+    "gemma2": Native("gemma2", windows=True, softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
+                     tied_only=True, large=(46,), **_GEMMA),
+    "gemma3_text": Native("gemma3", windows=True, swa_rope_kind=True, softcaps=("final_logit_softcapping",),
+                          large=(62,), **_GEMMA),
+    "qwen3": Native("qwen3"),
+    "olmo2": Native("olmo2", square=True, head_required=True),
+    "smollm3": Native("smollm3", pairs=True, no_rope_step=4),
+    "phi3": Native("phi3", square=True, partial_rotary=True, gate_up=True),
+}
+
+
+def native_of(config: dict) -> Native | None:
+    """The native architecture this slim config goes to: its family's, when every layer is whole."""
+    native = NATIVE.get(config.get("source_model_type"))
+    return native if native and not _is_deci(config) and not moe_layers(config["slim_layers"]) else None
+
+
+def _native_blockers(config: dict, native: Native) -> list[str]:
+    why, family, arch = [], config.get("source_model_type"), native.arch
+    layers = [s["attention"] for s in config["slim_layers"]]
+    hidden, heads, hd = config["hidden_size"], layers[0]["num_heads"], config["head_dim"]
+    act = config.get("hidden_act", "silu")
+    if act != native.activation:
+        why.append(f"activation {act!r} (llama.cpp's {arch} MLP is {native.activation}-gated)")
+    windows = {a.get("sliding_window") for a in layers} - {None}
+    if windows and not native.windows:
+        why.append(f"sliding-window attention (llama.cpp's {arch} attends to everything)")
+    if len(windows) > 1:
+        why.append(f"sliding windows of sizes {sorted(windows)} (llama.cpp has one window size)")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(cap) and cap not in native.softcaps:
+            why.append(f"{cap} (llama.cpp's {arch} does not apply it)")
+    multiplier = config.get("embedding_multiplier")
+    if native.embedding_scale and multiplier != math.sqrt(hidden):
+        why.append(f"embedding multiplier {multiplier} (llama.cpp's {arch} scales embeddings by sqrt(hidden))")
+    elif not native.embedding_scale and multiplier is not None:
+        why.append(f"an embedding multiplier (llama.cpp's {arch} has none)")
+    if native.tied_only and not config.get("tie_word_embeddings", False):
+        why.append(f"an untied output head (llama.cpp's {arch} reads the head from the token embedding)")
+    if native.square and heads * hd != hidden:
+        why.append(f"{heads} heads x head_dim {hd} != hidden_size {hidden} (llama.cpp's {arch} takes them equal)")
+    bias = config.get("projection_bias") or {}
+    if bias.get("o") or config.get("mlp_bias"):
+        why.append(f"output-projection or MLP biases (llama.cpp's {arch} loads q/k/v biases only)")
+    kinds = _rope_kinds(config)
+    used = [a.get("rope", "default") for a in layers]
+    for j, kind in enumerate(used):
+        if native.no_rope_step and (kind is None) != ((j + 1) % native.no_rope_step == 0):
+            why.append(f"output layer {j} ({'no RoPE' if kind is None else 'RoPE'}): llama.cpp's {arch} rotates "
+                       f"every layer but each {native.no_rope_step}th (layers {native.no_rope_step - 1}, "
+                       f"{2 * native.no_rope_step - 1}, ...), so the kept layers must keep their RoPE at their new "
+                       "index")
+            break
+        if kind is None and not native.no_rope_step:
+            why.append(f"output layer {j} has no RoPE (llama.cpp's {arch} rotates every layer)")
+            break
+    rotated = {k for k in used if k is not None}
+    swa = {a.get("rope") for a in layers if a.get("sliding_window")} if native.swa_rope_kind else set()
+    if len(rotated - swa) > 1:
+        why.append(f"RoPE kinds {sorted(rotated - swa)} on the layers without a window (llama.cpp has one)")
+    for kind in rotated:
+        params = kinds[kind]
+        if params.get("rope_type", "default") not in ("default", "linear") or (
+                kind in swa and params.get("rope_type", "default") != "default"):
+            why.append(f"RoPE scaling {params.get('rope_type')!r} on {kind!r} layers (written: default and linear; "
+                       "sliding layers of gemma3 unscaled)")
+        if params.get("partial_rotary_factor", 1.0) != 1.0 and not native.partial_rotary:
+            why.append(f"partial rotary (llama.cpp's {arch} rotates whole heads)")
+    if len(swa) > 1:
+        why.append(f"RoPE kinds {sorted(swa)} on the sliding layers (llama.cpp has one)")
+    return why
+
+
+def _query_rescale(config: dict, native: Native | None) -> float:
+    """What q (or its norm) is multiplied by so that llama.cpp's own query scale gives the source's: the canonical
+    layout folds the source's scale relative to head_dim ** -0.5, and gemma2/gemma3 of their 27B layer count
+    scale by (hidden / heads) ** -0.5 instead."""
+    layers = config["slim_layers"]
+    if native is None or len(layers) not in native.large:
+        return 1.0
+    hd, per_head = config["head_dim"], config["hidden_size"] // layers[0]["attention"]["num_heads"]
+    return (hd ** -0.5) / (per_head ** -0.5)
+
+
 def gguf_blockers(config: dict) -> list[str]:
-    """Why llama.cpp's llama/deci architectures cannot run this slim config exactly (empty: they can)."""
+    """Why llama.cpp cannot run this slim config exactly (empty: it can), in its family's own architecture
+    (``NATIVE``) when every layer is whole, else in its llama/deci architectures."""
     why = []
     if config.get("early_exit"):
         why.append("the output has an early-exit policy (llama.cpp runs every layer)")
@@ -51,20 +170,30 @@ def gguf_blockers(config: dict) -> list[str]:
     for i, s in enumerate(layers):
         if len(s["source_layers"]) > 1:
             why.append(f"output layer {i} is the parallel group {s['source_layers']} (llama.cpp has no parallel layers)")
-        if s.get("attention") and s["attention"].get("sliding_window"):
-            why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
-            break
     family = config.get("source_model_type")
     moe = moe_layers(layers)
     if moe:
         why.append(f"output layers {moe} are mixtures of experts: llama.cpp runs {family} with its own expert "
                    "tensors (qwen3moe, qwen2moe, llama with experts), which slimconv does not write yet")
+    native = native_of(config)
+    if native:
+        return why + _native_blockers(config, native)
+    return why + _deci_blockers(config, family, moe)
+
+
+def _deci_blockers(config: dict, family: str, moe: list) -> list[str]:
+    """What keeps llama.cpp's llama/deci architectures from running a slim config, for a family whose own
+    architecture cannot run it either (sublayers removed) or that has none."""
+    why, layers = [], config["slim_layers"]
+    for i, s in enumerate(layers):
+        if s.get("attention") and s["attention"].get("sliding_window"):
+            why.append(f"output layer {i} has sliding-window attention (llama.cpp's llama/deci attend to everything)")
+            break
     if config.get("qk_norm"):
         why.append(f"{family} has q/k norms (llama.cpp's llama/deci do not load them)")
     norms = {"attention_input": True, "mlp_input": True, **(config.get("norms") or {})}
     if norms.get("attention_output") or norms.get("mlp_output") or not (norms["attention_input"] and norms["mlp_input"]):
-        why.append(f"{family} has output norms or lacks input norms, which llama.cpp's llama/deci do not have (its "
-                   f"{family} architecture is not written by slimconv)")
+        why.append(f"{family} has output norms or lacks input norms, which llama.cpp's llama/deci do not have")
     if config.get("hidden_act", "silu") != "silu":
         why.append(f"activation {config['hidden_act']!r} (llama.cpp's llama/deci MLP is SiLU-gated)")
     if config.get("attn_logit_softcapping") or config.get("final_logit_softcapping"):
@@ -80,9 +209,13 @@ def gguf_blockers(config: dict) -> list[str]:
             why.append(f"RoPE scaling {rope_type!r} (this exporter writes default and linear RoPE only)")
         if kinds[kind].get("partial_rotary_factor", 1.0) != 1.0:
             why.append(f"partial rotary (factor {kinds[kind]['partial_rotary_factor']}): llama.cpp's llama/deci "
-                       "rotate whole heads (its phi3 architecture is not written by slimconv)")
+                       "rotate whole heads")
     if layers and not layers[0].get("attention"):
         why.append("output layer 0 has no attention: llama.cpp derives the head size from layer 0's head count")
+    if why and family in NATIVE and not moe:
+        why.insert(0, f"attention or MLP sublayers are removed: llama.cpp's own {NATIVE[family].arch} architecture "
+                      "runs whole layers only (remove whole blocks instead), and its llama/deci cannot run this "
+                      "model")
     return why
 
 
@@ -242,15 +375,38 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def _plan_tensors(config: dict, ckpt, dtype: str):
-    """Yields (gguf name, torch shape, compute) for every tensor, in file order. An embedding multiplier (Granite)
-    is folded into the token embedding, the tied output head then written as the unscaled matrix."""
+def _plan_tensors(config: dict, ckpt, dtype: str, native: Native | None = None):
+    """Yields (gguf name, torch shape, compute) for every tensor, in file order. On llama/deci an embedding
+    multiplier (Granite) is folded into the token embedding, the tied output head then written as the unscaled
+    matrix; a native architecture scales embeddings itself (Gemma) or has none."""
+    from ..arch import canonical_names
+
     hidden, head_dim = config["hidden_size"], config["head_dim"]
     L = "model.layers.{}."
-    mult = config.get("embedding_multiplier")
+    mult = None if native else config.get("embedding_multiplier")
+    pairs = native is None or native.pairs
+    rescale = _query_rescale(config, native)
+    names = canonical_names(config.get("norms"))
+    qk_norm = config.get("qk_norm")
+    qk_norm = "head" if qk_norm is True else qk_norm
 
     def src(name, transform=None):
         return lambda: (transform(ckpt.get(name)) if transform else ckpt.get(name))
+
+    def q_side(n, scaled):
+        """q/k rows: permuted to pairs where llama.cpp rotates pairs, q rescaled to llama.cpp's query scale."""
+        permute = (lambda t: _permute(t, n)) if pairs else (lambda t: t)
+        return (lambda t: permute(t.to(torch.float32) * rescale)) if scaled and rescale != 1.0 else permute
+
+    def one_gain(i, p, scaled):
+        def compute():
+            t = ckpt.get(L.format(i) + f"self_attn.{p}_norm.weight").to(torch.float32)
+            if not torch.equal(t, t[:1].expand_as(t)):
+                raise SlimError(f"output layer {i}: its {p}_norm gains differ per head (heal trains them so in the slim "
+                                f"format); llama.cpp's {native.arch} has one gain per head dimension",
+                                "export the unhealed output, or heal the stock output")
+            return t[0] * (rescale if scaled else 1.0)
+        return compute
 
     scaled = (lambda t: t.to(torch.float32) * float(torch.tensor(mult, dtype=t.dtype))) if mult is not None else None
     yield "token_embd.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight", scaled)
@@ -258,20 +414,39 @@ def _plan_tensors(config: dict, ckpt, dtype: str):
         pre = L.format(i)
         if s.get("attention"):
             heads, kv = s["attention"]["num_heads"], s["attention"]["num_key_value_heads"]
-            yield f"blk.{i}.attn_norm.weight", (hidden,), src(pre + "input_layernorm.weight")
+            if names.attn_in:
+                yield f"blk.{i}.attn_norm.weight", (hidden,), src(pre + names.attn_in + ".weight")
             for p, g, n in (("q", "attn_q", heads), ("k", "attn_k", kv), ("v", "attn_v", None), ("o", "attn_output", None)):
                 for kind in ("weight", "bias"):
                     name = pre + f"self_attn.{p}_proj.{kind}"
                     if name in ckpt:
                         yield (f"blk.{i}.{g}.{kind}", ckpt.shapes[name],
-                               src(name, (lambda t, n=n: _permute(t, n)) if n else None))
+                               src(name, q_side(n, p == "q" and not qk_norm) if n else None))
+            if qk_norm:
+                for p, n in (("q", heads), ("k", kv)):
+                    name = pre + f"self_attn.{p}_norm.weight"
+                    if qk_norm == "head":
+                        yield f"blk.{i}.attn_{p}_norm.weight", (head_dim,), one_gain(i, p, p == "q")
+                    else:  # over all heads: OLMo 2, which rotates half-split and has no query rescale
+                        yield f"blk.{i}.attn_{p}_norm.weight", ckpt.shapes[name], src(name)
+            if names.attn_out:
+                yield f"blk.{i}.post_attention_norm.weight", (hidden,), src(pre + names.attn_out + ".weight")
         if s.get("mlp"):
-            yield f"blk.{i}.ffn_norm.weight", (hidden,), src(pre + "post_attention_layernorm.weight")
-            for p, g in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
-                for kind in ("weight", "bias"):
-                    name = pre + f"mlp.{p}_proj.{kind}"
-                    if name in ckpt:
-                        yield f"blk.{i}.{g}.{kind}", ckpt.shapes[name], src(name)
+            if names.mlp_in:
+                yield f"blk.{i}.ffn_norm.weight", (hidden,), src(pre + names.mlp_in + ".weight")
+            if native and native.gate_up:
+                width = s["mlp"]["intermediate_size"]
+                yield (f"blk.{i}.ffn_up.weight", (2 * width, hidden),
+                       lambda pre=pre: torch.cat([ckpt.get(pre + "mlp.gate_proj.weight"), ckpt.get(pre + "mlp.up_proj.weight")]))
+                yield f"blk.{i}.ffn_down.weight", ckpt.shapes[pre + "mlp.down_proj.weight"], src(pre + "mlp.down_proj.weight")
+            else:
+                for p, g in (("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down")):
+                    for kind in ("weight", "bias"):
+                        name = pre + f"mlp.{p}_proj.{kind}"
+                        if name in ckpt:
+                            yield f"blk.{i}.{g}.{kind}", ckpt.shapes[name], src(name)
+            if names.mlp_out:
+                yield f"blk.{i}.post_ffw_norm.weight", (hidden,), src(pre + names.mlp_out + ".weight")
         elif s.get("attention") and _is_deci(config):  # the 1-wide zero MLP (see the module's docstring)
             yield f"blk.{i}.ffn_norm.weight", (hidden,), lambda: torch.ones(hidden)
             yield f"blk.{i}.ffn_gate.weight", (1, hidden), lambda: torch.zeros(1, hidden)
@@ -280,7 +455,7 @@ def _plan_tensors(config: dict, ckpt, dtype: str):
     yield "output_norm.weight", (hidden,), src("model.norm.weight")
     if "lm_head.weight" in ckpt and not config.get("tie_word_embeddings", False):
         yield "output.weight", ckpt.shapes["lm_head.weight"], src("lm_head.weight")
-    elif mult is not None:
+    elif mult is not None or (native and native.head_required):
         yield "output.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight")
 
 
@@ -356,7 +531,8 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     cfg = checked_config(slim_dir, dtype)
     ckpt = canonical(Checkpoint(slim_dir))
     deci = _is_deci(cfg)
-    arch = "deci" if deci else "llama"
+    native = native_of(cfg)
+    arch = native.arch if native else "deci" if deci else "llama"
     layers = cfg["slim_layers"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name or slim_dir.name)
@@ -377,12 +553,30 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
         writer.add_feed_forward_length(ff[0])
     writer.add_key_length(cfg["head_dim"])
     writer.add_value_length(cfg["head_dim"])
-    writer.add_rope_dimension_count(cfg["head_dim"])
-    rope = next(iter(_rope_kinds(cfg).values()))
-    writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    kinds = _rope_kinds(cfg)
+    attention = [s["attention"] for s in layers if s.get("attention")]
+    windowed = {a.get("rope") for a in attention if a.get("sliding_window")} if native and native.swa_rope_kind else set()
+    full = [a.get("rope", "default") for a in attention if a.get("rope", "default") not in windowed | {None}]
+    rope = kinds[full[0]] if full else next(iter(kinds.values()))
+    theta = lambda r: float(r.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(int(cfg["head_dim"] * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(theta(rope))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if windowed:
+        writer.add_rope_freq_base_swa(theta(kinds[next(iter(windowed))]))
+    if native and native.windows:
+        windows = [a.get("sliding_window") for a in attention]
+        if any(windows):
+            writer.add_sliding_window(next(w for w in windows if w))
+        # Per layer, so that every kept layer keeps its kind at its new index (llama.cpp's default is a period).
+        if any(windows) or native.arch == "gemma2":
+            writer.add_sliding_window_pattern([bool(w) for w in windows])
+    for cap in native.softcaps if native else ():
+        if cfg.get(cap):
+            (writer.add_attn_logit_softcapping if cap.startswith("attn") else writer.add_final_logit_softcapping)(
+                float(cfg[cap]))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -394,7 +588,7 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
     tokenizer = write_tokenizer(writer, slim_dir, cfg)
 
     tensors = []
-    for tname, shape, compute in _plan_tensors(cfg, ckpt, dtype):
+    for tname, shape, compute in _plan_tensors(cfg, ckpt, dtype, native):
         qtype = _tensor_type(tname, shape, dtype)
         bshape = _byte_shape(shape, qtype)
         item = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(qtype, 1)
