@@ -20,7 +20,7 @@ measure what it costs in quality.
   slimconv validate OUTPUT_DIR     exactness and quality checks; exit code 1 if one fails
   slimconv heal     OUTPUT_DIR     distil the source into the slim model (-> OUTPUT_DIR-healed, same format)
   slimconv export   OUTPUT_DIR     ONNX model with KV cache, checked against PyTorch; exit 1 if it disagrees
-                                   (--format gguf --dtype f32|f16|bf16|q8_0|q4_0: a llama.cpp GGUF file)
+                                   (--format gguf --dtype f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k: a llama.cpp GGUF)
   slimconv generate ONNX_DIR TEXT  generate with ONNX Runtime (greedy, or sampled with --temperature)
   slimconv bench    SOURCE OUTPUT_DIR
                                    speed of source and slim (PyTorch, ONNX Runtime) beside the plan's ideal
@@ -68,7 +68,7 @@ def _export(out, e, target=None, force: bool = False) -> int:
     if e.format == "gguf":
         from .formats.gguf_export import run_gguf_export
 
-        run_gguf_export(out, target, dtype, force)
+        run_gguf_export(out, target, dtype, force, e.imatrix, e.imatrix_calib, e.imatrix_samples, e.imatrix_seq_len)
         return 0
     from .formats.onnx_export import run_export
 

@@ -174,7 +174,7 @@ class Bench(_Strict):
 
 
 # GGUF precisions, and ONNX's with their GGUF spellings (f32 = fp32, f16 = fp16) accepted too.
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 ONNX_DTYPES = ("fp32", "fp16", "bf16", "int4")
 
 
@@ -188,7 +188,19 @@ class Export(_Strict):
     dtype: Literal[ONNX_DTYPES + GGUF_DTYPES] = Field(
         "fp32", description="ONNX: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; 1% of the logit "
         "scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, judged by KL and top-1 agreement). GGUF: f32 "
-        "(= fp32), f16 (= fp16), bf16, q8_0, q4_0 (embeddings stay q8_0 under q4_0)")
+        "(= fp32), f16 (= fp16), bf16, q8_0, q4_0 (embeddings stay q8_0 under q4_0), and the k-quants q4_k_m, "
+        "q5_k_m, q6_k made by llama.cpp's own quantiser with an importance matrix (needs llama-cpp-python)")
+    imatrix: str | None = Field(
+        None, description="GGUF k-quants: the importance matrix; auto (the default for k-quants): computed from "
+        "--imatrix-calib text on this model and written beside the GGUF as NAME.imatrix.gguf (llama.cpp's format, "
+        "reused while the weights and calibration are the same); a file in that format (from llama-imatrix too); "
+        "or none")
+    imatrix_calib: str = Field("wikitext2", description='GGUF k-quants: text the importance matrix is computed on: '
+                               '"wikitext2" (its VALID split), a text file, or "hf:NAME[:CONFIG]"')
+    imatrix_samples: int = Field(64, ge=1, le=100_000, description="GGUF k-quants: calibration windows (llama-imatrix "
+                                 "calls them chunks)")
+    imatrix_seq_len: int = Field(512, ge=8, le=32768, description="GGUF k-quants: tokens per calibration window "
+                                 "(llama-imatrix's default context)")
     int4_block_size: int = Field(32, ge=16, description="int4: weights per scale along the input dimension (a "
                                  "power of two, as onnxruntime-genai's builder)")
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(

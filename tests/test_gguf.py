@@ -392,3 +392,142 @@ def test_sublayer_removal_in_a_family_only_its_own_architecture_runs_is_refused_
     err = capsys.readouterr().err
     assert "GGUF cannot carry this model exactly" in err and why in err and "runs whole layers only" in err
     assert not (tmp_path / "out" / "gguf").exists()
+
+
+# k-quants (issue 31): llama.cpp's quantiser on slimconv's f32 file, weighted by the importance matrix. Rows must be
+# multiples of 256 for k-quant blocks, so the model is 256 wide.
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kquant")
+    src = make_tiny(root / "src", "llama-tied", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4)
+    bpe_tokenizer(src)
+    return src
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    lr = ref - np.logaddexp.reduce(ref, -1, keepdims=True)
+    lg = got - np.logaddexp.reduce(got, -1, keepdims=True)
+    return float((np.exp(lr) * (lr - lg)).sum(-1).mean())
+
+
+IMATRIX_SMALL = ["--imatrix-samples", "4", "--imatrix-seq-len", "64"]
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+def test_kquants_are_llamacpps_own_and_load_and_follow_the_reference(wide_model, tmp_path, capsys):
+    from slimconv.provenance import GGUF_KEY
+    from slimconv.source import weights_sha256
+
+    out = tmp_path / "out"
+    plan = slim_output(wide_model, out, remove={"blocks": [1]})
+    ids = list(np.random.default_rng(0).integers(0, VOCAB - 8, 64))
+    ref = reference_logits(wide_model, plan, ids)
+    kls = {}
+    for dtype, kind in (("q4_k_m", "Q4_K"), ("q5_k_m", "Q5_K"), ("q6_k", "Q6_K")):
+        assert main(["export", str(out), "--format", "gguf", "--dtype", dtype, *IMATRIX_SMALL]) == 0
+        path = out / "gguf" / f"out-{dtype}.gguf"
+        info = gguf_info(path)
+        assert kind in {t for n, (t, _) in info["tensors"].items() if n.startswith("blk.")}
+        assert info["fields"][GGUF_KEY] == weights_sha256(out)  # push and validate still know its weights
+        kls[dtype] = _kl(ref, llamacpp_logits(path, ids))
+    assert kls["q6_k"] < kls["q5_k_m"] < kls["q4_k_m"] < 0.05, kls
+    said = capsys.readouterr().out
+    assert said.count("importance matrix: wrote") == 1 and said.count("reusing") == 2  # computed once, then reused
+    assert (out / "gguf" / "out.imatrix.gguf").is_file()
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+def test_the_importance_matrix_weighs_llamacpps_quantiser(wide_model, tmp_path):
+    """With the importance matrix the quantiser picks other blocks than without, and a file written by slimconv reads
+    back as the entries it was written from."""
+    import gguf
+
+    from slimconv.formats.kquant import read_imatrix
+
+    out = tmp_path / "out"
+    slim_output(wide_model, out, remove={"blocks": [1]})
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q4_k_m", *IMATRIX_SMALL]) == 0
+    weighted = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out / "gguf" / "out-q4_k_m.gguf").tensors}
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q4_k_m", "--imatrix", "none", "--force"]) == 0
+    plain = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out / "gguf" / "out-q4_k_m.gguf").tensors}
+    changed = [n for n in weighted if n.startswith("blk.") and not np.array_equal(weighted[n], plain[n])]
+    assert len(changed) >= 10, changed
+    entries = read_imatrix(out / "gguf" / "out.imatrix.gguf")
+    assert set(entries) == {f"blk.{i}.{g}.weight" for i in range(3) for g in
+                            ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert all(count == 4 * 64 for _, count in entries.values())
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q5_k_m", "--imatrix",
+                 str(out / "gguf" / "out.imatrix.gguf")]) == 0
+
+
+def test_the_importance_matrix_is_llamacpps_statistic(wide_model):
+    """Per input column, the sum of squared activations over the tokens, and the token count: for layer 0's q/k/v
+    (their shared input, the normed embedding, counted once) and its down projection."""
+    import torch
+
+    from slimconv.formats.kquant import collect
+    from slimconv.runtime import load_model
+
+    model = load_model(wide_model)
+    ids = torch.randint(0, VOCAB - 8, (3, 16), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, ids, torch.device("cpu"))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(model.model.embed_tokens(ids)).double()
+        captured = {}
+        hook = layer.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: captured.update(x=a[0].double()))  # returns None: the input stays as it is
+        model(input_ids=ids, use_cache=False)
+        hook.remove()
+    sums, count = stats[(0, "attn")]
+    assert count == 48 and np.allclose(sums, x.pow(2).sum((0, 1)).numpy(), rtol=1e-6)
+    sums, count = stats[(0, "down")]
+    assert count == 48 and np.allclose(sums, captured["x"].pow(2).sum((0, 1)).numpy(), rtol=1e-6)
+    assert {k for k, _ in stats} == set(range(4))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dtype", "q4_0", "--imatrix", "auto"], ["--imatrix applies to the k-quants"]),
+    (["--dtype", "q4_k_m", "--imatrix", "missing.gguf"], ["missing.gguf: no such file"]),
+    (["--dtype", "q4_k_m", "--imatrix-calib", "no-such-text.txt"], ["no-such-text.txt"]),
+])
+def test_kquant_refusals_are_exit_2_before_writing(wide_model, tmp_path, capsys, args, words):
+    out = tmp_path / "out"
+    slim_output(wide_model, out, remove={"blocks": [1]})
+    if llama_cpp is None and "q4_k_m" in args:
+        words = ["llama-cpp-python"]
+    assert main(["export", str(out), "--format", "gguf", *args]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not list((out / "gguf").glob("*.gguf")) if (out / "gguf").exists() else True
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+def test_an_imatrix_of_another_model_or_a_stale_one_is_refused(wide_model, tmp_path, capsys):
+    out, other = tmp_path / "out", tmp_path / "other"
+    slim_output(wide_model, out, remove={"blocks": [1]})
+    slim_output(wide_model, other, remove={"blocks": [1, 2]})
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q4_k_m", *IMATRIX_SMALL]) == 0
+    assert main(["export", str(other), "--format", "gguf", "--dtype", "q4_k_m", "--imatrix",
+                 str(out / "gguf" / "out.imatrix.gguf")]) == 2
+    assert "is not of this model" in capsys.readouterr().err
+    # the same output folder asked for another calibration: its imatrix file is not overwritten without --force
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q5_k_m", "--imatrix-samples", "2",
+                 "--imatrix-seq-len", "64"]) == 2
+    assert "other weights or calibration" in capsys.readouterr().err
+    assert not (out / "gguf" / "out-q5_k_m.gguf").exists()
+
+
+def test_a_kquant_without_llamacpp_is_refused_with_the_install_command(wide_model, tmp_path, capsys, monkeypatch):
+    import sys
+
+    out = tmp_path / "out"
+    slim_output(wide_model, out, remove={"blocks": [1]})
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    assert main(["export", str(out), "--format", "gguf", "--dtype", "q5_k_m"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'slimconv[gguf]'" in err and not (out / "gguf").exists()

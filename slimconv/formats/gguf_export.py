@@ -29,6 +29,7 @@ with a small protobuf reader: no sentencepiece dependency).
 """
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,9 @@ import torch
 
 from ..arch import moe_layers
 from ..errors import SlimError
+from ..recipe import GGUF_DTYPES
+from .kquant import KQUANTS
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -515,8 +517,9 @@ def checked_config(slim_dir: Path, dtype: str) -> dict:
         raise SlimError("GGUF cannot carry this model exactly: " + "; ".join(why),
                         "keep the Hugging Face checkpoint (the slim format runs it) or `slimconv export` to ONNX, "
                         "which carry parallel groups and every supported architecture")
-    if dtype not in GGUF_DTYPES:
-        raise SlimError(f"--dtype {dtype}: GGUF precisions are {', '.join(GGUF_DTYPES)}")
+    if dtype not in GGUF_DTYPES or dtype in KQUANTS:  # k-quants: llama.cpp quantises the f32 file (kquant.py)
+        raise SlimError(f"--dtype {dtype}: GGUF precisions written here are "
+                        f"{', '.join(d for d in GGUF_DTYPES if d not in KQUANTS)}")
     return cfg
 
 
@@ -612,28 +615,115 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
                 feed_forward_length=ff)
 
 
-def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False) -> Path:
-    """`slimconv export OUT --format gguf`: writes OUT/gguf/<name>-<dtype>.gguf (or into ``out``)."""
+def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False, imatrix: str | None = None,
+                    calib: str = "wikitext2", samples: int = 64, seq_len: int = 512) -> Path:
+    """`slimconv export OUT --format gguf`: writes OUT/gguf/<name>-<dtype>.gguf (or into ``out``). A k-quant is
+    llama.cpp's quantisation of the f32 file, weighted by an importance matrix (``imatrix``: auto, a file, none)."""
     from ..report import console
+    from . import kquant
 
     slim_dir = Path(slim_dir)
     if not (slim_dir / "config.json").is_file():
         raise SlimError(f"{slim_dir} is not a model folder (no config.json)", "give an output folder of `slimconv convert`")
     folder = Path(out) if out else slim_dir / "gguf"
-    path = folder / f"{slim_dir.name}-{dtype}.gguf"
+    name = slim_dir.name
+    path = folder / f"{name}-{dtype}.gguf"
     if path.exists() and not force:
         raise SlimError(f"output {path} already exists", "pass --force to overwrite it")
+    is_kquant = dtype in KQUANTS
+    if imatrix is not None and not is_kquant:
+        raise SlimError(f"--imatrix applies to the k-quants ({', '.join(KQUANTS)}), not to --dtype {dtype}",
+                        "leave out --imatrix, or pick a k-quant")
+    imatrix = None if imatrix == "none" else imatrix or ("auto" if is_kquant else None)
     from ..convert import checked_output
+    from ..data import check_text
 
-    checked_config(slim_dir, dtype)  # every refusal before anything is written
+    checked_config(slim_dir, "f32" if is_kquant else dtype)  # every refusal before anything is written
     checked_output(slim_dir)
+    entries = None
+    if is_kquant:
+        kquant.llamacpp()
+        if imatrix == "auto":
+            check_text(calib, "--imatrix-calib")
+        elif imatrix is not None:
+            if not Path(imatrix).is_file():
+                raise SlimError(f"--imatrix {imatrix}: no such file", "give an imatrix .gguf file, auto or none")
+            entries = kquant.read_imatrix(Path(imatrix))
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp, f32 = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.f32.tmp")
     try:
-        info = write_gguf(slim_dir, tmp, dtype, slim_dir.name)
+        if is_kquant:
+            info = write_gguf(slim_dir, f32, "f32", name)
+            if imatrix == "auto":
+                entries = _auto_imatrix(slim_dir, f32, folder / f"{name}.imatrix.gguf", calib, samples, seq_len, force)
+            elif entries is not None:
+                _check_imatrix(entries, f32, imatrix)
+            kquant.quantize(f32, tmp, dtype, entries, os.cpu_count() or 1)
+            info.update(dtype=dtype, bytes=tmp.stat().st_size)
+        else:
+            info = write_gguf(slim_dir, tmp, dtype, name)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    console.print(f"[green]wrote[/] {path} ({info['architecture']}, {dtype}, {info['bytes'] / 1e6:.1f} MB; "
+        f32.unlink(missing_ok=True)
+    weighted = (f", importance matrix {len(entries)} tensors" if entries else
+                ", no importance matrix" if is_kquant else "")
+    console.print(f"[green]wrote[/] {path} ({info['architecture']}, {dtype}{weighted}, {info['bytes'] / 1e6:.1f} MB; "
                   f"tokenizer: {info['tokenizer']})")
     return path
+
+
+def _gguf_tensors(path: Path) -> list[str]:
+    import gguf
+
+    return [t.name for t in gguf.GGUFReader(path).tensors]
+
+
+def _check_imatrix(entries: dict, f32: Path, given) -> None:
+    """An imatrix given as a file must be of this model: every entry a block matrix of the file, of its width."""
+    import gguf
+
+    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(f32).tensors}
+    foreign = [n for n in entries if n not in widths]
+    wrong = [n for n, (sums, _) in entries.items() if n in widths and len(sums) != widths[n]]
+    if foreign or wrong:
+        what = (f"names {foreign[0]}, which this model's GGUF does not have" if foreign else
+                f"gives {wrong[0]} {len(entries[wrong[0]][0])} columns, the model {widths[wrong[0]]}")
+        raise SlimError(f"--imatrix {given} is not of this model: it {what}",
+                        "compute it on this output (--imatrix auto), or pass --imatrix none")
+
+
+def _auto_imatrix(slim_dir: Path, f32: Path, target: Path, calib: str, samples: int, seq_len: int,
+                  force: bool) -> dict:
+    """The importance matrix of this output on ``calib``: the one at ``target`` when it records these weights and
+    this calibration, else computed (and written there)."""
+    import gguf
+
+    from ..data import calibration_ids
+    from ..provenance import GGUF_KEY
+    from ..report import console
+    from ..runtime import load_model, pick_device
+    from ..source import weights_sha256
+    from . import kquant
+
+    wanted = {GGUF_KEY: weights_sha256(slim_dir), "slimconv.imatrix_calibration": f"{calib}:{samples}x{seq_len}"}
+    if target.is_file():
+        fields = gguf.GGUFReader(target).fields
+        have = {k: fields[k].contents() if k in fields else None for k in wanted}
+        if have == wanted:
+            console.print(f"importance matrix: reusing {target} (same weights, {wanted['slimconv.imatrix_calibration']})")
+            return kquant.read_imatrix(target)
+        if not force:
+            raise SlimError(f"{target} is an importance matrix of other weights or calibration", "pass --force to "
+                            "compute it again, or --imatrix FILE / none")
+    device = pick_device("auto")
+    console.print(f"importance matrix: {samples} windows of {seq_len} tokens of {calib} on {device} ...")
+    windows = calibration_ids(slim_dir, calib, samples, seq_len, seed=0)
+    model = load_model(slim_dir).to(device)
+    entries = kquant.for_tensors(kquant.collect(model, windows, device), _gguf_tensors(f32))
+    del model
+    tmp = target.with_name(f".{target.name}.tmp")
+    kquant.write_imatrix(tmp, entries, calib, samples, seq_len, wanted)
+    tmp.replace(target)
+    console.print(f"importance matrix: wrote {target} ({len(entries)} tensors; llama-quantize --imatrix reads it)")
+    return entries
