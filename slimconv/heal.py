@@ -150,6 +150,59 @@ def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator) -> 
     return layers, names
 
 
+def round_trip(weight: torch.Tensor, quant: str) -> torch.Tensor:
+    """``weight`` (N, K) as the export deploys it: q4_0 exactly as the gguf library writes it (per block of 32
+    along K, d = the signed largest value / -8, levels trunc(w / d + 8.5) in 0..15, d stored in fp16), int4 as
+    ONNX Runtime's MatMulNBits quantiser rounds it."""
+    if quant == "int4":
+        from .formats.onnx_graph import dequantize_int4
+
+        return dequantize_int4(weight.detach().cpu(), 32, False).to(weight.device, weight.dtype)
+    blocks = weight.detach().float().reshape(-1, 32)
+    biggest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d = biggest / -8
+    levels = torch.trunc(blocks * torch.where(d == 0, 0.0, 1 / d) + 8.5).clamp(0, 15)
+    return ((levels - 8) * d.half().float()).reshape(weight.shape).to(weight.dtype)
+
+
+class _FakeQuant(nn.Module):
+    """A parametrization: the weight's round trip forward, its gradient straight through to the float weight."""
+
+    def __init__(self, quant: str):
+        super().__init__()
+        self.quant = quant
+
+    def forward(self, w):
+        return w + (round_trip(w, self.quant) - w).detach()
+
+
+def fake_quantise(model, quant: str) -> list[nn.Module]:
+    """Every decoder matrix the export quantises runs as its round trip: frozen ones replaced once, trained ones
+    parametrized (returned, for ``release``). The embedding and the head are left float (q8_0 / float in the
+    exports)."""
+    from torch.nn.utils import parametrize
+
+    wrapped = []
+    for module in _layers(model).modules():
+        if isinstance(module, nn.Linear) and module.weight.shape[-1] % 32 == 0:
+            if module.weight.requires_grad:
+                parametrize.register_parametrization(module, "weight", _FakeQuant(quant))
+                wrapped.append(module)
+            else:
+                with torch.no_grad():
+                    module.weight.copy_(round_trip(module.weight, quant))
+    return wrapped
+
+
+def release(wrapped: list[nn.Module]) -> None:
+    """The trained float weights back in place of their parametrizations: the export rounds them to exactly what
+    training ran with."""
+    from torch.nn.utils import parametrize
+
+    for module in wrapped:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
 def merge_lora(model) -> None:
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
@@ -267,10 +320,13 @@ def _lr_at(step: int, settings: Heal, elapsed_s: float = 0.0) -> float:
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def shared_prefix(plan: Plan, trained: list[int]) -> int:
+def shared_prefix(plan: Plan, trained: list[int], quant: str = "none") -> int:
     """How many first output layers are the source's first layers, unchanged and untrained. The teacher's
     hidden state entering layer k is then exactly the student's, so the student can start from it and skip
-    k layers of every forward (for the default recipe, 25 of 30)."""
+    k layers of every forward (for the default recipe, 25 of 30). None under ``quant``: the student's layers
+    run quantised, the teacher's do not."""
+    if quant != "none":
+        return 0
     k = 0
     for j, s in enumerate(plan.layers):
         if j in trained or s.source_layers != [j] or s.attention is None or s.mlp is None:
@@ -358,7 +414,7 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
     start = time.time()
     stopped_early = False
     tokens = 0
-    k = shared_prefix(plan, layers)
+    k = shared_prefix(plan, layers, settings.quant)
     start_at = _StartAt(teacher, student, k) if k else contextlib.nullcontext()
     start_at.__enter__()
     try:
@@ -471,6 +527,10 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     recipe = load_recipe(out / RECIPE_FILE)
     plan = Plan(**meta["plan"])
     check_training(settings.data, "--data / heal.data")
+    if settings.quant != "none" and settings.train == "lora":
+        raise SlimError(f"--quant {settings.quant} with --train lora: the adapters are merged into the weights after "
+                        "training, so there is no trained weight for the quantiser to round while it trains",
+                        "use --train adjacent or all with --quant, or heal lora without it")
     device = pick_device(settings.device)
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)
@@ -504,8 +564,9 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
             sampling_s = time.time() - t
         layers, changed = trainable(student, plan, settings, gen)
         student.to(device)
+        wrapped = fake_quantise(student, settings.quant) if settings.quant != "none" else []
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        k = shared_prefix(plan, layers)
+        k = shared_prefix(plan, layers, settings.quant)
         console.print(f"training output layers {layers} ({n_train / 1e6:.2f}M parameters"
                       f"{', adapters' if settings.train == 'lora' else ''})"
                       + (f"; layers 0-{k - 1} are the source's, so the student starts from the teacher's "
@@ -514,6 +575,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
                            source=source_hash, unhealed=unhealed_hash)
         run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint)
+        release(wrapped)
         if settings.train == "lora":
             merge_lora(student)
         _write_weights(student, out, tmp, set(changed))

@@ -238,6 +238,11 @@ class Heal(_Strict):
     lora_rank: int = Field(16, ge=1, le=1024, description="rank of the adapters (train: lora)")
     train_router: bool = Field(False, description="also train mixture-of-experts routers (frozen by default, so "
                                "that each token keeps the experts it was routed to)")
+    quant: Literal["none", "q4_0", "int4"] = Field(
+        "none", description="train with the weights the export will deploy: every decoder matrix runs as its round "
+        "trip through q4_0 (GGUF, llama.cpp's blocks of 32) or int4 (ONNX MatMulNBits, blocks of 32 with zero "
+        "points), the trained ones with a straight-through gradient (quantisation-aware distillation); not with "
+        "train: lora")
     max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes, whatever "
                                       "the steps (the learning-rate schedule still spans `steps`)")
     checkpoint_every: int = Field(50, ge=1, description="save a --resume checkpoint every N steps")

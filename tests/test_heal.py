@@ -326,3 +326,69 @@ def test_heal_on_cuda_matches_the_cpu_run(tmp_path, src, texts):
     assert [r["kl"] for r in gpu["curve"]] == pytest.approx([r["kl"] for r in cpu["curve"]], rel=2e-2, abs=1e-4)
     e_cpu, e_gpu = cpu["eval"][str(texts["test"])]["healed"], gpu["eval"][str(texts["test"])]["healed"]
     assert e_gpu["kl"] == pytest.approx(e_cpu["kl"], rel=5e-2, abs=1e-4)
+
+
+def test_the_round_trips_are_the_exports_own():
+    """q4_0 is bit for bit the gguf library's quantise-dequantise (what the GGUF export writes), int4 ONNX
+    Runtime's MatMulNBits quantiser's (what the ONNX export writes); a block of zeros and one of ties included."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from slimconv.formats.onnx_graph import dequantize_int4
+    from slimconv.heal import round_trip
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    w[0, :32] = 0
+    w[1, :32] = torch.tensor([0.5, -0.5] * 16)
+    want = dequantize(quantize(w.numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert np.array_equal(round_trip(w, "q4_0").numpy(), want)
+    assert torch.equal(round_trip(w, "int4"), dequantize_int4(w, 32, False))
+
+
+@torch.no_grad()
+def _rounded(model, quant):
+    from slimconv.heal import round_trip
+
+    for module in model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.copy_(round_trip(module.weight, quant))
+    return model
+
+
+def test_fake_quantisation_runs_the_deployed_weights_with_a_straight_through_gradient(src):
+    from slimconv.heal import fake_quantise, release
+
+    student, deployed = load_model(src), _rounded(load_model(src), "q4_0")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    trained = student.model.layers[1].self_attn.q_proj
+    float_weight = trained.weight.detach().clone()
+    trained.weight.requires_grad_(True)
+    wrapped = fake_quantise(student, "q4_0")
+    assert wrapped == [trained]
+    ids = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(3))
+    deployed.model.layers[1].self_attn.q_proj.weight.requires_grad_(True)
+    with torch.enable_grad():
+        got, want = student(input_ids=ids).logits, deployed(input_ids=ids).logits
+        got.square().sum().backward()
+        want.square().sum().backward()
+    assert (got - want).abs().max().item() < 1e-5  # the student runs what the GGUF will hold
+    grad = trained.parametrizations.weight.original.grad
+    assert torch.allclose(grad, deployed.model.layers[1].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    release(wrapped)
+    assert torch.equal(trained.weight, float_weight)  # the float weight stays the trained one
+
+
+def test_heal_with_the_quantiser_in_the_loop_trains_and_refuses_lora(tmp_path, src, texts, capsys):
+    out = _output(tmp_path, src, texts)
+    healed = tmp_path / "healed"
+    assert main(["heal", str(out), "-o", str(healed), "--train", "all", "--quant", "q4_0", *_flags(texts, steps=6)]) == 0
+    report = json.loads((healed / HEAL_FILE).read_text())
+    assert report["settings"]["quant"] == "q4_0" and report["shared_prefix_layers"] == 0
+    before, after = load_model(out).state_dict(), load_model(healed).state_dict()
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    capsys.readouterr()
+    assert main(["heal", str(out), "-o", str(tmp_path / "lora"), "--train", "lora", "--quant", "int4",
+                 *_flags(texts)]) == 2
+    assert "--train lora" in capsys.readouterr().err and not (tmp_path / "lora").exists()
