@@ -87,6 +87,16 @@ def scores(got: list[np.ndarray], ref: list[np.ndarray], wins: list[list[int]]) 
     return float(np.exp(nll / n)), kl / n
 
 
+def score(path: Path, texts: dict, ref: dict, threads: int) -> dict:
+    """Perplexity and KL of ``path`` on every text; the first file scored is the reference ``ref`` of the rest."""
+    out = {}
+    for text, wins in texts.items():
+        got = logits(path, wins, threads)
+        ref.setdefault(text, got)
+        out[text] = scores(got, ref[text], wins)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--windows", type=int, default=12)
@@ -108,12 +118,7 @@ def main():
         for dtype, imatrix in EXPORTS:
             path, seconds = export(out, dtype, imatrix)
             row = dict(model=label, file=dtype + {"auto": " + imatrix", "none": " (no imatrix)"}.get(imatrix, ""),
-                       mb=path.stat().st_size / 1e6, seconds=seconds)
-            for text, wins in texts.items():
-                got = logits(path, wins, a.threads)
-                if label == "unslimmed" and dtype == "f32":
-                    ref[text] = got
-                row[text] = scores(got, ref[text], wins)
+                       mb=path.stat().st_size / 1e6, seconds=seconds, **score(path, texts, ref, a.threads))
             rows.append(row)
             print(row, flush=True)
     print(f"\n{a.windows} windows x {a.seq_len} tokens per text; KL from the unslimmed f32 file, in llama.cpp "

@@ -163,7 +163,7 @@ def source_onnx(src_dir: Path, slim_onnx_config: dict) -> Path:
     provider = slim_onnx_config.get("onnx_provider", "cpu")
     int4 = slim_onnx_config.get("onnx_int4") or {}
     settings = dict(block_size=int4.get("block_size", 32), accuracy_level=int4.get("accuracy_level", 4),
-                    symmetric=int4.get("symmetric", False))
+                    symmetric=int4.get("symmetric", False), algorithm=int4.get("algorithm", "rtn"))
     key = "-".join(["onnx", GRAPH_VERSION, dtype, provider, *map(str, settings.values()), _weights_key(src_dir)])
     if not (cache_root() / key / "config.json").is_file():
         console.print(f"exporting the source {src_dir} to ONNX ({dtype}, {provider}) once, into {cache_root() / key}")

@@ -73,7 +73,7 @@ def _export(out, e, target=None, force: bool = False) -> int:
     from .formats.onnx_export import run_export
 
     report = run_export(out, target, e.provider, force, DTYPE_NAMES[dtype], e.external_data, e.int4_block_size,
-                        e.int4_accuracy_level, e.int4_symmetric)
+                        e.int4_accuracy_level, e.int4_symmetric, e.int4_algorithm)
     return _verdict(report, f"ONNX export validated: {report['dir']}",
                     "ONNX export does not match PyTorch (see slimconv_onnx_report.json)")
 

@@ -209,6 +209,10 @@ class Export(_Strict):
     int4_symmetric: bool = Field(False, description="int4: symmetric blocks, no zero points (onnxruntime-genai's "
                                  "builder's choice): about 4% faster decode on CPU, KL to the float model 0.57 "
                                  "against 0.44 on SmolLM2")
+    int4_algorithm: Literal["rtn", "k_quant"] = Field(
+        "rtn", description="int4: how blocks are rounded, both ONNX Runtime's own quantisers into the same "
+        "MatMulNBits: rtn (round to nearest from each block's min and max) or k_quant (per block, the scale and "
+        "minimum that minimise the |w|-weighted error, after llama.cpp)")
     external_data: Literal["auto", "always", "never"] = Field(
         "always", description="always: weights in model.onnx.data beside the graph, streamed one tensor at a time; "
         "never: one self-contained model.onnx (2 GB protobuf limit); auto: inside unless over 2 GB")

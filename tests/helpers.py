@@ -195,3 +195,18 @@ def bpe_tokenizer(dest: Path):
                                   special_tokens=["<|endoftext|>"])
     tok.train_from_iterator([BPE_TEXT] * 20, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(dest)
+
+
+def validate_analyse_search(src: Path, out: Path, text: Path, work: Path) -> None:
+    """The stages after convert, as a user runs them on a tiny model: validate (exact), analyze and search on
+    ``text`` (a few short windows), writing under ``work``."""
+    import json
+
+    from slimconv.cli import main
+
+    assert main(["validate", str(out)]) == 0
+    report = json.loads((out / "slimconv_report.json").read_text())
+    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
+    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
+    assert main(["analyze", str(src), "-o", str(work / "an"), *calib, "--sleb-blocks", "1"]) == 0
+    assert main(["search", str(src), "--target", "layers:5", "-o", str(work / "se"), *calib]) == 0

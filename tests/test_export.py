@@ -79,11 +79,11 @@ def test_removed_sublayers_write_no_nodes_and_wide_layers_one_attention_per_memb
     assert ops["Add"] == 3  # qwen2's q/k/v bias, packed into one vector per attention layer
 
 
-@pytest.mark.parametrize("arch", ["llama-bias-untied", "qwen3"])
-def test_int4_graph_matches_the_int4_rounded_model(tiny_models, tmp_path, arch):
+@pytest.mark.parametrize("arch, algorithm", [("llama-bias-untied", "rtn"), ("qwen3", "rtn"), ("qwen3", "k_quant")])
+def test_int4_graph_matches_the_int4_rounded_model(tiny_models, tmp_path, arch, algorithm):
     convert(tiny_models[arch], tmp_path / "slim", parallel={"groups": [[2, 3]]}, remove={"mlp": [0]})
     (tmp_path / "onnx").mkdir()
-    export_onnx(tmp_path / "slim", tmp_path / "onnx", "int4", block_size=16)
+    export_onnx(tmp_path / "slim", tmp_path / "onnx", "int4", block_size=16, algorithm=algorithm)
     ops = _ops(tmp_path / "onnx")
     # q/k/v + o in 5 layers, gate/up/down in the 4 that keep their MLP, the head.
     assert "MatMul" not in ops and ops["MatMulNBits"] == 2 * 5 + 3 * 4 + 1, ops
@@ -268,3 +268,17 @@ def test_external_data_threshold_and_bfloat16(tiny_models, tmp_path, monkeypatch
     assert floats == {onnx.TensorProto.BFLOAT16}
     assert main(["export", str(tmp_path / "slim"), "--dtype", "bf16", "--provider", "cpu"]) == 2
     assert "needs the CUDA provider" in capsys.readouterr().err
+
+
+def test_k_quant_blocks_are_onnx_runtimes_own():
+    """int4 k_quant packs ONNX Runtime's k-quant levels, scales and zero points into MatMulNBits' layout: unpacked,
+    they give back its dequantised weight; an odd block count pads the last zero-point byte."""
+    import numpy as np
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    from slimconv.formats.onnx_graph import dequantize_int4
+
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0))  # 3 blocks of 32 per row
+    levels, scale, zero = quant_tensor_k_quant_cpu(w.numpy().copy(), 4, 32)
+    theirs = ((levels - zero) * scale).reshape(6, 96)
+    assert np.allclose(dequantize_int4(w, 32, False, "k_quant").numpy(), theirs, rtol=1e-6, atol=1e-7)

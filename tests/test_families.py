@@ -10,7 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import FAMILY_CONFIGS, PRE_NORM, assert_exact, convert, make_tiny, random_removals, reference_nll
+from helpers import (FAMILY_CONFIGS, PRE_NORM, assert_exact, convert, make_tiny, random_removals, reference_nll,
+                     validate_analyse_search)
 from slimconv.cli import main
 from slimconv.errors import SlimError
 from slimconv.plan import source_plan
@@ -196,12 +197,7 @@ def test_every_stage_runs_on_the_family(families, tmp_path, family):
                   "quality": {"data": str(text), "samples": 2, "seq_len": 32}})))
     assert main(["plan", str(recipe)]) == 0
     assert main(["convert", str(recipe)]) == 0
-    assert main(["validate", str(out)]) == 0
-    report = json.loads((out / "slimconv_report.json").read_text())
-    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
-    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
-    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), *calib, "--sleb-blocks", "1"]) == 0
-    assert main(["search", str(src), "--target", "layers:5", "-o", str(tmp_path / "se"), *calib]) == 0
+    validate_analyse_search(src, out, text, tmp_path)
     assert main(["heal", str(out), "--steps", "3", "--seq-len", "16", "--batch", "2", "--data", str(text),
                  "--eval-text", str(text)]) == 0
     assert main(["export", str(tmp_path / "out-healed")]) == 0

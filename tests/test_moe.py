@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from helpers import (MOE_CONFIGS, assert_exact, compare, convert, make_tiny, random_removals, reference_nll,
-                     with_word_tokenizer)
+                     validate_analyse_search, with_word_tokenizer)
 from slimconv.cli import main
 from slimconv.errors import SlimError
 from slimconv.plan import costs, source_plan
@@ -163,12 +163,7 @@ def test_every_stage_runs_on_an_moe_source(families, tmp_path, capsys):
     assert main(["plan", str(recipe)]) == 0
     assert "active" in capsys.readouterr().out
     assert main(["convert", str(recipe)]) == 0
-    assert main(["validate", str(out)]) == 0
-    report = json.loads((out / "slimconv_report.json").read_text())
-    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
-    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
-    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), *calib, "--sleb-blocks", "1"]) == 0
-    assert main(["search", str(src), "--target", "layers:5", "-o", str(tmp_path / "se"), *calib]) == 0
+    validate_analyse_search(src, out, text, tmp_path)
     assert main(["heal", str(out), "--train", "all", "--steps", "3", "--seq-len", "16", "--batch", "2", "--data",
                  str(text), "--eval-text", str(text)]) == 0
     healed = json.loads((tmp_path / "out-healed" / "slimconv_plan.json").read_text())["heal"]["trained_tensors"]

@@ -9,7 +9,8 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import MULTIMODAL_CONFIGS, assert_exact, convert, make_multimodal, random_removals, with_word_tokenizer
+from helpers import (MULTIMODAL_CONFIGS, assert_exact, convert, make_multimodal, random_removals,
+                     validate_analyse_search, with_word_tokenizer)
 from slimconv.cli import main
 from slimconv.runtime import load_model
 
@@ -143,12 +144,7 @@ def test_every_stage_runs_on_a_multimodal_source(models, tmp_path):
                                "quality": {"data": str(text), "samples": 2, "seq_len": 32}})
     assert main(["plan", recipe]) == 0
     assert main(["convert", recipe]) == 0
-    assert main(["validate", str(out)]) == 0
-    report = json.loads((out / "slimconv_report.json").read_text())
-    assert report["exactness"]["passed"] and report["exactness"]["max_abs_error"] < 1e-4
-    calib = ["--calib", str(text), "--samples", "2", "--seq-len", "32"]
-    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), *calib, "--sleb-blocks", "1"]) == 0
-    assert main(["search", str(src), "--target", "layers:5", "-o", str(tmp_path / "se"), *calib]) == 0
+    validate_analyse_search(src, out, text, tmp_path)
     assert main(["heal", str(out), "--steps", "3", "--seq-len", "16", "--batch", "2", "--data", str(text),
                  "--eval-text", str(text)]) == 0
     healed = tmp_path / "out-healed"

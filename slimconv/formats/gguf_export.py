@@ -655,9 +655,10 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False,
         if is_kquant:
             info = write_gguf(slim_dir, f32, "f32", name)
             if imatrix == "auto":
-                entries = _auto_imatrix(slim_dir, f32, folder / f"{name}.imatrix.gguf", calib, samples, seq_len, force)
+                entries = kquant.auto_imatrix(slim_dir, f32, folder / f"{name}.imatrix.gguf", calib, samples, seq_len,
+                                              force)
             elif entries is not None:
-                _check_imatrix(entries, f32, imatrix)
+                kquant.check_imatrix(entries, f32, imatrix)
             kquant.quantize(f32, tmp, dtype, entries, os.cpu_count() or 1)
             info.update(dtype=dtype, bytes=tmp.stat().st_size)
         else:
@@ -671,59 +672,3 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False,
     console.print(f"[green]wrote[/] {path} ({info['architecture']}, {dtype}{weighted}, {info['bytes'] / 1e6:.1f} MB; "
                   f"tokenizer: {info['tokenizer']})")
     return path
-
-
-def _gguf_tensors(path: Path) -> list[str]:
-    import gguf
-
-    return [t.name for t in gguf.GGUFReader(path).tensors]
-
-
-def _check_imatrix(entries: dict, f32: Path, given) -> None:
-    """An imatrix given as a file must be of this model: every entry a block matrix of the file, of its width."""
-    import gguf
-
-    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(f32).tensors}
-    foreign = [n for n in entries if n not in widths]
-    wrong = [n for n, (sums, _) in entries.items() if n in widths and len(sums) != widths[n]]
-    if foreign or wrong:
-        what = (f"names {foreign[0]}, which this model's GGUF does not have" if foreign else
-                f"gives {wrong[0]} {len(entries[wrong[0]][0])} columns, the model {widths[wrong[0]]}")
-        raise SlimError(f"--imatrix {given} is not of this model: it {what}",
-                        "compute it on this output (--imatrix auto), or pass --imatrix none")
-
-
-def _auto_imatrix(slim_dir: Path, f32: Path, target: Path, calib: str, samples: int, seq_len: int,
-                  force: bool) -> dict:
-    """The importance matrix of this output on ``calib``: the one at ``target`` when it records these weights and
-    this calibration, else computed (and written there)."""
-    import gguf
-
-    from ..data import calibration_ids
-    from ..provenance import GGUF_KEY
-    from ..report import console
-    from ..runtime import load_model, pick_device
-    from ..source import weights_sha256
-    from . import kquant
-
-    wanted = {GGUF_KEY: weights_sha256(slim_dir), "slimconv.imatrix_calibration": f"{calib}:{samples}x{seq_len}"}
-    if target.is_file():
-        fields = gguf.GGUFReader(target).fields
-        have = {k: fields[k].contents() if k in fields else None for k in wanted}
-        if have == wanted:
-            console.print(f"importance matrix: reusing {target} (same weights, {wanted['slimconv.imatrix_calibration']})")
-            return kquant.read_imatrix(target)
-        if not force:
-            raise SlimError(f"{target} is an importance matrix of other weights or calibration", "pass --force to "
-                            "compute it again, or --imatrix FILE / none")
-    device = pick_device("auto")
-    console.print(f"importance matrix: {samples} windows of {seq_len} tokens of {calib} on {device} ...")
-    windows = calibration_ids(slim_dir, calib, samples, seq_len, seed=0)
-    model = load_model(slim_dir).to(device)
-    entries = kquant.for_tensors(kquant.collect(model, windows, device), _gguf_tensors(f32))
-    del model
-    tmp = target.with_name(f".{target.name}.tmp")
-    kquant.write_imatrix(tmp, entries, calib, samples, seq_len, wanted)
-    tmp.replace(target)
-    console.print(f"importance matrix: wrote {target} ({len(entries)} tensors; llama-quantize --imatrix reads it)")
-    return entries

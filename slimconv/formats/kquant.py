@@ -147,11 +147,66 @@ def quantize(f32: Path, out: Path, dtype: str, entries: dict | None, threads: in
     if entries:
         table = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()  # the last one (name NULL) ends it
         for k, (name, (sums, count)) in enumerate(sorted(entries.items())):
-            values = np.ascontiguousarray(sums / max(count, 1), dtype=np.float32)
-            keep.append(values)
-            table[k].name = name.encode()
+            values, encoded = np.ascontiguousarray(sums / max(count, 1), dtype=np.float32), name.encode()
+            keep += [values, encoded]
+            table[k].name = encoded
             table[k].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             table[k].size = values.size
         params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp's quantiser failed on {f32} (its log above says why)")
+
+
+def _tensor_names(path: Path) -> list[str]:
+    import gguf
+
+    return [t.name for t in gguf.GGUFReader(path).tensors]
+
+
+def check_imatrix(entries: dict, f32: Path, given) -> None:
+    """An imatrix given as a file must be of this model: every entry a block matrix of the file, of its width."""
+    import gguf
+
+    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(f32).tensors}
+    foreign = [n for n in entries if n not in widths]
+    wrong = [n for n, (sums, _) in entries.items() if n in widths and len(sums) != widths[n]]
+    if foreign or wrong:
+        what = (f"names {foreign[0]}, which this model's GGUF does not have" if foreign else
+                f"gives {wrong[0]} {len(entries[wrong[0]][0])} columns, the model {widths[wrong[0]]}")
+        raise SlimError(f"--imatrix {given} is not of this model: it {what}",
+                        "compute it on this output (--imatrix auto), or pass --imatrix none")
+
+
+def auto_imatrix(slim_dir: Path, f32: Path, target: Path, calib: str, samples: int, seq_len: int,
+                  force: bool) -> dict:
+    """The importance matrix of this output on ``calib``: the one at ``target`` when it records these weights and
+    this calibration, else computed (and written there)."""
+    import gguf
+
+    from ..data import calibration_ids
+    from ..provenance import GGUF_KEY
+    from ..report import console
+    from ..runtime import load_model, pick_device
+    from ..source import weights_sha256
+
+    wanted = {GGUF_KEY: weights_sha256(slim_dir), "slimconv.imatrix_calibration": f"{calib}:{samples}x{seq_len}"}
+    if target.is_file():
+        fields = gguf.GGUFReader(target).fields
+        have = {k: fields[k].contents() if k in fields else None for k in wanted}
+        if have == wanted:
+            console.print(f"importance matrix: reusing {target} (same weights, {wanted['slimconv.imatrix_calibration']})")
+            return read_imatrix(target)
+        if not force:
+            raise SlimError(f"{target} is an importance matrix of other weights or calibration", "pass --force to "
+                            "compute it again, or --imatrix FILE / none")
+    device = pick_device("auto")
+    console.print(f"importance matrix: {samples} windows of {seq_len} tokens of {calib} on {device} ...")
+    windows = calibration_ids(slim_dir, calib, samples, seq_len, seed=0)
+    model = load_model(slim_dir).to(device)
+    entries = for_tensors(collect(model, windows, device), _tensor_names(f32))
+    del model
+    tmp = target.with_name(f".{target.name}.tmp")
+    write_imatrix(tmp, entries, calib, samples, seq_len, wanted)
+    tmp.replace(target)
+    console.print(f"importance matrix: wrote {target} ({len(entries)} tensors; llama-quantize --imatrix reads it)")
+    return entries

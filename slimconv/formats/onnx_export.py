@@ -20,13 +20,14 @@ from ..source import AUX_FILES, Checkpoint, weights_sha256
 
 
 def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data: str = "always",
-                provider: str = "cpu", block_size: int = 32, accuracy_level: int = 4, symmetric: bool = False) -> dict:
+                provider: str = "cpu", block_size: int = 32, accuracy_level: int = 4, symmetric: bool = False,
+                algorithm: str = "rtn") -> dict:
     """Writes model.onnx (built for ``dtype`` on ``provider``) and the files consumers read into ``out``.
 
     ``external_data``: "always" (default) streams the weights into model.onnx.data beside the graph, one
     tensor at a time; "never" puts them inside model.onnx, which holds every weight in memory twice while
     it is serialised (a single file, for small models); "auto" inside unless over 2 GB (protobuf limit)."""
-    precision = Precision(dtype, provider, block_size, accuracy_level, symmetric=symmetric)
+    precision = Precision(dtype, provider, block_size, accuracy_level, symmetric=symmetric, algorithm=algorithm)
     ckpt = Checkpoint(slim_dir)
     nbytes = int(sum(np.prod(s) for s in ckpt.shapes.values()) * bytes_per_weight(dtype, block_size))
     external = external_data == "always" or (external_data == "auto" and nbytes > INLINE_LIMIT)
@@ -42,7 +43,7 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
     cfg["onnx_provider"] = provider
     if dtype == "int4":
         cfg["onnx_int4"] = dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=precision.symmetric,
-                                lm_head=precision.quantize_lm_head)
+                                algorithm=algorithm, lm_head=precision.quantize_lm_head)
     cfg.pop("early_exit", None)  # not in the graph: the folder must not claim it
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, info, precision), indent=2))
@@ -143,7 +144,8 @@ def _int4_rounded(model, int4: dict):
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and (name != "lm_head" or int4["lm_head"]):
-            module.weight = nn.Parameter(dequantize_int4(module.weight.data, int4["block_size"], int4["symmetric"]))
+            module.weight = nn.Parameter(dequantize_int4(module.weight.data, int4["block_size"], int4["symmetric"],
+                                                         int4.get("algorithm", "rtn")))
     return model
 
 
@@ -223,7 +225,7 @@ def refuse_experts(slim_dir: Path, config: dict) -> None:
 
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
                external_data: str = "always", block_size: int = 32, accuracy_level: int = 4,
-               symmetric: bool = False) -> dict:
+               symmetric: bool = False, algorithm: str = "rtn") -> dict:
     """Exports ``slim_dir`` for ``provider`` (auto: CUDA when ONNX Runtime sees it) and checks the graph
     at once on that provider; a graph that cannot be checked here is not written."""
     from ..outdir import AtomicDir, refuse_overlap
@@ -241,7 +243,8 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     config = ckpt.config
     refuse_experts(slim_dir, config)
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
-    Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric)  # refuses a bad combination before any work
+    # refuses a bad combination before any work
+    Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric, algorithm=algorithm)
     if out:
         refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
     target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")
@@ -250,13 +253,13 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         console.print("[yellow]early exit is NOT exported:[/] the ONNX graph runs every layer (a data-dependent "
                       "stop per token needs control flow in the graph, not done yet); the policy stays in the "
                       "PyTorch checkpoint, and is recorded as not exported in slimconv_onnx_report.json")
-    detail = (f", int4 {'symmetric' if symmetric else 'asymmetric'} blocks of {block_size}, accuracy level "
-              f"{accuracy_level}" if dtype == "int4" else "")
+    detail = (f", int4 {algorithm} {'symmetric' if symmetric else 'asymmetric'} blocks of {block_size}, accuracy "
+              f"level {accuracy_level}" if dtype == "int4" else "")
     console.print(f"exporting {slim_dir} to ONNX ({dtype} for {target_provider}{detail}, opset {OPSET}) "
                   f"-> {target.target}")
     with target as tmp:
         info = export_onnx(slim_dir, tmp, dtype, external_data, target_provider, block_size, accuracy_level,
-                           symmetric)
+                           symmetric, algorithm)
         where = f"weights in {DATA_FILE}" if info["external_data"] else "weights inside model.onnx"
         console.print(f"exported in {info['seconds']:.1f} s: {info['nodes']} nodes, {info['cache_pairs']} "
                       f"past/present pairs, {info['weight_bytes'] / 1e6:.0f} MB of weights ({where})")

@@ -90,6 +90,10 @@ class Precision:
     # Asymmetric blocks (a zero point each): on SmolLM2-135M the KL to the float model is 0.44 against
     # 0.57 symmetric (docs/results/onnx.md); onnxruntime-genai's builder defaults to symmetric.
     symmetric: bool = False
+    # "rtn": round to nearest per block (ONNX Runtime's quantize_matmul_4bits); "k_quant": ONNX Runtime's k-quant
+    # search (quantization.neural_compressor.weight_only, after llama.cpp's make_qkx: per block, the scale and
+    # minimum that minimise the error weighted by |w| + rms(block)), integer zero points, the same MatMulNBits.
+    algorithm: str = "rtn"
 
     def __post_init__(self):
         if self.dtype not in ACTIVATIONS:
@@ -100,6 +104,11 @@ class Precision:
             raise SlimError(f"a {self.dtype} graph needs the {needs} provider: ONNX Runtime has no {self.dtype} "
                             f"kernels for it on {self.provider.upper()}",
                             f"for --provider {self.provider} use --dtype {' | '.join(fits)}")
+        if self.algorithm not in INT4_ALGORITHMS:
+            raise SlimError(f"int4 algorithm {self.algorithm!r} is not one of {', '.join(INT4_ALGORITHMS)}")
+        if self.algorithm == "k_quant" and self.symmetric:
+            raise SlimError("int4 k_quant searches a minimum per block, so its blocks have zero points",
+                            "leave out --int4-symmetric, or use --int4-algorithm rtn")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise SlimError(f"int4 block size {self.block_size} is not a power of two >= 16", "use 32, 64 or 128")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -110,14 +119,19 @@ class Precision:
         return ACTIVATIONS[self.dtype][self.provider]
 
 
-def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool):
-    """MatMulNBits' int4 blocks of a (N, K) weight by ONNX Runtime's own quantiser (round to nearest per
-    block of ``block`` weights along K): packed (N, blocks, block/2) uint8, scales (N, blocks), zero points
-    (N, ceil(blocks/2)) uint8 (unused when symmetric: MatMulNBits then subtracts 8)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+INT4_ALGORITHMS = ("rtn", "k_quant")
 
+
+def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool, algorithm: str = "rtn"):
+    """MatMulNBits' int4 blocks of a (N, K) weight by ONNX Runtime's own quantisers (``algorithm``: see
+    ``Precision``), per block of ``block`` weights along K: packed (N, blocks, block/2) uint8, scales (N, blocks),
+    zero points (N, ceil(blocks/2)) uint8 (unused when symmetric: MatMulNBits then subtracts 8)."""
     n, k = weight.shape
     blocks = -(-k // block)
+    if algorithm == "k_quant":
+        return _k_quant(weight, block, n, k, blocks)
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
     w = np.zeros((blocks * block, n), np.float32)
     w[:k] = weight.t().float().numpy()
     packed = np.zeros((n, blocks, block // 2), np.uint8)
@@ -127,11 +141,27 @@ def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool):
     return packed, scales, zero_points
 
 
-def dequantize_int4(weight: torch.Tensor, block: int, symmetric: bool) -> torch.Tensor:
+def _k_quant(weight: torch.Tensor, block: int, n: int, k: int, blocks: int):
+    """``quantize_int4``'s layout from ONNX Runtime's k-quant search (its CPU implementation)."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    w = np.zeros((n, blocks * block), np.float32)
+    w[:, :k] = weight.float().numpy()
+    levels, scales, zero = quant_tensor_k_quant_cpu(w, 4, block)
+    levels = levels.astype(np.uint8).reshape(n, blocks, block)
+    packed = levels[..., 0::2] | (levels[..., 1::2] << 4)
+    zero = zero.reshape(n, blocks)
+    if blocks % 2:
+        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], 1)
+    zero_points = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return packed, scales.reshape(n, blocks).astype(np.float32), zero_points
+
+
+def dequantize_int4(weight: torch.Tensor, block: int, symmetric: bool, algorithm: str = "rtn") -> torch.Tensor:
     """The (N, K) weight the int4 graph computes with: ``quantize_int4`` and back. The ONNX check runs the
     PyTorch model with these weights, so that it judges the graph, not the rounding int4 chose to make."""
     n, k = weight.shape
-    packed, scales, zero_points = quantize_int4(weight, block, symmetric)
+    packed, scales, zero_points = quantize_int4(weight, block, symmetric, algorithm)
     q = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1, block).astype(np.float32)
     zp = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(n, -1)[:, : q.shape[1]].astype(np.float32)
     w = (q - (8.0 if symmetric else zp[..., None])) * scales[..., None]
@@ -251,7 +281,7 @@ class _Decoder:
     def _matmul_nbits(self, x: str, weight: torch.Tensor, name: str, out) -> str:
         n, k = weight.shape
         block = self.p.block_size
-        packed, scales, zero_points = quantize_int4(weight, block, self.p.symmetric)
+        packed, scales, zero_points = quantize_int4(weight, block, self.p.symmetric, self.p.algorithm)
         inputs = [x, self.g.writer.add(f"{name}.weight_q4", torch.from_numpy(packed)),
                   self.g.writer.add(f"{name}.scales", torch.from_numpy(scales.reshape(-1)).to(self.dtype))]
         if not self.p.symmetric:
