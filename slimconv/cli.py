@@ -116,10 +116,18 @@ def _cmd_run(a, argv):
     if "validate" in recipe.stages and (v.exactness.enabled or v.quality.enabled):
         check_text(v.quality.data, "validate.quality.data")
     if "heal" in recipe.stages and recipe.heal is not None:
+        from .heal import check_quant
+
         check_training(recipe.heal.data, "heal.data")
         check_text(recipe.heal.eval_text, "heal.eval_text")
+        check_quant(recipe.heal, ("heal.quant", "heal.train"))
     if "export" in recipe.stages:
-        export_dtype(recipe.export or Export(), "export.dtype")  # a dtype its format does not take is refused now
+        e = recipe.export or Export()
+        dtype = export_dtype(e, "export.dtype")  # a dtype its format does not take is refused now
+        if e.format == "gguf":
+            from .formats.kquant import check_request
+
+            check_request(dtype, e.imatrix, "export.imatrix")  # a k-quant is refused now, not after convert
     console.print(f"stages: {' -> '.join(recipe.stages)}")
     out = None
     for stage in recipe.stages:

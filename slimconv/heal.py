@@ -176,6 +176,14 @@ class _FakeQuant(nn.Module):
         return w + (round_trip(w, self.quant) - w).detach()
 
 
+def check_quant(settings: Heal, keys: tuple = ("--quant", "--train")) -> None:
+    """``quant`` trains the weights the export rounds; LoRA's are merged only after training."""
+    if settings.quant != "none" and settings.train == "lora":
+        raise SlimError(f"{keys[0]} {settings.quant} with {keys[1]} lora: the adapters are merged into the weights "
+                        "after training, so there is no trained weight for the quantiser to round while it trains",
+                        f"use {keys[1]} adjacent or all with {keys[0]}, or heal lora without it")
+
+
 def fake_quantise(model, quant: str) -> list[nn.Module]:
     """Every decoder matrix the export quantises runs as its round trip: frozen ones replaced once, trained ones
     parametrized (returned, for ``release``). The embedding and the head are left float (q8_0 / float in the
@@ -527,10 +535,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     recipe = load_recipe(out / RECIPE_FILE)
     plan = Plan(**meta["plan"])
     check_training(settings.data, "--data / heal.data")
-    if settings.quant != "none" and settings.train == "lora":
-        raise SlimError(f"--quant {settings.quant} with --train lora: the adapters are merged into the weights after "
-                        "training, so there is no trained weight for the quantiser to round while it trains",
-                        "use --train adjacent or all with --quant, or heal lora without it")
+    check_quant(settings)
     device = pick_device(settings.device)
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)

@@ -38,8 +38,9 @@ def _load(directory: Path):
     # A stock soft-capped attention (Gemma 2) in eager, as slimconv's runtime.load_model and transformers' own Gemma 2
     # docs do: transformers 5.0.0 picks SDPA for it, which drops the cap.
     eager = {"attn_implementation": "eager"} if config.get("attn_logit_softcapping") and not remote else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, trust_remote_code=remote, **eager)
+    # A multimodal stock output (Gemma 3, Mistral 3 with their vision tower) loads in its own multimodal class.
+    auto = transformers.AutoModelForImageTextToText if "vision_config" in config else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(str(directory), dtype=torch.float32, trust_remote_code=remote, **eager)
     return model.eval()
 
 

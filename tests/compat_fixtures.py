@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from compat_check import EXPECT
-from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, MOE_CONFIGS, convert, make_tiny
+from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, MOE_CONFIGS, MULTIMODAL_CONFIGS, convert, make_multimodal, make_tiny
 from slimconv.reference import apply_plan, greedy_no_cache
 from slimconv.runtime import load_model
 
@@ -44,10 +44,12 @@ def build(root: Path) -> list[Path]:
     cases += [(family, family, kind, recipe, {}) for family in MOE_CONFIGS for kind, recipe in MOE_KINDS.items()]
     cases += [(arch, f"{arch}-nas", kind, recipe, dict(intermediate_size=256))
               for arch in NAS_ARCHS for kind, recipe in NAS_KINDS.items()]
+    # Multimodal sources keep their vision tower only in a stock output.
+    cases += [(name, name, "stock", KINDS["stock"], {}) for name in MULTIMODAL_CONFIGS]
     for arch, source, kind, recipe, overrides in cases:
         src = root / "sources" / source
         if not src.exists():
-            make_tiny(src, arch, **overrides)
+            make_multimodal(src, arch) if arch in MULTIMODAL_CONFIGS else make_tiny(src, arch, **overrides)
         out = root / f"{arch}-{kind}"
         if (out / EXPECT).exists():
             outputs.append(out)

@@ -531,3 +531,12 @@ def test_a_kquant_without_llamacpp_is_refused_with_the_install_command(wide_mode
     assert main(["export", str(out), "--format", "gguf", "--dtype", "q5_k_m"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'slimconv[gguf]'" in err and not (out / "gguf").exists()
+
+
+def test_run_refuses_a_kquant_export_it_cannot_make_before_converting(wide_model, tmp_path, capsys):
+    recipe = _recipe(tmp_path, wide_model, remove={"blocks": [1]}, stages=["convert", "export"],
+                     export={"format": "gguf", "dtype": "q4_k_m", "imatrix": "missing.gguf"})
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert ("export.imatrix missing.gguf: no such file" if llama_cpp else "llama-cpp-python") in err, err
+    assert not (tmp_path / "out").exists()

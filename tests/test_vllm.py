@@ -276,3 +276,30 @@ print(json.dumps({{"plain": tokens(plain, plain.choices[0]), "chat": tokens(chat
         assert answers[key]["prompt"] == ids[0].tolist(), (key, answers[key]["prompt"], ids[0].tolist())
         want = greedy_no_cache(model, ids, 8)[0, ids.shape[1]:].tolist()
         assert answers[key]["greedy"] == want, (key, answers[key]["greedy"], want)
+
+
+# The other families' stock outputs (blocks removed) in vLLM's own model code, and nemotron-nas where it carries the
+# family (Granite with its multipliers folded, Phi-3 split at full rotary: MLP widths on nemotron-nas's 256 grid).
+FAMILY_NATIVE = [(f, "stock-blocks") for f in ("gemma", "gemma2", "gemma3_text", "phi3", "granite", "smollm3", "olmo2",
+                                                "qwen3", "ministral")] + [("granite", "nas-mix"), ("phi3-full", "nas-mix")]
+
+
+def test_vllm_runs_the_other_families_stock_and_nemotron_nas_outputs_natively(tmp_path, prompt):
+    cases, wants = [], []
+    for family, name in FAMILY_NATIVE:
+        src = tmp_path / family
+        if not src.exists():
+            extra = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}) if family == "phi3-full" else {}
+            make_tiny(src, family.removesuffix("-full"), **TINY, **extra)
+        fmt, recipe = NATIVE[name]
+        out = tmp_path / f"{family}-{name}"
+        plan = convert(src, out, fmt=fmt, **recipe)
+        cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((f"{family}/{name}", reference(src, plan, prompt)))
+    failed = []
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        try:
+            check(result, want, what)
+        except AssertionError as e:
+            failed.append(str(e).split("\n")[0])
+    assert not failed, failed

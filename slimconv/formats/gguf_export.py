@@ -631,9 +631,7 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False,
     if path.exists() and not force:
         raise SlimError(f"output {path} already exists", "pass --force to overwrite it")
     is_kquant = dtype in KQUANTS
-    if imatrix is not None and not is_kquant:
-        raise SlimError(f"--imatrix applies to the k-quants ({', '.join(KQUANTS)}), not to --dtype {dtype}",
-                        "leave out --imatrix, or pick a k-quant")
+    kquant.check_request(dtype, imatrix)
     imatrix = None if imatrix == "none" else imatrix or ("auto" if is_kquant else None)
     from ..convert import checked_output
     from ..data import check_text
@@ -641,14 +639,10 @@ def run_gguf_export(slim_dir, out=None, dtype: str = "f32", force: bool = False,
     checked_config(slim_dir, "f32" if is_kquant else dtype)  # every refusal before anything is written
     checked_output(slim_dir)
     entries = None
-    if is_kquant:
-        kquant.llamacpp()
-        if imatrix == "auto":
-            check_text(calib, "--imatrix-calib")
-        elif imatrix is not None:
-            if not Path(imatrix).is_file():
-                raise SlimError(f"--imatrix {imatrix}: no such file", "give an imatrix .gguf file, auto or none")
-            entries = kquant.read_imatrix(Path(imatrix))
+    if imatrix == "auto":
+        check_text(calib, "--imatrix-calib")
+    elif imatrix is not None:
+        entries = kquant.read_imatrix(Path(imatrix))
     folder.mkdir(parents=True, exist_ok=True)
     tmp, f32 = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.f32.tmp")
     try:

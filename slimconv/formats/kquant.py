@@ -44,6 +44,18 @@ def llamacpp():
     return llama_cpp
 
 
+def check_request(dtype: str, imatrix: str | None, key: str = "--imatrix") -> None:
+    """Refuses, before any work, an importance matrix for a precision that takes none, a k-quant without llama.cpp's
+    quantiser, and an imatrix file that is not there."""
+    if imatrix not in (None, "none") and dtype not in KQUANTS:
+        raise SlimError(f"{key} applies to the k-quants ({', '.join(KQUANTS)}), not to {dtype}",
+                        f"leave out {key}, or pick a k-quant")
+    if dtype in KQUANTS:
+        llamacpp()
+        if imatrix not in (None, "auto", "none") and not Path(imatrix).is_file():
+            raise SlimError(f"{key} {imatrix}: no such file", "give an imatrix .gguf file, auto or none")
+
+
 def collect(model, windows, device) -> dict[tuple[int, str], tuple[np.ndarray, int]]:
     """(layer, activation kind) -> (per input column, the sum of its squares over every token; the token count),
     over the calibration ``windows`` (a batch x seq_len tensor of ids), one window at a time."""
