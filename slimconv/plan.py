@@ -79,6 +79,10 @@ def kept_experts(recipe: Recipe, config: dict, arch, removed: set) -> dict[int, 
                         "remove the experts section (it applies to qwen3_moe, mixtral and qwen2_moe models)")
     for spec, kept in recipe.remove.experts.items():
         key = f"remove.experts[{spec!r}]"
+        if isinstance(kept, int):  # convert.prepare resolves counts first (selection/experts.py)
+            raise SlimError(f"{key}: a count of experts is chosen from the source's weights on calibration text, "
+                            "and only its config is at hand here", "give the list of experts to keep, or run "
+                            "`slimconv plan` / `convert` on a local copy of the model")
         for i in parse_indices(spec, key, n):
             if i in out:
                 raise SlimError(f"{key}: layer {i} is also named by another key of remove.experts", "name each layer once")

@@ -28,8 +28,9 @@ class Remove(_Strict):
     blocks: Indices = Field([], description="whole decoder blocks to remove")
     attention: Indices = Field([], description="layers whose attention sublayer is removed (MLP kept)")
     mlp: Indices = Field([], description="layers whose MLP sublayer is removed (attention kept)")
-    experts: dict[StrictStr, list[StrictInt]] = Field(
-        {}, description='mixture-of-experts layers -> the experts to KEEP, e.g. {"0-23": [0, 2, 5, 7]}; the router '
+    experts: dict[StrictStr, list[StrictInt] | StrictInt] = Field(
+        {}, description='mixture-of-experts layers -> the experts to KEEP, e.g. {"0-23": [0, 2, 5, 7]}, or how many '
+        '({"0-23": 6}: the highest router-weighted output norms on calibration text, chosen by convert); the router '
         'loses the rows of the others')
     cap_top_k: bool = Field(False, description="where fewer experts are kept than the model routes each token to "
                             "(num_experts_per_tok), route to all the kept ones instead of refusing")

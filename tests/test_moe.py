@@ -270,3 +270,77 @@ def test_bad_expert_lists_exit_2_naming_the_layer_and_the_fix(tmp_path, capsys, 
     err = " ".join(capsys.readouterr().err.split())
     assert says in err and "fix:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_expert_scores_rank_what_matters_and_a_count_keeps_the_highest(families, tmp_path, capsys):
+    """Router-weighted output norms on calibration text: each layer's routing shares sum to top-k; keeping the
+    highest-scored experts loses less than keeping the lowest; a recipe count keeps the highest, chosen by convert
+    (which says so in the plan), and the output is exact against the reference."""
+    from helpers import with_word_tokenizer
+    from slimconv.selection.experts import score_layers
+    from slimconv.selection.layerwise import LayerBank, Runner
+
+    src = with_word_tokenizer(families["qwen3_moe"], tmp_path / "src", 127)
+    ckpt = Checkpoint(src)
+    scores = score_layers(Runner(LayerBank(ckpt), IDS), ckpt.config, {0, 1, 3})
+    for s in scores.values():
+        assert sum(s["frequency"]) == pytest.approx(2.0) and min(s["routed_norm"]) >= 0
+    norm = scores[1]["routed_norm"]
+    order = sorted(range(4), key=lambda e: -norm[e])
+    def change(kept):  # how far keeping only ``kept`` moves the reference's next-token distribution (KL)
+        from slimconv.plan import build_plan
+        from slimconv.recipe import parse_recipe
+        from slimconv.reference import apply_plan
+        from slimconv.runtime import load_model
+
+        with torch.no_grad():
+            full = torch.log_softmax(load_model(src)(input_ids=IDS).logits, -1)
+            plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"},
+                                            "remove": {"experts": {"1": kept}}}), ckpt.config)
+            pruned = torch.log_softmax(apply_plan(load_model(src), plan)(input_ids=IDS).logits, -1)
+        return (full.exp() * (full - pruned)).sum(-1).mean().item()
+
+    best, worst = change(sorted(order[:2])), change(sorted(order[2:]))
+    assert best < worst, (norm, best, worst)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(src), remove={"experts": {"0-1": 3, "3": [0, 1, 2]}},
+                                          output={"dir": str(tmp_path / "out")},
+                                          validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                                                    "quality": {"enabled": False}})))
+    assert main(["convert", str(recipe)]) == 0
+    assert "experts kept by count (0-1: 3)" in " ".join(capsys.readouterr().out.split())
+    plan = json.loads((tmp_path / "out" / "slimconv_plan.json").read_text())["plan"]
+    from slimconv.data import calibration_ids
+    from slimconv.selection.experts import COUNT_CALIBRATION as C
+
+    calib = calibration_ids(src, C["calib"], C["samples"], C["seq_len"], C["seed"])
+    want = score_layers(Runner(LayerBank(ckpt), calib), ckpt.config, {0, 1})
+    for i in (0, 1):
+        top = sorted(sorted(range(4), key=lambda e: -want[i]["routed_norm"][e])[:3])
+        assert plan["layers"][i]["mlp"]["experts"] == top
+    assert plan["layers"][3]["mlp"]["experts"] == [0, 1, 2]
+    assert main(["validate", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("experts, says", [({"0": 5}, "keep 5 experts, but a layer has 4"),
+                                           ({"2": 3}, "layer 2 has a dense MLP")])
+def test_bad_expert_counts_exit_2(families, tmp_path, capsys, experts, says):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model=str(families["qwen3_moe"]), remove={"experts": experts},
+                                          output={"dir": str(tmp_path / "out")})))
+    assert main(["convert", str(recipe)]) == 2
+    assert says in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "out").exists()
+
+
+def test_analyze_writes_the_expert_scores(families, tmp_path):
+    from helpers import with_word_tokenizer
+
+    src = with_word_tokenizer(families["qwen3_moe"], tmp_path / "src", 127)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 127}" for i in range(3000)))
+    assert main(["analyze", str(src), "-o", str(tmp_path / "an"), "--calib", str(text), "--samples", "2",
+                 "--seq-len", "32", "--sleb-blocks", "0", "--no-group-ppl"]) == 0
+    metrics = json.loads((tmp_path / "an" / "metrics.json").read_text())
+    assert set(metrics["experts"]) == {"0", "1", "3", "4", "5"}  # layer 2 is dense (mlp_only_layers)
+    assert "## Experts" in (tmp_path / "an" / "report.md").read_text()

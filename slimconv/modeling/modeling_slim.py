@@ -209,14 +209,18 @@ class SlimMoE(nn.Module):
         self.shared_expert = SlimMLP(config, shared, False) if shared else None
         self.shared_expert_gate = nn.Linear(h, 1, bias=False) if shared else None
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def route(self, x):
+        """(routing weights, chosen experts), each (tokens, top_k), for tokens ``x`` (tokens, hidden)."""
         probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        return weights.to(x.dtype), chosen
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             rows, slot = torch.where(chosen == e)

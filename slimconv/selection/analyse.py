@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..data import calibration_ids
 from ..errors import SlimError
+from .experts import expert_scores
 from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
 from ..plan import groupable, source_plan
 from .settings import AnalysisSettings
@@ -42,12 +43,14 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
     g = torch.Generator().manual_seed(s.seed)
     take = torch.randperm(x.shape[0] * x.shape[1], generator=g)[: s.angular_tokens].to(x.device)
     states = [x.flatten(0, 1)[take]]
-    bi, attn, mlp, pending, groups = [], [], [], {}, []
+    bi, attn, mlp, pending, groups, experts = [], [], [], {}, [], {}
     for i, spec in enumerate(tqdm(specs, desc="layer metrics", unit="layer", disable=None)):
         for k in s.group_sizes:
             if i + k <= n and groupable(runner.bank.arch, range(i, i + k)):
                 pending[(i, k)] = (x, runner.apply(group_spec(config, list(range(i, i + k))), x))
         mid, out = runner.sublayers(spec, x)
+        if spec.mlp and spec.mlp.experts is not None:
+            experts[str(i)] = expert_scores(runner, spec, mid)
         bi.append(1 - _cos(x, out).mean().item())
         attn.append(1 - _cos(x, mid).mean().item())
         mlp.append(1 - _cos(mid, out).mean().item())
@@ -62,9 +65,12 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
     matrix = [[(torch.arccos((unit[l] * unit[l + w]).sum(-1).clamp(-1, 1)) / torch.pi).mean().item()
                for l in range(n - w + 1)] for w in windows]
     best = {str(w): int(min(range(len(row)), key=row.__getitem__)) for w, row in zip(windows, matrix)}
-    return dict(block_influence=bi, attention_importance=attn, mlp_importance=mlp, parallel_groups=groups,
-                angular_distance=dict(windows=windows, matrix=matrix, best_start=best),
-                calibration_ppl=ppl(runner.nll(x)))
+    metrics = dict(block_influence=bi, attention_importance=attn, mlp_importance=mlp, parallel_groups=groups,
+                   angular_distance=dict(windows=windows, matrix=matrix, best_start=best),
+                   calibration_ppl=ppl(runner.nll(x)))
+    if experts:  # mixture-of-experts layers: selection/experts.py's scores, for remove.experts
+        metrics["experts"] = experts
+    return metrics
 
 
 def group_ppls(runner: Runner, config: dict, groups: list[dict]) -> None:
@@ -298,6 +304,15 @@ def report_markdown(m: dict, plots: list[str]) -> str:
                   md_table(["step", "removed layer", "calibration ppl", "seconds"],
                          [[k + 1, st["removed"], f"{st['ppl']:.2f}", f"{st['seconds']:.1f}"]
                           for k, st in enumerate(m["sleb"]["steps"])])]
+    if "experts" in m:
+        rows = []
+        for layer, e in m["experts"].items():
+            order = sorted(range(len(e["routed_norm"])), key=lambda k: -e["routed_norm"][k])
+            rows.append([layer, ", ".join(f"{k} ({e['routed_norm'][k]:.3g}, {e['frequency'][k]:.0%})" for k in order)])
+        parts += ["## Experts", "Per mixture-of-experts layer, experts by router-weighted output norm (Minitron's "
+                  "rule), highest first, with the share of tokens routed to each. A recipe's `remove.experts` count "
+                  "keeps the highest (convert scores them itself, on 8 x 256 tokens of WikiText-2 valid):",
+                  md_table(["layer", "expert (routed norm, tokens)"], rows)]
     if "sleb_naive_check" in m:
         c = m["sleb_naive_check"]
         parts += [f"Prefix cache check over {c['steps']} step(s): naive loop {c['seconds_naive']:.1f} s, with the "
