@@ -44,8 +44,9 @@ def build(root: Path) -> list[Path]:
     cases += [(family, family, kind, recipe, {}) for family in MOE_CONFIGS for kind, recipe in MOE_KINDS.items()]
     cases += [(arch, f"{arch}-nas", kind, recipe, dict(intermediate_size=256))
               for arch in NAS_ARCHS for kind, recipe in NAS_KINDS.items()]
-    # Multimodal sources keep their vision tower only in a stock output.
-    cases += [(name, name, "stock", KINDS["stock"], {}) for name in MULTIMODAL_CONFIGS]
+    # Multimodal sources keep their vision tower only in a stock output. Gemma 3 only: a Mistral 3 vision config as
+    # transformers 5.24 writes it (Pixtral's axial RoPE) does not load in 5.0.0, the source no more than the output.
+    cases += [("gemma3", "gemma3", "stock", KINDS["stock"], {})]
     for arch, source, kind, recipe, overrides in cases:
         src = root / "sources" / source
         if not src.exists():
