@@ -540,3 +540,50 @@ def test_run_refuses_a_kquant_export_it_cannot_make_before_converting(wide_model
     err = capsys.readouterr().err
     assert ("export.imatrix missing.gguf: no such file" if llama_cpp else "llama-cpp-python") in err, err
     assert not (tmp_path / "out").exists()
+
+
+# Mixtures of experts in llama.cpp's own MoE architectures: every kept layer sparse, experts stacked per layer.
+# Qwen3-MoE's tiny model is dense in layer 2 and Qwen2-MoE's in its even layers, so those blocks go; Mixtral without
+# its window (llama.cpp's llama attends to everything). The last case prunes experts to 3 in every layer.
+MOE_GGUF = {
+    "qwen3_moe/blocks": ("qwen3_moe", {}, dict(remove={"blocks": [2]}), "qwen3moe"),
+    "qwen2_moe/blocks": ("qwen2_moe", {}, dict(remove={"blocks": [0, 2, 4]}), "qwen2moe"),
+    "mixtral/blocks": ("mixtral", dict(sliding_window=None), dict(remove={"blocks": [1]}), "llama"),
+    "qwen3_moe/pruned-experts": ("qwen3_moe", {}, dict(remove={"blocks": [2], "experts": {"0-1": [0, 1, 3],
+                                                                                          "3-5": [0, 2, 3]}}),
+                                 "qwen3moe"),
+}
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", MOE_GGUF)
+def test_llamacpp_runs_mixtures_of_experts_like_the_reference(tmp_path, case):
+    from slimconv.formats.gguf_export import write_gguf
+
+    family, extra, recipe, arch = MOE_GGUF[case]
+    src = make_tiny(tmp_path / "src", family, vocab_size=VOCAB, **extra)
+    bpe_tokenizer(src)
+    plan = slim_output(src, tmp_path / "out", **recipe)
+    write_gguf(tmp_path / "out", tmp_path / "m.gguf", "f32")
+    info = gguf_info(tmp_path / "m.gguf")
+    assert info["fields"]["general.architecture"] == arch
+    experts = 3 if "experts" in recipe["remove"] else 4
+    assert info["fields"][f"{arch}.expert_count"] == experts and info["fields"][f"{arch}.expert_used_count"] == 2
+    assert info["tensors"]["blk.0.ffn_gate_exps.weight"][1] == (64, 32, experts)  # GGUF order: hidden, width, experts
+    ids = list(np.random.default_rng(0).integers(0, VOCAB - 8, 48))
+    err, top1 = agreement(llamacpp_logits(tmp_path / "m.gguf", ids), reference_logits(src, plan, ids))
+    assert err <= 1e-4 and top1 == 1.0, f"{case}: max abs {err}, top-1 {top1}"
+
+
+@pytest.mark.parametrize("family, recipe, why", [
+    ("qwen3_moe", dict(remove={"blocks": [1]}), "output layers [1] have a dense MLP"),
+    ("qwen3_moe", dict(remove={"blocks": [2], "experts": {"0": [0, 1, 2]}}), "expert counts [3, 4] differ"),
+    ("qwen3_moe", dict(remove={"blocks": [2], "attention": [4]}), "runs whole layers only"),
+])
+def test_a_mixture_of_experts_llamacpp_cannot_run_is_refused_naming_why(tmp_path, capsys, family, recipe, why):
+    src = make_tiny(tmp_path / "src", family, vocab_size=VOCAB)
+    bpe_tokenizer(src)
+    slim_output(src, tmp_path / "out", **recipe)
+    assert main(["export", str(tmp_path / "out"), "--format", "gguf"]) == 2
+    assert why in " ".join(capsys.readouterr().err.split())

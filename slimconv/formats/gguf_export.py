@@ -6,7 +6,9 @@ Architectures (llama.cpp's names):
          norms, soft-caps, windows and rotary as llama.cpp's own converter writes them. llama.cpp derives some
          layer kinds from the layer's index (smollm3's no-RoPE step); a layer that would change kind at its new
          index is refused. Sliding windows are written per layer (attention.sliding_window_pattern), so
-         gemma2/gemma3 layers keep their kind whatever blocks go
+         gemma2/gemma3 layers keep their kind whatever blocks go. Mixtures of experts (qwen3moe, qwen2moe,
+         llama for Mixtral) store each projection of a layer's experts as one stacked tensor: the one tensor in
+         memory is then that stack, filled one expert at a time
   llama  every kept layer has its attention and MLP (only whole blocks removed)
   deci   per-layer head counts and MLP widths (NVIDIA's nemotron-nas in llama.cpp): attention removed is a
          layer with 0 heads; MLP removed while attention stays is written as a 1-wide all-zero MLP (norm gain
@@ -70,6 +72,9 @@ class Native:
     gate_up: bool = False          # ffn_up holds gate then up (no ffn_gate)
     no_rope_step: int = 0          # a layer with (index + 1) % step == 0 has no RoPE, whatever the file says
     head_required: bool = False    # needs output.weight even when the head is tied
+    experts: bool | None = None    # every layer a mixture of experts, llama.cpp renormalising the top-k weights
+                                   # (True) or not (False); None: no experts
+    shared_expert: bool = False    # the experts come with a gated shared expert (Qwen2-MoE)
     activation: str = "silu"
     large: tuple = ()              # layer counts llama.cpp takes for its 27B type, whose query scale is
                                    # (hidden / heads) ** -0.5 instead of head_dim ** -0.5
@@ -86,17 +91,49 @@ NATIVE = {
     "olmo2": Native("olmo2", square=True, head_required=True),
     "smollm3": Native("smollm3", pairs=True, no_rope_step=4),
     "phi3": Native("phi3", square=True, partial_rotary=True, gate_up=True),
+    "qwen3_moe": Native("qwen3moe", experts=True),
+    "qwen2_moe": Native("qwen2moe", experts=False, shared_expert=True, square=True, head_required=True),
+    "mixtral": Native("llama", pairs=True, experts=True),
 }
 
 
 def native_of(config: dict) -> Native | None:
-    """The native architecture this slim config goes to: its family's, when every layer is whole."""
+    """The native architecture this slim config goes to: its family's, when every layer is whole (and, for a mixture
+    of experts, has its experts)."""
     native = NATIVE.get(config.get("source_model_type"))
-    return native if native and not _is_deci(config) and not moe_layers(config["slim_layers"]) else None
+    if native is None or _is_deci(config) or (moe_layers(config["slim_layers"]) and native.experts is None):
+        return None
+    return native
+
+
+def _expert_blockers(config: dict, native: Native) -> list[str]:
+    """What keeps llama.cpp's mixture-of-experts graph (one expert count, top-k and width for the model, every layer
+    sparse) from running these layers."""
+    arch, layers = native.arch, config["slim_layers"]
+    mlps = [s["mlp"] for s in layers]
+    dense = [i for i, m in enumerate(mlps) if m.get("experts") is None]
+    if dense:
+        return [f"output layers {dense} have a dense MLP: llama.cpp's {arch} makes every layer a mixture of experts "
+                "(remove those blocks, or keep the Hugging Face checkpoint)"]
+    why = []
+    for key, what in (("experts", "expert count"), ("top_k", "top-k"), ("intermediate_size", "expert width"),
+                      ("shared_intermediate_size", "shared expert width")):
+        values = sorted({len(m[key]) if key == "experts" else m.get(key) or 0 for m in mlps})
+        if len(values) > 1:
+            why.append(f"{what}s {values} differ between layers (llama.cpp's {arch} has one for the model)")
+    if any(bool(m.get("norm_topk_prob")) != native.experts for m in mlps):
+        why.append(f"norm_topk_prob {mlps[0].get('norm_topk_prob')} (llama.cpp's {arch} "
+                   f"{'renormalises' if native.experts else 'does not renormalise'} the top-k routing weights)")
+    if any(m.get("shared_intermediate_size") for m in mlps) != native.shared_expert:
+        why.append(f"a shared expert {'missing' if native.shared_expert else ''} (llama.cpp's {arch} "
+                   f"{'has' if native.shared_expert else 'has none'})".replace("  ", " "))
+    return why
 
 
 def _native_blockers(config: dict, native: Native) -> list[str]:
     why, family, arch = [], config.get("source_model_type"), native.arch
+    if native.experts is not None:
+        why += _expert_blockers(config, native)
     layers = [s["attention"] for s in config["slim_layers"]]
     hidden, heads, hd = config["hidden_size"], layers[0]["num_heads"], config["head_dim"]
     act = config.get("hidden_act", "silu")
@@ -174,12 +211,13 @@ def gguf_blockers(config: dict) -> list[str]:
             why.append(f"output layer {i} is the parallel group {s['source_layers']} (llama.cpp has no parallel layers)")
     family = config.get("source_model_type")
     moe = moe_layers(layers)
-    if moe:
-        why.append(f"output layers {moe} are mixtures of experts: llama.cpp runs {family} with its own expert "
-                   "tensors (qwen3moe, qwen2moe, llama with experts), which slimconv does not write yet")
     native = native_of(config)
     if native:
         return why + _native_blockers(config, native)
+    if moe:
+        why.append(f"output layers {moe} are mixtures of experts with attention or MLP sublayers removed elsewhere: "
+                   f"llama.cpp's {NATIVE[family].arch if family in NATIVE else family} runs whole layers only "
+                   "(remove whole blocks instead)")
     return why + _deci_blockers(config, family, moe)
 
 
@@ -436,7 +474,9 @@ def _plan_tensors(config: dict, ckpt, dtype: str, native: Native | None = None):
         if s.get("mlp"):
             if names.mlp_in:
                 yield f"blk.{i}.ffn_norm.weight", (hidden,), src(pre + names.mlp_in + ".weight")
-            if native and native.gate_up:
+            if s["mlp"].get("experts") is not None:
+                yield from _expert_tensors(i, s["mlp"], ckpt, hidden)
+            elif native and native.gate_up:
                 width = s["mlp"]["intermediate_size"]
                 yield (f"blk.{i}.ffn_up.weight", (2 * width, hidden),
                        lambda pre=pre: torch.cat([ckpt.get(pre + "mlp.gate_proj.weight"), ckpt.get(pre + "mlp.up_proj.weight")]))
@@ -459,6 +499,37 @@ def _plan_tensors(config: dict, ckpt, dtype: str, native: Native | None = None):
         yield "output.weight", ckpt.shapes["lm_head.weight"], src("lm_head.weight")
     elif mult is not None or (native and native.head_required):
         yield "output.weight", ckpt.shapes["model.embed_tokens.weight"], src("model.embed_tokens.weight")
+
+
+def _expert_tensors(i: int, mlp: dict, ckpt, hidden: int):
+    """A mixture-of-experts layer as llama.cpp stores it: the router, each projection of the experts stacked into one
+    (experts, rows, columns) tensor (filled one expert at a time), and the shared expert with its gate."""
+    from ..arch import CANONICAL_MOE as M
+
+    pre, n, width = f"model.layers.{i}.", len(mlp["experts"]), mlp["intermediate_size"]
+
+    def stacked(p):
+        def compute():
+            first = ckpt.get(pre + getattr(M, p).format(e=0) + ".weight")
+            out = torch.empty((n, *first.shape), dtype=first.dtype)
+            out[0] = first
+            for e in range(1, n):
+                out[e] = ckpt.get(pre + getattr(M, p).format(e=e) + ".weight")
+            return out
+        return compute
+
+    yield f"blk.{i}.ffn_gate_inp.weight", (n, hidden), lambda: ckpt.get(pre + M.router + ".weight")
+    for p, g, shape in (("gate", "ffn_gate_exps", (n, width, hidden)), ("up", "ffn_up_exps", (n, width, hidden)),
+                        ("down", "ffn_down_exps", (n, hidden, width))):
+        yield f"blk.{i}.{g}.weight", shape, stacked(p)
+    shared = mlp.get("shared_intermediate_size")
+    if shared:
+        for p, g, shape in (("shared_gate", "ffn_gate_shexp", (shared, hidden)),
+                            ("shared_up", "ffn_up_shexp", (shared, hidden)),
+                            ("shared_down", "ffn_down_shexp", (hidden, shared))):
+            yield f"blk.{i}.{g}.weight", shape, (lambda name=pre + getattr(M, p) + ".weight": ckpt.get(name))
+        yield (f"blk.{i}.ffn_gate_inp_shexp.weight", (hidden,),
+               lambda: ckpt.get(pre + M.shared_router + ".weight").reshape(hidden))
 
 
 def _is_deci(config: dict) -> bool:
@@ -554,6 +625,13 @@ def write_gguf(slim_dir: Path, path: Path, dtype: str = "f32", name: str | None 
         writer.add_head_count(heads[0])
         writer.add_head_count_kv(kv[0])
         writer.add_feed_forward_length(ff[0])
+    moe = [s["mlp"] for s in layers if (s.get("mlp") or {}).get("experts") is not None]
+    if moe:  # native_of: every layer alike (checked_config refused anything else)
+        writer.add_expert_count(len(moe[0]["experts"]))
+        writer.add_expert_used_count(moe[0]["top_k"])
+        writer.add_expert_feed_forward_length(moe[0]["intermediate_size"])
+        if moe[0].get("shared_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(moe[0]["shared_intermediate_size"])
     writer.add_key_length(cfg["head_dim"])
     writer.add_value_length(cfg["head_dim"])
     kinds = _rope_kinds(cfg)
