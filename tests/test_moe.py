@@ -344,3 +344,23 @@ def test_analyze_writes_the_expert_scores(families, tmp_path):
     metrics = json.loads((tmp_path / "an" / "metrics.json").read_text())
     assert set(metrics["experts"]) == {"0", "1", "3", "4", "5"}  # layer 2 is dense (mlp_only_layers)
     assert "## Experts" in (tmp_path / "an" / "report.md").read_text()
+
+
+def test_search_removes_the_weakest_experts_for_a_params_target(families, tmp_path, monkeypatch):
+    """With --ops experts and a params target, each step removes a layer's weakest remaining expert (never below
+    top-k); the recipe it writes converts and validates."""
+    from helpers import with_word_tokenizer
+
+    src = with_word_tokenizer(families["qwen3_moe"], tmp_path / "src", 127)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 127}" for i in range(3000)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(src), "--target", "params:0.9", "-o", "found", "--calib", str(text), "--samples", "2",
+                 "--seq-len", "16", "--ops", "experts"]) == 0
+    m = json.loads((tmp_path / "found" / "search.json").read_text())
+    assert m["reached"] and all(p["change"].startswith("remove expert") for p in m["path"][1:])
+    kept = m["design"]["remove"]["experts"]
+    assert kept and all(len(v) >= 2 for v in kept.values()) and "2" not in kept  # layer 2 is dense
+    assert main(["convert", "found/recipe.yaml"]) == 0
+    out = yaml.safe_load((tmp_path / "found" / "recipe.yaml").read_text())["output"]["dir"]
+    assert main(["validate", out]) == 0

@@ -1,7 +1,8 @@
 """Search: the recipe that reaches a speed target with the least calibration loss, across every kind of change.
 
 SLEB's verified greedy elimination, generalised: at every step each change that keeps the plan valid
-(remove a block, an attention, an MLP; make a pair or a group of 3 parallel; grow a group by one layer) is
+(remove a block, an attention, an MLP; make a pair or a group of 3 parallel; grow a group by one layer; in a
+mixture of experts, remove a layer's weakest remaining expert, by ``experts.expert_scores``) is
 scored by the calibration loss of the plan with it applied (layer by layer, exactly as the converted
 checkpoint computes it), and the change with the lowest loss increase per unit of ideal speedup gained is
 kept. The ideal speedup is the plan's cost model for the target (``plan.costs``); the gain that counts is
@@ -66,11 +67,16 @@ class Design:
     attention: frozenset = frozenset()
     mlp: frozenset = frozenset()
     groups: tuple = ()  # sorted tuples of consecutive layers
+    experts: tuple = ()  # (layer, the experts it keeps) of mixture-of-experts layers that lost some, sorted
 
     def sections(self) -> dict:
         out = {}
         remove = {k: sorted(v) for k, v in (("blocks", self.blocks), ("attention", self.attention - self.blocks),
                                             ("mlp", self.mlp - self.blocks)) if v}
+        # A layer whose MLP went later keeps no experts to list.
+        experts = {str(i): list(kept) for i, kept in self.experts if i not in self.blocks | self.mlp}
+        if experts:
+            remove["experts"] = experts
         if remove:
             out["remove"] = remove
         if self.groups:
@@ -89,19 +95,25 @@ class Design:
 
 @dataclass(frozen=True)
 class Change:
-    kind: str  # block, attention, mlp, parallel, grow
+    kind: str  # block, attention, mlp, parallel, grow, expert (layers: the layer and the expert)
     layers: tuple
 
     def __str__(self):
         span = lambda ls: f"{ls[0]}-{ls[-1]}" if len(ls) > 1 else str(ls[0])
+        if self.kind == "expert":
+            return f"remove expert {self.layers[1]} of layer {self.layers[0]}"
         if self.kind == "parallel":
             return f"parallel {span(self.layers)}"
         if self.kind == "grow":
             return f"grow group to {span(self.layers)}"
         return f"remove {self.kind} {self.layers[0]}"
 
-    def apply(self, d: Design) -> Design:
+    def apply(self, d: Design, num_experts: int = 0) -> Design:
         (i, *_), ls = self.layers, self.layers
+        if self.kind == "expert":
+            kept = dict(d.experts).get(i, tuple(range(num_experts)))
+            new = dict(d.experts) | {i: tuple(e for e in kept if e != ls[1])}
+            return replace(d, experts=tuple(sorted(new.items())))
         if self.kind == "block":
             return replace(d, blocks=d.blocks | {i})
         if self.kind in ("attention", "mlp"):
@@ -113,11 +125,21 @@ class Change:
         return replace(d, groups=tuple(sorted(keep + [tuple(ls)])))
 
 
-def changes(d: Design, n: int, ops: list[str], max_group: int) -> list[Change]:
-    """Every change of the kinds ``ops`` that the recipe rules allow on top of ``d``."""
+def changes(d: Design, n: int, ops: list[str], max_group: int, weakest: dict | None = None,
+            top_k: int = 0) -> list[Change]:
+    """Every change of the kinds ``ops`` that the recipe rules allow on top of ``d``. ``weakest``: per
+    mixture-of-experts layer, its experts from the lowest score up; a layer keeps at least ``top_k``."""
     grouped = d.grouped()
     alive = [i for i in range(n) if i not in d.blocks]
     out = []
+    if "experts" in ops and weakest:
+        pruned = dict(d.experts)
+        for i in alive:
+            if i in weakest and i not in d.mlp:
+                kept = pruned.get(i, weakest[i])
+                left = [e for e in weakest[i] if e in kept]
+                if len(left) > top_k:
+                    out.append(Change("expert", (i, left[0])))
     for i in alive:
         if "blocks" in ops and i not in grouped:
             out.append(Change("block", (i,)))
@@ -180,6 +202,14 @@ def best_reachable(config: dict, model: str, target: Target, ops: list[str], s: 
                          "but one layer's", Design(attention=frozenset(range(1, n)) if "attention" in ops else frozenset(),
                                                    mlp=frozenset(range(1 if "attention" in ops else 0, n))
                                                    if "mlp" in ops else frozenset())))
+    if "experts" in ops:
+        from ..arch import get_arch
+
+        arch = get_arch(config)
+        top = tuple(range(arch.top_k))
+        pruned = tuple((i, top) for i, sparse in enumerate(arch.sparse) if sparse)
+        if pruned:
+            extremes.append((f"every mixture-of-experts layer down to {arch.top_k} experts", Design(experts=pruned)))
     if "parallel" in ops:
         k = s.max_group
         extremes.append((f"groups of {k} everywhere", Design(groups=tuple(tuple(range(i, min(i + k, n)))
@@ -289,13 +319,14 @@ def efficiency(dloss: float, gain: float) -> float:
 
 
 def step_candidates(design: Design, plan: Plan, cur: float, goal: float, config: dict, src_costs: dict,
-                    target: Target, s: SearchSettings) -> tuple[list[Change], list, list[float]]:
+                    target: Target, s: SearchSettings, weakest: dict | None = None, top_k: int = 0,
+                    num_experts: int = 0) -> tuple[list[Change], list, list[float]]:
     """The changes worth scoring on top of ``design``: valid, gaining speed for the target, one per distinct
     plan; with their (pos, span, replacement) against ``plan`` and their gain capped at what is missing."""
     cands, specs, gains, seen_plans = [], [], [], set()
-    for ch in changes(design, config["num_hidden_layers"], s.ops, s.max_group):
+    for ch in changes(design, config["num_hidden_layers"], s.ops, s.max_group, weakest, top_k):
         try:
-            p = ch.apply(design).plan(s.model, config, s.norm)
+            p = ch.apply(design, num_experts).plan(s.model, config, s.norm)
         except SlimError:
             continue
         key = json.dumps([l.model_dump() for l in p.layers])
@@ -307,6 +338,21 @@ def step_candidates(design: Design, plan: Plan, cur: float, goal: float, config:
         specs.append(diff(plan.layers, p.layers))
         gains.append(min(g, goal - cur))
     return cands, specs, gains
+
+
+def _expert_order(runner: Runner, config: dict, s: SearchSettings) -> tuple[dict | None, int, int]:
+    """(per mixture-of-experts layer its experts from the lowest score up, top-k, expert count), scored once on
+    the calibration set; (None, 0, 0) for a dense model or without the experts op."""
+    from ..arch import get_arch
+    from .experts import score_layers
+
+    arch = get_arch(config)
+    sparse = {i for i, sp in enumerate(arch.sparse) if sp}
+    if "experts" not in s.ops or not sparse:
+        return None, 0, 0
+    scores = score_layers(runner, config, sparse)
+    order = {i: sorted(range(arch.num_experts), key=lambda e: scores[i]["routed_norm"][e]) for i in sparse}
+    return order, arch.top_k, arch.num_experts
 
 
 def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, quiet: bool = False) -> dict:
@@ -330,7 +376,8 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
     bank = LayerBank(ckpt, s.norm, s.max_memory, s.device)
     runner = Runner(bank, ids, s.batch_size)
     src_speed = speed(src_costs, src_costs, target.metric, s)
-    first = step_candidates(design, plan, src_speed, goal, config, src_costs, target, s)[0]
+    moe = _expert_order(runner, config, s)
+    first = step_candidates(design, plan, src_speed, goal, config, src_costs, target, s, *moe)[0]
     if not quiet:
         print_search_plan(s, config, target, reach, len(first), ids.numel(), halving)
     est = estimate(runner, plan.layers, len(first), halving, config, target, s, src_costs)
@@ -348,7 +395,7 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
     prior: dict[Change, float] = {}
     while cur < goal - 1e-9:
         t0 = time.perf_counter()
-        cands, specs, gains = step_candidates(design, plan, cur, goal, config, src_costs, target, s)
+        cands, specs, gains = step_candidates(design, plan, cur, goal, config, src_costs, target, s, *moe)
         if not cands:
             break
         # Against the current plan's loss on the same windows: a partial score is compared like with like.
@@ -360,7 +407,7 @@ def search(s: SearchSettings, src_dir: Path, ids: torch.Tensor | None = None, qu
         full = [i for i in range(len(cands)) if seen[i] == runner.windows]
         best = min(full, key=lambda i: score(i, nlls[i], runner.windows))
         prior = {c: score(i, v, w) for i, (c, v, w) in enumerate(zip(cands, nlls, seen)) if v is not None}
-        design = cands[best].apply(design)
+        design = cands[best].apply(design, moe[2])
         plan = design.plan(s.model, config, s.norm)
         c = costs(plan, config, s.context, s.bytes_per_param)
         cur = speed(c, src_costs, target.metric, s)

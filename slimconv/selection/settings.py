@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..recipe import Device, Size
 
-OPS = ("blocks", "attention", "mlp", "parallel")
+OPS = ("blocks", "attention", "mlp", "parallel", "experts")
 
 METRICS = {
     "decode": "ideal decode speedup: bytes read per token (weights + KV cache), memory-bound decode (CPU, large GPUs)",
