@@ -143,7 +143,9 @@ def _int4_rounded(model, int4: dict):
     from .onnx_graph import dequantize_int4
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (name != "lm_head" or int4["lm_head"]):
+        # The graph keeps routers, experts (its MoE node takes float weights) and shared-expert gates unquantised.
+        unquantised = ".experts." in name or name.endswith((".mlp.gate", ".shared_expert_gate"))
+        if isinstance(module, nn.Linear) and (name != "lm_head" or int4["lm_head"]) and not unquantised:
             module.weight = nn.Parameter(dequantize_int4(module.weight.data, int4["block_size"], int4["symmetric"],
                                                          int4.get("algorithm", "rtn")))
     return model
@@ -212,17 +214,6 @@ def _prompts(slim_dir: Path, vocab_size: int, count: int = 3) -> list[torch.Tens
     return [chunk[: 32 - 9 * i] for i in range(count)]
 
 
-def refuse_experts(slim_dir: Path, config: dict) -> None:
-    from ..layout import as_slim_config
-
-    moe = moe_layers(as_slim_config(config).slim_layers)
-    if moe:
-        raise SlimError(f"{slim_dir}: layers {moe} are mixtures of experts, which slimconv's ONNX graph builder does not "
-                        "write yet (ONNX Runtime's com.microsoft MoE/QMoE contrib operators could carry them; "
-                        "onnxruntime-genai's model builder writes them for some families)",
-                        "serve the Hugging Face checkpoint with transformers (stock outputs also with vLLM)")
-
-
 def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, dtype: str = "float32",
                external_data: str = "always", block_size: int = 32, accuracy_level: int = 4,
                symmetric: bool = False, algorithm: str = "rtn") -> dict:
@@ -241,7 +232,6 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     refuse_multimodal(slim_dir, ckpt.raw_config, "ONNX", "onnxruntime-genai runs one as separate vision, embedding "
                       "and text graphs")
     config = ckpt.config
-    refuse_experts(slim_dir, config)
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     # refuses a bad combination before any work
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric, algorithm=algorithm)

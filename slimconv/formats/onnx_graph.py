@@ -421,6 +421,38 @@ class _Decoder:
             act = self.g.op(op, [gate], f"layers.{i}/mlp/{kind}", domain=domain)
         return proj("down", self.g.op("Mul", [act, up], f"layers.{i}/mlp/gated"))
 
+    def moe(self, i: int, x: str, spec: dict) -> str:
+        """A mixture of experts as ONNX Runtime's com.microsoft MoE node: the router's logits in, softmax, top-k and
+        (``norm_topk_prob``) renormalisation inside it, the experts' SwiGLU with gate and up rows interleaved (the
+        layout its CPU kernel takes), weights in the activation dtype; a shared expert beside it as a dense MLP
+        scaled by its sigmoid gate."""
+        from ..arch import CANONICAL_MOE as M
+
+        g, prefix, name = self.g, f"model.layers.{i}.", f"layers.{i}/moe"
+        n, width, hidden = len(spec["experts"]), spec["intermediate_size"], self.cfg.hidden_size
+        shape = g.op("Shape", [x], f"{name}/shape")
+        rows = g.op("Reshape", [x, g.const([-1, hidden], torch.int64)], f"{name}/rows")
+        logits = self.linear(rows, self._tensor(prefix + M.router + ".weight"), None, f"{name}/router", quantize=False)
+        fc1 = torch.empty(n, 2 * width, hidden, dtype=self.dtype)
+        fc2 = torch.empty(n, hidden, width, dtype=self.dtype)
+        for e in range(n):  # one expert's tensors read at a time
+            fc1[e, 0::2] = self._tensor(prefix + M.gate.format(e=e) + ".weight")
+            fc1[e, 1::2] = self._tensor(prefix + M.up.format(e=e) + ".weight")
+            fc2[e] = self._tensor(prefix + M.down.format(e=e) + ".weight")
+        out = g.op("MoE", [rows, logits, g.writer.add(f"{name}.fc1", fc1), "", g.writer.add(f"{name}.fc2", fc2)],
+                   name, domain=MS, k=spec["top_k"], activation_type="swiglu", swiglu_fusion=1,
+                   normalize_routing_weights=int(bool(spec.get("norm_topk_prob"))))
+        if spec.get("shared_intermediate_size"):
+            proj = lambda p, inp: self.linear(inp, self._tensor(prefix + getattr(M, p) + ".weight"), None,
+                                              f"{name}/{p}")
+            gate, up = proj("shared_gate", rows), proj("shared_up", rows)
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}/shared_sigmoid")], f"{name}/shared_silu")
+            shared = proj("shared_down", g.op("Mul", [act, up], f"{name}/shared_gated"))
+            scale = g.op("Sigmoid", [self.linear(rows, self._tensor(prefix + M.shared_router + ".weight"), None,
+                                                 f"{name}/shared_router", quantize=False)], f"{name}/shared_scale")
+            out = g.op("Add", [out, g.op("Mul", [shared, scale], f"{name}/shared_scaled")], f"{name}/with_shared")
+        return g.op("Reshape", [out, shape], f"{name}/out")
+
     # -- the whole graph ---------------------------------------------------------------------------
 
     def _mask_inputs(self):
@@ -475,7 +507,7 @@ class _Decoder:
             if spec.get("mlp"):
                 x = (self.norm(at + "post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
                      if self.norms["mlp_input"] else self.stream(f"layers.{i}/mlp/residual"))
-                out = self.mlp(i, x)
+                out = self.mlp(i, x) if spec["mlp"].get("experts") is None else self.moe(i, x, spec["mlp"])
                 if self.norms.get("mlp_output"):
                     out = self.output_norm(out, at + "mlp_output_layernorm.weight", f"layers.{i}/mlp/output_norm")
                 self.pending = out
