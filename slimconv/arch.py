@@ -403,6 +403,14 @@ def moe_layer_keys(config: dict, kept: list[int]) -> dict:
     return out
 
 
+def expert_count_keys(config: dict, experts: int, top_k: int) -> dict:
+    """The config entries of a stock output whose every mixture-of-experts layer keeps ``experts`` experts and
+    routes each token to ``top_k`` of them."""
+    moe = get_arch(config).moe
+    key = next(k for k in moe.num_experts if config.get(k) is not None)
+    return {key: experts, moe.top_k: top_k}
+
+
 def moe_layers(slim_layers: list[dict]) -> list[int]:
     """The output layers of a slim config's ``slim_layers`` whose MLP is a mixture of experts."""
     return [i for i, s in enumerate(slim_layers) if (s.get("mlp") or {}).get("experts") is not None]

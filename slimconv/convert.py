@@ -90,6 +90,9 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
                for k, v in src.items()}
         cfg["num_hidden_layers"] = len(kept)
         cfg.update(A.moe_layer_keys(src, kept))
+        pruned = [s.mlp for s in plan.layers if s.mlp.pruned]
+        if pruned:  # plan.uniform: every mixture-of-experts layer keeps as many
+            cfg.update(A.expert_count_keys(src, len(pruned[0].experts), pruned[0].top_k))
         # Every architecture slimconv converts is a stock transformers model_type: a source's auto_map only
         # points at code the output does not carry, which would make loading it fail (or run foreign code).
         cfg.pop("auto_map", None)

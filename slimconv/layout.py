@@ -238,13 +238,29 @@ def moe_jobs(mlp, at, arch: A.Arch, add, read, scale: float) -> None:
         copy(src.shared_router, out.shared_router, False)
 
 
-def _renamed_layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, dtype: str) -> list[Job]:
-    prefix = A.LAYER.format(i=spec.source_layers[0])
-    return [
-        Job(A.LAYER.format(i=out_i) + name[len(prefix):], ckpt.shapes[name], tensor_dtype(name, ckpt, dtype),
-            lambda name=name: ckpt.get(name))
-        for name in ckpt.where if name.startswith(prefix)
-    ]
+def _renamed_layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, dtype: str, arch: A.Arch) -> list[Job]:
+    """A kept layer's tensors as stored, under its new index; pruned experts left out and the kept ones renumbered
+    in their order, the router keeping their rows (a stock output of experts pruned alike in every layer)."""
+    prefix, at = A.LAYER.format(i=spec.source_layers[0]), A.LAYER.format(i=out_i)
+    renamed, router, kept = {}, None, []
+    if spec.mlp is not None and spec.mlp.pruned:
+        names, kept = arch.moe.names, spec.mlp.experts
+        router = prefix + names.router + ".weight"
+        for e in range(spec.mlp.source_experts):
+            for p in A.EXPERT_PROJ:
+                name = prefix + getattr(names, p).format(e=e) + ".weight"
+                renamed[name] = at + getattr(names, p).format(e=kept.index(e)) + ".weight" if e in kept else None
+    jobs = []
+    for name in ckpt.where:
+        if not name.startswith(prefix) or renamed.get(name, "") is None:
+            continue
+        if name == router:
+            jobs.append(Job(at + name[len(prefix):], (len(kept), *ckpt.shapes[name][1:]), tensor_dtype(name, ckpt, dtype),
+                            lambda name=name: ckpt.get(name)[kept].clone()))
+        else:
+            jobs.append(Job(renamed.get(name) or at + name[len(prefix):], ckpt.shapes[name],
+                            tensor_dtype(name, ckpt, dtype), lambda name=name: ckpt.get(name)))
+    return jobs
 
 
 def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None = None, arch: A.Arch | None = None) -> list[Job]:
@@ -256,7 +272,7 @@ def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None =
     plain = lambda name: Job(name, ckpt.shapes[name], tensor_dtype(name, ckpt, dtype), lambda: ckpt.get(name))
     jobs = [plain(A.EMBED)]
     for i, spec in enumerate(plan.layers):
-        jobs += (_renamed_layer_jobs(spec, i, ckpt, dtype) if renamed
+        jobs += (_renamed_layer_jobs(spec, i, ckpt, dtype, arch) if renamed
                  else layer_jobs(spec, i, ckpt, arch, plan.norm, dtype))
     final = plain(A.FINAL_NORM)
     scale, offset = arch.logits_multiplier, arch.family.norm_offset

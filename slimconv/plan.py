@@ -50,12 +50,11 @@ class Plan(BaseModel):
 
     @property
     def uniform(self) -> bool:
-        """True when only whole blocks were removed and no early exit: a stock config of the source
-        architecture fits."""
-        return self.early_exit is None and all(
-            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None and not s.mlp.pruned
-            for s in self.layers
-        )
+        """True when only whole blocks were removed (and experts pruned alike in every mixture-of-experts layer)
+        and no early exit: a stock config of the source architecture fits, its expert count the kept one."""
+        whole = self.early_exit is None and all(
+            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers)
+        return whole and len({(len(s.mlp.experts), s.mlp.top_k) for s in self.layers if s.mlp.experts is not None}) <= 1
 
 
 def _dims(config: dict) -> dict:

@@ -383,3 +383,18 @@ def test_onnx_runtime_runs_the_experts_in_its_moe_node_like_pytorch(families, tm
         report = validate_onnx(tmp_path / dtype, out, prompts, steps=6, provider="cpu")
         assert report["passed"], report
         assert max(c["max_abs_error"] for c in report["cases"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("family, experts", [("qwen3_moe", {"0-1": [0, 1, 3], "3-5": [0, 2, 3]}),
+                                             ("mixtral", {"0-5": [1, 2, 3]}),
+                                             ("qwen2_moe", {"1": [0, 3, 2], "3": [1, 2, 3], "5": [0, 1, 2]})])
+def test_experts_pruned_alike_in_every_layer_write_a_stock_checkpoint(families, tmp_path, family, experts):
+    """Every sparse layer keeping 3 of 4: a stock config with the kept count, the experts renumbered and the router's
+    rows kept; transformers' own class runs it exactly as the reference that masks the pruned experts out."""
+    out = tmp_path / "out"
+    blocks = [2] if family == "qwen3_moe" else []
+    plan = convert(families[family], out, remove={"blocks": blocks, "experts": experts})
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family
+    assert config.get("num_experts", config.get("num_local_experts")) == 3 and config["num_experts_per_tok"] == 2
+    assert_exact(families[family], out, plan, IDS)

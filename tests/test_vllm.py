@@ -182,6 +182,10 @@ def test_vllm_runs_stock_moe_outputs_natively_and_the_plugin_refuses_experts(tmp
         plan = convert(src, tmp_path / f"{family}-out", remove={"blocks": [1, 4]})
         cases.append(dict(model=str(tmp_path / f"{family}-out"), prompt=prompt, new_tokens=NEW_TOKENS))
         wants.append((f"{family}/stock-blocks", reference(src, plan, prompt)))
+    # Experts pruned alike in every layer (3 of 4) with the dense layer's block removed: a stock checkpoint too.
+    plan = convert(tmp_path / "qwen3_moe", tmp_path / "pruned", remove={"blocks": [2], "experts": {"0-1": [0, 1, 3], "3-5": [0, 1, 3]}})
+    cases.append(dict(model=str(tmp_path / "pruned"), prompt=prompt, new_tokens=NEW_TOKENS))
+    wants.append(("qwen3_moe/stock-pruned-experts", reference(tmp_path / "qwen3_moe", plan, prompt)))
     convert(tmp_path / "qwen3_moe", tmp_path / "slim-moe", remove={"attention": [2]})
     cases.append(dict(model=str(tmp_path / "slim-moe"), prompt=prompt, new_tokens=2))
     logs = []
