@@ -254,17 +254,20 @@ def prepare(recipe, seq_len: int = 512, config_only: bool = False):
     Returns (source directory, source config, plan, costs).
     """
     from .plan import build_plan, costs, source_plan, speedups
+    from .selection.channels import chosen, resolve_widths
     from .selection.experts import counts, resolve_counts
     from .source import read_config, resolve_source
 
     src_dir = resolve_source(recipe.model, recipe.allow_pickle, config_only)
     config = read_config(src_dir)
-    note = None
-    if counts(recipe) and any(src_dir.glob("*.safetensors")):
-        recipe, note = resolve_counts(recipe, src_dir, config)
+    notes = []
+    weights = any(src_dir.glob("*.safetensors"))
+    for needed, resolve in ((counts, resolve_counts), (chosen, resolve_widths)):
+        if needed(recipe) and weights:
+            recipe, note = resolve(recipe, src_dir, config)
+            notes.append(note)
     plan = build_plan(recipe, config)
-    if note:
-        plan.notes.append(note)
+    plan.notes += notes
     # Only the config is at hand here (config_only: no weights downloaded), so the source dtype is its word.
     source_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
     width = output_dtype(recipe.output.dtype, source_dtype).itemsize

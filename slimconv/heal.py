@@ -6,7 +6,7 @@ hidden states after each changed layer (normalised by the teacher's mean square)
 
 - ``adjacent``: the output layers next to each change, with their norms: the layer holding the MLP that
   follows a removed attention, the layer after a removed MLP or block (the one before, when the removal
-  is at the end), and every wide (parallel) layer; the final norm when the last layer is among them.
+  is at the end), every wide (parallel) layer and every layer shrink narrowed; the final norm when the last layer is among them.
 - ``all``: every decoder layer and the final norm.
 - ``lora``: rank-r adapters on every linear of every decoder layer (hand-written, see ``LoRALinear``),
   merged into the weights at the end.
@@ -73,7 +73,7 @@ def adjacent_layers(plan: Plan) -> list[int]:
     last = len(plan.layers) - 1
     picked = set()
     for j, s in enumerate(plan.layers):
-        if len(s.source_layers) > 1:
+        if len(s.source_layers) > 1 or s.narrowed:
             picked.add(j)
         if s.attention is None and s.mlp is not None:
             picked.add(j)  # its MLP now reads what the removed attention used to add to

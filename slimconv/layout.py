@@ -117,16 +117,20 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         shape = stored_shape if shape is None else [s if s is not None else stored_shape[k] for k, s in enumerate(shape)]
         jobs.append(Job(A.LAYER.format(i=out_i) + name, tuple(shape), tensor_dtype(dtype_of, ckpt, dtype), compute))
 
-    def projection(members, p, kind, dim, scale=1.0, columns=None):
+    def projection(members, p, kind, dim, scale=1.0, columns=None, keep=None):
         """Members' ``p`` concatenated along ``dim``, times ``scale``, input columns times norm gain ``columns``.
         One member as stored passes through untouched; otherwise each member is written into a preallocated
-        output, so the only float32 temporary is one member's tensor (scales apply in float32, rounded once)."""
+        output, so the only float32 temporary is one member's tensor (scales apply in float32, rounded once).
+        ``keep``: a single member narrowed along ``dim`` by a function of its tensor (channels kept, heads merged)
+        and the width it leaves."""
         shapes = [shape_of(m, p, kind) for m in members]
         shape = list(shapes[0])
-        shape[dim] = sum(s[dim] for s in shapes)
+        shape[dim] = sum(s[dim] for s in shapes) if keep is None else keep[1]
         name = stored(members[0], p, kind)
 
         def compute():
+            if keep is not None:
+                return keep[0](part(members[0], p, kind).to(torch.float32) * scale)
             if len(members) == 1 and scale == 1.0 and columns is None:
                 return part(members[0], p, kind).clone() if names.qkv or names.gate_up else part(members[0], p, kind)
             result, start = torch.empty(shape, dtype=tensor_dtype(name, ckpt, dtype)), 0
@@ -163,16 +167,19 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         wide = len(mem) > 1
         columns = "attn_in" if wide else None
         q_scale = arch.query_scale if not arch.qk_norm else 1.0
+        merged = None
+        if spec.attention.merged_from:
+            merged = merge_heads(spec.attention.num_key_value_heads, hd), spec.attention.num_key_value_heads * hd
         for p in "qkv":
-            projection(mem, p, "weight", 0, q_scale if p == "q" else 1.0, columns)
+            projection(mem, p, "weight", 0, q_scale if p == "q" else 1.0, columns, merged if p != "q" else None)
             if arch.bias[p]:
-                projection(mem, p, "bias", 0, q_scale if p == "q" else 1.0)
+                projection(mem, p, "bias", 0, q_scale if p == "q" else 1.0, keep=merged if p != "q" else None)
         o_scale = residual if names.attn_out is None else 1.0
         projection(mem, "o", "weight", 1, o_scale)
         if arch.bias["o"]:
             summed(mem, "o", o_scale)
         if arch.qk_norm == "head":
-            n_heads = {"q": heads, "k": kv}
+            n_heads = {"q": heads, "k": spec.attention.num_key_value_heads // len(mem)}
             for p in "qk":
                 src = at(mem[0], getattr(names, f"{p}_norm") + ".weight")
                 scale = arch.query_scale if p == "q" else 1.0
@@ -198,12 +205,16 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         mem = spec.mlp.sources
         wide = len(mem) > 1
         fold = wide and norm == "per_layer"
+        inner = outer = None
+        if spec.mlp.channels is not None:  # a narrowed MLP: its kept channels' rows of gate/up, columns of down
+            kept = torch.tensor(spec.mlp.channels)
+            inner, outer = (lambda t: t.index_select(0, kept), len(kept)), (lambda t: t.index_select(1, kept), len(kept))
         for p in ("gate", "up"):
-            projection(mem, p, "weight", 0, columns="mlp_in" if fold else None)
+            projection(mem, p, "weight", 0, columns="mlp_in" if fold else None, keep=inner)
             if arch.mlp_bias:
-                projection(mem, p, "bias", 0)
+                projection(mem, p, "bias", 0, keep=inner)
         down_scale = residual if names.mlp_out is None else 1.0
-        projection(mem, "down", "weight", 1, down_scale)
+        projection(mem, "down", "weight", 1, down_scale, keep=outer)
         if arch.mlp_bias:
             summed(mem, "down", down_scale)
         if names.mlp_in:
@@ -211,6 +222,12 @@ def layer_jobs(spec: LayerSpec, out_i: int, ckpt: Checkpoint, arch: A.Arch, norm
         if names.mlp_out:
             norm_gain(mem, "mlp_out", out.mlp_out, scale=residual)
     return jobs
+
+
+def merge_heads(count: int, head_dim: int):
+    """Rows of a k or v projection (weight or bias) over the source's KV heads -> ``count`` heads, each the mean of a
+    run of consecutive source heads: the heads whose query groups it now serves (Puzzle's mean-pooling init)."""
+    return lambda t: t.reshape(count, -1, head_dim, *t.shape[1:]).mean(1).reshape(count * head_dim, *t.shape[1:])
 
 
 def moe_jobs(mlp, at, arch: A.Arch, add, read, scale: float) -> None:
@@ -317,7 +334,8 @@ def slim_layers_config(plan: Plan, src: dict, arch: A.Arch | None = None) -> dic
         embedding_multiplier=arch.embedding_multiplier,
         attn_logit_softcapping=arch.attn_softcap,
         final_logit_softcapping=arch.final_softcap,
-        slim_layers=[s.model_dump() for s in plan.layers],
+        # Which channels a narrowed MLP keeps is the plan's record (plan.json); the modeling code needs its width only.
+        slim_layers=[s.model_dump(exclude={"mlp": {"channels"}}) for s in plan.layers],
     )
     if plan.early_exit is not None:
         cfg["early_exit"] = plan.early_exit

@@ -15,6 +15,7 @@ class AttentionSpec(BaseModel):
     num_key_value_heads: int
     sliding_window: int | None = None
     rope: str | None = "default"  # a key of the slim config's rope_kinds; None: this attention has no RoPE
+    merged_from: int | None = None  # KV heads merged (shrink.kv_heads): the source's count they replace
 
 
 class MlpSpec(BaseModel):
@@ -28,6 +29,7 @@ class MlpSpec(BaseModel):
     norm_topk_prob: bool | None = None
     shared_intermediate_size: int | None = None
     source_experts: int | None = None  # how many the source layer has
+    channels: list[int] | None = None  # a narrowed MLP (shrink.mlp): the source channels kept, in source order
 
     @property
     def pruned(self) -> bool:
@@ -38,6 +40,12 @@ class LayerSpec(BaseModel):
     source_layers: list[int]
     attention: AttentionSpec | None
     mlp: MlpSpec | None
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether shrink narrowed this layer (fewer MLP channels or merged KV heads)."""
+        return (self.mlp is not None and self.mlp.channels is not None) or (
+            self.attention is not None and self.attention.merged_from is not None)
 
 
 class Plan(BaseModel):
@@ -53,7 +61,8 @@ class Plan(BaseModel):
         """True when only whole blocks were removed (and experts pruned alike in every mixture-of-experts layer)
         and no early exit: a stock config of the source architecture fits, its expert count the kept one."""
         whole = self.early_exit is None and all(
-            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None for s in self.layers)
+            len(s.source_layers) == 1 and s.attention is not None and s.mlp is not None and not s.narrowed
+            for s in self.layers)
         return whole and len({(len(s.mlp.experts), s.mlp.top_k) for s in self.layers if s.mlp.experts is not None}) <= 1
 
 
@@ -104,13 +113,72 @@ def kept_experts(recipe: Recipe, config: dict, arch, removed: set) -> dict[int, 
     return out
 
 
+def narrowing(recipe: Recipe, config: dict, arch, blocks: set, no_attn: set, no_mlp: set,
+              grouped: set) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """``shrink`` resolved: (source layer -> MLP channels kept, source layer -> KV heads kept); a SlimError names
+    the key, the layer and the fix for what cannot be done. A layer kept at its source width is left as it is."""
+    n, d = config["num_hidden_layers"], _dims(config)
+    channels, kv = {}, {}
+
+    def layers_of(section, spec, gone, what):
+        key = f"shrink.{section}[{spec!r}]"
+        out = parse_indices(spec, key, n)
+        for i in out:
+            if i in blocks:
+                raise SlimError(f"{key}: layer {i} is removed (remove.blocks), so it has no {what} to narrow",
+                                "name it in one of the two only")
+            if i in gone:
+                raise SlimError(f"{key}: layer {i} loses its {what} (remove.{section.replace('kv_heads', 'attention')})",
+                                "name it in one of the two only")
+            if i in grouped:
+                raise SlimError(f"{key}: layer {i} is in a parallel group; a narrowed layer cannot be folded into a "
+                                "wide one yet", "narrow layers outside the parallel groups")
+            if i in channels if section == "mlp" else i in kv:
+                raise SlimError(f"{key}: layer {i} is also named by another key of shrink.{section}", "name each layer once")
+        return key, out
+
+    for spec, kept in recipe.shrink.mlp.items():
+        key, layers = layers_of("mlp", spec, no_mlp, "MLP")
+        if not isinstance(kept, list):  # convert.prepare resolves fractions and counts (selection/channels.py)
+            raise SlimError(f"{key}: a fraction or count of channels is chosen from the source's weights on "
+                            "calibration text, and only its config is at hand here", "give the list of channels to "
+                            "keep, or run `slimconv plan` / `convert` on a local copy of the model")
+        for i in layers:
+            if arch.sparse[i]:
+                raise SlimError(f"{key}: layer {i}'s MLP is a mixture of experts", "prune its experts instead "
+                                "(remove.experts), or narrow only the dense layers")
+            bad = [c for c in kept if not 0 <= c < d["inter"]]
+            if bad or len(set(kept)) != len(kept) or not kept:
+                what = (f"channel {bad[0]} does not exist (the MLP has {d['inter']}: 0-{d['inter'] - 1})" if bad
+                        else "no channel is kept" if not kept else "a channel is listed twice")
+                raise SlimError(f"{key}: layer {i}: {what}", "list the channels to keep, each once")
+            if len(kept) < d["inter"]:
+                channels[i] = sorted(kept)
+    for spec, k in recipe.shrink.kv_heads.items():
+        key, layers = layers_of("kv_heads", spec, no_attn, "attention")
+        if not 1 <= k <= d["kv"] or d["kv"] % k or d["heads"] % k:
+            divisors = [j for j in range(1, d["kv"] + 1) if d["kv"] % j == 0]
+            raise SlimError(f"{key}: {k} KV heads: a layer has {d['heads']} query heads over {d['kv']} KV heads, and "
+                            "merging pools whole groups of the source's KV heads, so the count must divide "
+                            f"{d['kv']} (and with it the {d['heads']} query heads)", f"use one of {divisors}")
+        if arch.qk_norm == "full":
+            raise SlimError(f"{key}: {config['model_type']}'s k norm spans all KV heads at once, so merged heads would "
+                            "change it", "remove the kv_heads section for this family (shrink.mlp still applies)")
+        for i in layers:
+            if k < d["kv"]:
+                kv[i] = k
+    return channels, kv
+
+
 def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list[int], arch=None,
-               experts: tuple[list[int], int] | None = None) -> LayerSpec:
+               experts: tuple[list[int], int] | None = None, channels: list[int] | None = None,
+               kv: int | None = None) -> LayerSpec:
     """Source layers ``members`` evaluated as one output layer (a wide one when several) with the
     attention of ``attention`` and the MLP of ``mlp`` (subsets of ``members``; empty: that sublayer is
     removed). The attention's sliding window and RoPE kind are its first member's (a group's members share
     them: ``build_plan`` checks). ``arch``: ``get_arch(config)``, when the caller has it. ``experts``: the experts a
-    mixture-of-experts MLP keeps and its top-k (default: all, the source's)."""
+    mixture-of-experts MLP keeps and its top-k (default: all, the source's). ``channels`` / ``kv``: a single layer
+    narrowed by shrink, the MLP channels it keeps / its merged KV head count."""
     d = _dims(config)
     arch = arch or get_arch(config)
     first = attention[0] if attention else None
@@ -120,13 +188,15 @@ def layer_spec(config: dict, members: list[int], attention: list[int], mlp: list
                            experts=list(kept), top_k=top_k, norm_topk_prob=arch.norm_topk,
                            source_experts=arch.num_experts,
                            shared_intermediate_size=arch.shared_width or None)
+    elif channels is not None:
+        mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=len(channels), channels=list(channels))
     else:
         mlp_spec = MlpSpec(sources=list(mlp), intermediate_size=d["inter"] * len(mlp)) if mlp else None
     return LayerSpec(
         source_layers=list(members),
         attention=AttentionSpec(sources=list(attention), num_heads=d["heads"] * len(attention),
-                                num_key_value_heads=d["kv"] * len(attention), sliding_window=arch.windows[first],
-                                rope=arch.rope[first])
+                                num_key_value_heads=kv or d["kv"] * len(attention), sliding_window=arch.windows[first],
+                                rope=arch.rope[first], merged_from=d["kv"] if kv else None)
         if attention else None,
         mlp=mlp_spec,
     )
@@ -194,6 +264,7 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
                         "group only dense layers, or remove.mlp for the MoE layers of the group (their attentions "
                         "can still run in parallel)")
     experts = kept_experts(recipe, config, arch, blocks | no_mlp)
+    channels, kv = narrowing(recipe, config, arch, blocks, no_attn, no_mlp, {m for g in groups for m in g})
     group_of = {g[0]: g for g in groups}
     layers, i = [], 0
     while i < n:
@@ -210,7 +281,8 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
             kinds = {m: arch.rope[m] or "no RoPE" for m in attn}
             raise SlimError(f"parallel group {members} mixes layers of different RoPE kinds ({kinds})",
                             "group only layers of the same kind")
-        layers.append(layer_spec(config, members, attn, mlp, arch, experts.get(mlp[0]) if mlp else None))
+        layers.append(layer_spec(config, members, attn, mlp, arch, experts.get(mlp[0]) if mlp else None,
+                                 channels.get(members[0]) if mlp else None, kv.get(members[0]) if attn else None))
     early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
     return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
-                      field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator)
 
 from .errors import SlimError
 
@@ -34,6 +34,22 @@ class Remove(_Strict):
         'loses the rows of the others')
     cap_top_k: bool = Field(False, description="where fewer experts are kept than the model routes each token to "
                             "(num_experts_per_tok), route to all the kept ones instead of refusing")
+
+
+class Shrink(_Strict):
+    """Narrower layers (width pruning, as NVIDIA's Minitron and Puzzle): fewer MLP channels, fewer KV heads."""
+
+    mlp: dict[StrictStr, list[StrictInt] | StrictInt | StrictFloat] = Field(
+        {}, description='source layers -> the MLP channels they keep: a fraction in (0, 1) of the source width '
+        '({"8-19": 0.5}) or a count ({"20-27": 768}), chosen by convert as the channels of highest mean |activation| '
+        'at the down projection\'s input on calibration text (Minitron\'s rule), kept in source order; or the list '
+        'of channels to keep')
+    kv_heads: dict[StrictStr, StrictInt] = Field(
+        {}, description='source layers -> KV heads they keep ({"10-29": 1}); each kept head is the mean of the k and '
+        'v projections of the source KV heads it replaces (Puzzle\'s initialisation), and the query heads that read '
+        'those now share it; the count divides the source\'s KV heads')
+    multiple_of: int = Field(1, ge=1, le=4096, description="round a fraction's channel count to a multiple of this "
+                             "(256 gives widths nemotron-nas can carry; 64 suits GPU kernels)")
 
 
 class Parallel(_Strict):
@@ -263,6 +279,7 @@ class Recipe(_Strict):
     description: str | None = None
     allow_pickle: bool = Field(False, description="allow .bin (pickle) source weights")
     remove: Remove = Remove()
+    shrink: Shrink = Shrink()
     parallel: Parallel = Parallel()
     output: Output
     early_exit: EarlyExit | None = Field(None, description="adaptive early exit at run time (AdaInfer)")

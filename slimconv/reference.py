@@ -6,13 +6,15 @@ It is architecture-agnostic where it can be (DESIGN.md, "Families, widths and se
 skipped, and a removed sublayer's module outputs zeros, so whatever norm the family puts around it (an output
 norm of zero is zero) and whatever multiplier it scales it by, the sublayer adds exactly nothing to the
 residual stream. Pruned experts are taken out of the source's own MoE block (its router's softmax then runs over
-the kept ones). Only a parallel group needs to know the layer's layout: its members' sublayers read the same
+the kept ones). A narrowed MLP is the source's MLP with the other channels masked to zero at its down projection's
+input; merged KV heads are recomputed here from the source's projections, query head by query head. Only a parallel
+group needs to know the layer's layout: its members' sublayers read the same
 input and their outputs are summed, which ``RuntimeLayer`` does with the source's own norms and modules.
 """
 import torch
 from torch import nn
 
-from .arch import Arch, get_arch
+from .arch import Arch, get_arch, kv_heads
 from .plan import LayerSpec, Plan
 
 
@@ -89,11 +91,54 @@ def _keep_experts(moe: nn.Module, kept: list[int], top_k: int) -> None:
             module.top_k = top_k
 
 
+def _mask_channels(layer: nn.Module, arch: Arch, kept: list[int]) -> None:
+    """A narrowed MLP as the source's own MLP with every other channel masked to zero at its down projection's
+    input."""
+    down = layer.get_submodule(arch.names.down)
+    mask = torch.zeros(down.in_features, dtype=down.weight.dtype)
+    mask[kept] = 1
+    down.register_forward_pre_hook(lambda module, args: (args[0] * mask.to(args[0].device),) + args[1:])
+
+
+def _merge_kv(attn: nn.Module, arch: Arch, config: dict, count: int) -> None:
+    """The source's own attention module with ``count`` KV heads: each new head's k and v projection is the mean of
+    the source KV heads read by the query heads it serves (one per query head, so each source head weighs by how
+    many of those queries read it), and the module's grouping is set so that its query heads share them."""
+    heads, kv, d = config["num_attention_heads"], kv_heads(config), arch.head_dim
+    serve, read = heads // count, heads // kv
+    mix = torch.zeros(count, kv, dtype=torch.float64)
+    for q in range(heads):
+        mix[q // serve, q // read] += 1 / serve
+
+    def merged(w):  # (kv * d, ...) -> (count * d, ...)
+        t = w.detach().double().reshape(kv, d, -1)
+        return torch.einsum("nk,kdi->ndi", mix, t).reshape(count * d, *w.shape[1:]).to(w.dtype)
+
+    if arch.names.qkv:  # one fused projection: q rows, then k, then v
+        fused = attn.get_submodule(arch.names.qkv.removeprefix("self_attn."))
+        parts = lambda w: (w[: heads * d], merged(w[heads * d: (heads + kv) * d]), merged(w[(heads + kv) * d:]))
+        fused.weight = nn.Parameter(torch.cat(parts(fused.weight.data)), requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat(parts(fused.bias.data)), requires_grad=False)
+        fused.out_features = fused.weight.shape[0]
+    else:
+        for p in (arch.names.k, arch.names.v):
+            proj = attn.get_submodule(p.removeprefix("self_attn."))
+            proj.weight = nn.Parameter(merged(proj.weight.data), requires_grad=False)
+            if proj.bias is not None:
+                proj.bias = nn.Parameter(merged(proj.bias.data), requires_grad=False)
+            proj.out_features = proj.weight.shape[0]
+    attn.num_key_value_groups = serve
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = count
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewires a loaded source causal LM in place so that its forward computes the plan. Every source layer
     keeps its index (so the family's per-layer masks and RoPE still reach it); what the plan removes or merges
     is replaced there."""
-    arch = get_arch(model.config.to_dict())
+    config = model.config.to_dict()
+    arch = get_arch(config)
     layers = model.model.layers
     replaced = {m: _Skipped() for m in range(plan.num_source_layers)}
     for spec in plan.layers:
@@ -104,10 +149,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         layer = layers[first]
         if spec.attention is None:
             layer.self_attn = _ZeroAttention()
+        elif spec.attention.merged_from:
+            _merge_kv(layer.self_attn, arch, config, spec.attention.num_key_value_heads)
         if spec.mlp is None:
             layer.mlp = _ZeroMLP()
         elif spec.mlp.pruned:
             _keep_experts(layer.mlp, spec.mlp.experts, spec.mlp.top_k)
+        elif spec.mlp.channels is not None:
+            _mask_channels(layer, arch, spec.mlp.channels)
         del replaced[first]
     for m, module in replaced.items():
         layers[m] = module

@@ -24,6 +24,7 @@ def plan_rows(plan: Plan) -> list[list[str]]:
         src = ",".join(map(str, s.source_layers))
         kind = "parallel" if len(s.source_layers) > 1 else ("block" if s.attention and s.mlp else
                                                             ("MLP only" if s.mlp else "attention only"))
+        kind += ", narrowed" if s.narrowed else ""
         rows.append([str(i), src, kind, _heads(s), _width(s.mlp)])
     return rows
 

@@ -137,6 +137,7 @@ class Decoder:
         self.config = json.loads((onnx_dir / "config.json").read_text())
         inputs = self.session.get_inputs()
         self.inputs = {i.name for i in inputs}
+        self.kv_heads = {i.name: i.shape[1] for i in inputs if i.name.startswith("past_key_values.")}
         # The graph's cache dtype; numpy has no bfloat16, ml_dtypes (an onnx dependency) has.
         kind = inputs[3].type
         if kind == "tensor(bfloat16)":
@@ -148,9 +149,8 @@ class Decoder:
         self.reset(1)
 
     def reset(self, batch: int):
-        shape = (batch, A.kv_heads(self.config), 0, A.head_dim(self.config))
-        self.past = {f"past_key_values.{i}.{kind}": np.zeros(shape, self.cache_dtype)
-                     for i in range(self.config["num_cache_pairs"]) for kind in ("key", "value")}
+        self.past = {name: np.zeros((batch, heads, 0, A.head_dim(self.config)), self.cache_dtype)
+                     for name, heads in self.kv_heads.items()}
         self.length = 0
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray | None = None,

@@ -171,6 +171,29 @@ def test_llamacpp_runs_the_gguf_like_the_reference(gguf_models, tmp_path, arch, 
 
 @needs_llamacpp
 @pytest.mark.llamacpp
+@pytest.mark.parametrize("arch", ["llama-bias-untied", "qwen2", "phi3"])
+def test_llamacpp_runs_narrowed_layers_in_deci_like_the_reference(gguf_models, tmp_path, arch):
+    """shrink (issue 30): per-layer MLP widths and merged KV heads are deci's feed_forward_length and
+    head_count_kv, even with every sublayer kept."""
+    from slimconv.formats.gguf_export import write_gguf
+
+    for k, extra in enumerate([{}, dict(remove={"attention": [4], "mlp": [0]})]):
+        out = tmp_path / f"out{k}"
+        plan = slim_output(gguf_models[arch], out, **extra,
+                           shrink={"mlp": {"1-2": [0, 5, 9, 33, 34, 60, 61, 95], "3": list(range(40))},
+                                   "kv_heads": {"0-2": 1}})
+        write_gguf(out, tmp_path / f"m{k}.gguf", "f32")
+        f = gguf_info(tmp_path / f"m{k}.gguf")["fields"]
+        assert f["general.architecture"] == "deci"
+        assert f["deci.feed_forward_length"] == [s.mlp.intermediate_size if s.mlp else 1 for s in plan.layers]
+        assert f["deci.attention.head_count_kv"][:3] == [1, 1, 1]
+        ids = list(np.random.default_rng(0).integers(0, VOCAB - 8, 48))
+        err, top1 = agreement(llamacpp_logits(tmp_path / f"m{k}.gguf", ids), reference_logits(gguf_models[arch], plan, ids))
+        assert err <= 1e-4 and top1 == 1.0, f"{arch}/{k}: max abs {err}, top-1 {top1}"
+
+
+@needs_llamacpp
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("dtype,tol", [("f16", 0.01), ("bf16", 0.05), ("q8_0", 0.05), ("q4_0", 0.5)])
 def test_llamacpp_runs_every_precision(gguf_models, tmp_path, dtype, tol):
     from slimconv.formats.gguf_export import write_gguf

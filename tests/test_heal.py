@@ -114,6 +114,27 @@ def test_blocks_only_stays_stock_and_adjacent_picks_the_next_layer(tmp_path, src
     assert _tensors(healed) == _tensors(out)
 
 
+def test_narrowed_layers_train_like_any_change(tmp_path, src, texts):
+    """shrink (issue 30): heal picks the narrowed layers (and the one after a removed MLP), trains them, and keeps the
+    narrower shapes."""
+    recipe = dict(model=str(src), shrink={"mlp": {"2": 0.5}, "kv_heads": {"4": 1}}, remove={"mlp": [0]},
+                  output={"dir": str(tmp_path / "out")},
+                  validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
+                            "quality": {"data": str(texts["test"]), "samples": 4, "seq_len": 32}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["convert", str(tmp_path / "r.yaml")]) == 0
+    assert main(["validate", str(tmp_path / "out")]) == 0
+    healed = tmp_path / "healed"
+    assert main(["heal", str(tmp_path / "out"), "-o", str(healed), *_flags(texts), "--lr", "3e-4"]) == 0
+    report = json.loads((healed / HEAL_FILE).read_text())
+    assert report["trained_layers"] == [1, 2, 4]
+    for text in (str(texts["test"]), str(texts["other"])):
+        e = report["eval"][text]
+        assert e["healed"]["kl"] < e["unhealed"]["kl"], e
+    assert _tensors(healed) == _tensors(tmp_path / "out")
+    assert _tensors(healed)["model.layers.2.mlp.down_proj.weight"][1] == (64, 48)
+
+
 def test_adjacent_layers():
     cfg = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=8, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128)

@@ -261,3 +261,29 @@ def test_cli_auto_writes_nemotron_nas_and_says_so(nas_models, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["convert", str(r), "--force", "--format", "slim"]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "slimconv"
+
+
+@pytest.mark.parametrize("arch", ["llama-bias-untied", "qwen2"])
+def test_narrowed_layers_are_nemotron_nas_read_as_the_engines_read_them(tmp_path, arch):
+    """shrink (issue 30): a narrowed MLP is its layer's ffn_mult where the formula gives its width, merged KV heads
+    its n_heads_in_group; auto picks the format, and it is exact."""
+    from transformers import AutoConfig
+
+    src = make_tiny(tmp_path / "src", arch, intermediate_size=512)
+    recipe = dict(remove={"mlp": [5]}, shrink={"mlp": {"1": list(range(0, 512, 2)), "2-3": list(range(256))},
+                                               "kv_heads": {"0-2": 1}})
+    assert choose_format("auto", *_plan(src, **recipe))[0] == "nemotron-nas"
+    out = tmp_path / "out"
+    plan = convert(src, out, fmt="nemotron-nas", **recipe)
+    raw = json.loads((out / "config.json").read_text())
+    assert [b["attention"]["n_heads_in_group"] for b in raw["block_configs"]] == [4, 4, 4, 2, 2, 2]
+    assert [b["ffn"]["ffn_mult"] for b in raw["block_configs"]] == [12.0, 6.0, 6.0, 6.0, 12.0, None]
+    weights = header(out)
+    assert mlx_expected(raw) == weights
+    assert vllm_expected(AutoConfig.from_pretrained(out, trust_remote_code=True)) == weights
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    err, same = compare(src, out, plan, ids)
+    assert err < 1e-5 and same, err
+    # a width the engines' formula cannot give goes to the slim format, saying which layer
+    fmt, why = choose_format("auto", *_plan(src, shrink={"mlp": {"1": list(range(300))}}))
+    assert fmt == "slim" and "output layer 1: MLP width 300" in why

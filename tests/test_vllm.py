@@ -307,3 +307,24 @@ def test_vllm_runs_the_other_families_stock_and_nemotron_nas_outputs_natively(tm
         except AssertionError as e:
             failed.append(str(e).split("\n")[0])
     assert not failed, failed
+
+
+# Narrowed layers (issue 30): per-layer MLP widths and merged KV heads, natively as nemotron-nas (widths on its 256
+# grid) and through the plugin in the slim format (q/k norms, sandwich norms and RoPE kinds beside them).
+NARROW = {"mlp": {"1": list(range(0, 512, 2)), "2-3": list(range(256))}, "kv_heads": {"0-2": 1}}
+NARROW_CASES = [("llama-bias-untied", "nemotron-nas", dict(remove={"mlp": [5]})),
+                ("qwen2", "nemotron-nas", dict(remove={"attention": [4]})),
+                ("qwen3", "slim", dict(remove={"attention": [4]})),
+                ("gemma3_text", "slim", dict(remove={"mlp": [5]}))]
+
+
+def test_vllm_runs_narrowed_layers_natively_and_through_the_plugin(tmp_path, prompt):
+    cases, wants = [], []
+    for family, fmt, recipe in NARROW_CASES:
+        src = make_tiny(tmp_path / family, family, **{**TINY, "intermediate_size": 512})
+        out = tmp_path / f"{family}-{fmt}"
+        plan = convert(src, out, fmt=fmt, shrink=NARROW, **recipe)
+        cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((f"{family}/{fmt}", reference(src, plan, prompt)))
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
+        check(result, want, what)

@@ -533,8 +533,14 @@ def _expert_tensors(i: int, mlp: dict, ckpt, hidden: int):
 
 
 def _is_deci(config: dict) -> bool:
-    """deci unless every layer has attention and MLP with the source's own head counts (llama is then exact)."""
-    return not all(s.get("attention") and s.get("mlp") for s in config["slim_layers"])
+    """deci unless every layer has attention and MLP with one head count, KV-head count and MLP width (llama, or the
+    family's own architecture, is then exact): a layer narrowed by shrink needs deci's per-layer values."""
+    layers = config["slim_layers"]
+    if not all(s.get("attention") and s.get("mlp") for s in layers):
+        return True
+    heads = {(s["attention"]["num_heads"], s["attention"]["num_key_value_heads"]) for s in layers}
+    widths = {s["mlp"]["intermediate_size"] for s in layers if s["mlp"].get("experts") is None}
+    return len(heads) > 1 or len(widths) > 1
 
 
 def _tensor_type(name: str, shape, dtype: str):

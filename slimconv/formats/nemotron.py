@@ -8,9 +8,9 @@ Formats:
 
 What nemotron-nas can carry is what its readers agree on (vLLM's models/nemotron_nas.py, mlx-lm's
 models/nemotron-nas.py): every kept attention has the source's head count and head_dim = hidden / heads,
-its KV heads are heads / n_heads_in_group; one ``attention_bias`` flag covers q, k, v and o (a source with
+its KV heads are heads / n_heads_in_group (per layer: merged KV heads fit); one ``attention_bias`` flag covers q, k, v and o (a source with
 biases on q/k/v only gets an exact all-zero o bias); no q/k norms and no sliding windows (neither engine
-reads them); the MLP width is ``int(2 * ffn_mult * hidden / 3)`` rounded up to a multiple of 256, so a width
+reads them); the MLP width (per layer: a narrowed MLP fits) is ``int(2 * ffn_mult * hidden / 3)`` rounded up to a multiple of 256, so a width
 that formula cannot give is refused; activations silu, relu, gelu (mlx-lm's list).
 """
 from ..errors import SlimError
@@ -134,7 +134,8 @@ def nas_config(plan: Plan, src: dict) -> dict:
     theta, scaling = _rope(src)
     blocks = []
     for s in plan.layers:
-        attn = dict(_ATTN_KEYS, no_op=s.attention is None, n_heads_in_group=None if s.attention is None else heads // kv)
+        attn = dict(_ATTN_KEYS, no_op=s.attention is None,
+                    n_heads_in_group=None if s.attention is None else heads // s.attention.num_key_value_heads)
         ffn = dict(_FFN_KEYS, no_op=s.mlp is None,
                    ffn_mult=None if s.mlp is None else ffn_mult_for(s.mlp.intermediate_size, hidden))
         blocks.append({"attention": attn, "ffn": ffn})

@@ -37,8 +37,13 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
     start = time.time()
     info = write_graph(ckpt, out, precision, external)
     cfg = json.loads((slim_dir / "config.json").read_text())
-    # Consumers size the cache from these: one pair per kept source attention, uniform shapes.
+    # Consumers size the cache from these: one pair per kept source attention, uniform shapes unless shrink merged
+    # some layer's KV heads (then each pair's count is listed, and onnxruntime-genai, which takes one, is not served).
     cfg["num_cache_pairs"] = info["cache_pairs"]
+    kv = sorted(set(info["kv_heads"]))
+    genai = len(kv) <= 1
+    if not genai:
+        cfg["cache_kv_heads"] = info["kv_heads"]
     cfg["onnx_dtype"] = dtype
     cfg["onnx_provider"] = provider
     if dtype == "int4":
@@ -46,12 +51,15 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
                                 algorithm=algorithm, lm_head=precision.quantize_lm_head)
     cfg.pop("early_exit", None)  # not in the graph: the folder must not claim it
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, info, precision), indent=2))
+    if genai:
+        info["kv_heads"] = kv[0] if kv else cfg["num_key_value_heads"]
+        (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, info, precision), indent=2))
     for name in AUX_FILES:
         if (slim_dir / name).is_file():
             shutil.copy2(slim_dir / name, out / name)
     return dict(seconds=time.time() - start, cache_pairs=info["cache_pairs"], nodes=info["nodes"], opset=OPSET,
-                dtype=dtype, provider=provider, external_data=external, weight_bytes=info["weight_bytes"])
+                dtype=dtype, provider=provider, external_data=external, weight_bytes=info["weight_bytes"],
+                genai_config=genai)
 
 
 def genai_config(cfg: dict, info: dict, precision: Precision) -> dict:
@@ -253,6 +261,10 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
         where = f"weights in {DATA_FILE}" if info["external_data"] else "weights inside model.onnx"
         console.print(f"exported in {info['seconds']:.1f} s: {info['nodes']} nodes, {info['cache_pairs']} "
                       f"past/present pairs, {info['weight_bytes'] / 1e6:.0f} MB of weights ({where})")
+        if not info["genai_config"]:
+            console.print("[yellow]no genai_config.json:[/] shrink merged some layers' KV heads, so the cache pairs "
+                          "differ in shape, and onnxruntime-genai sizes every pair with one KV-head count; ONNX Runtime "
+                          "runs the graph (config.json's cache_kv_heads lists each pair's)")
         report = validate_onnx(tmp, slim_dir, _prompts(slim_dir, config["vocab_size"]), provider=target_provider)
         report["export"] = info
         report[ONNX_KEY] = weights_sha256(slim_dir)  # what push and validate check it against

@@ -6,7 +6,7 @@ onnxscript/onnx-ir would add an abstraction without removing any of the code bel
 
 - attention kept: [Skip]SimplifiedLayerNormalization, one MatMul for q/k/v packed, one
   GroupQueryAttention per member *source* attention (rotary inside, its own past/present pair, the
-  source's KV heads, so the cache stays uniform), the members' outputs concatenated into one o_proj
+  source's KV heads, so the cache stays uniform unless shrink merged a layer's KV heads), the members' outputs concatenated into one o_proj
   MatMul (= the sum of the members' o-projections). A wide layer packs its members' q/k/v columns member
   by member and splits them once.
 - MLP kept: SkipSimplifiedLayerNormalization, gate and up MatMuls, SiLU, down MatMul.
@@ -252,6 +252,7 @@ class _Decoder:
         self.g = _Graph(writer)
         self.dtype = precision.activation
         self.kv = cfg.num_key_value_heads
+        self.slot_kv = []  # KV heads of each past/present pair (fewer where shrink merged them)
         self.d = cfg.head_dim
         self.bias = cfg.projection_bias or {}
         self.pairs = 0
@@ -318,11 +319,11 @@ class _Decoder:
     def attention(self, i: int, spec: dict, x: str) -> str:
         prefix = f"model.layers.{i}.self_attn."
         heads, kv_heads, d = spec["num_heads"], spec["num_key_value_heads"], self.d
-        members = kv_heads // self.kv
-        mh = heads // members  # query heads per member attention (the source's)
+        members = heads // self.cfg.num_attention_heads
+        mh, kv = heads // members, kv_heads // members  # query and KV heads per member attention
         w = {p: self._tensor(prefix + f"{p}_proj.weight") for p in "qkv"}
         b = {p: self._tensor(prefix + f"{p}_proj.bias") if self.bias.get(p) else None for p in "qkv"}
-        rows = {"q": mh * d, "k": self.kv * d, "v": self.kv * d}
+        rows = {"q": mh * d, "k": kv * d, "v": kv * d}
 
         def member_rows(t, p, m):
             return t[m * rows[p]:(m + 1) * rows[p]]
@@ -335,26 +336,26 @@ class _Decoder:
         del w, b
         qkv = self.linear(x, packed_w, packed_b, f"layers.{i}/attn/qkv_proj")
         del packed_w
-        width = (mh + 2 * self.kv) * d
+        width = (mh + 2 * kv) * d
         parts = [qkv] if members == 1 else self.g.op("Split", [qkv, self.g.const([width] * members, torch.int64)],
                                                      f"layers.{i}/attn/split_members", outputs=members, axis=-1)
-        norms = (self._qk_norms(prefix, mh) if self.qk_norm == "head" else
+        norms = (self._qk_norms(prefix, mh, kv) if self.qk_norm == "head" else
                  ([self.g.writer.add(prefix + f"{p}_norm.weight", self._tensor(prefix + f"{p}_norm.weight").to(self.dtype))]
                   for p in "qk") if self.qk_norm == "full" else None)
         norms = list(norms) if norms is not None else None
         outs = []
         for m, part in enumerate(parts):
-            outs.append(self._gqa(i, m, part, mh, spec.get("sliding_window"), norms and (norms[0][m], norms[1][m]),
+            outs.append(self._gqa(i, m, part, mh, kv, spec.get("sliding_window"), norms and (norms[0][m], norms[1][m]),
                                   spec.get("rope", "default")))
         attn = outs[0] if members == 1 else self.g.op("Concat", outs, f"layers.{i}/attn/concat_members", axis=-1)
         o_bias = self._tensor(prefix + "o_proj.bias") if self.bias.get("o") else None
         return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj")
 
-    def _qk_norms(self, prefix: str, mh: int):
+    def _qk_norms(self, prefix: str, mh: int, kv: int):
         """Per member, the q and k norm gains: (head_dim,) when the member's heads share one (as converted), else
         (heads x head_dim,) applied after the norm (a healed output trains each head's gain on its own)."""
         out = []
-        for p, per_member in (("q", mh), ("k", self.kv)):
+        for p, per_member in (("q", mh), ("k", kv)):
             t = self._tensor(prefix + f"{p}_norm.weight").reshape(-1, self.d)
             names = []
             for m in range(max(1, t.shape[0] // per_member)):
@@ -365,9 +366,9 @@ class _Decoder:
             out.append(names)
         return out
 
-    def _gqa(self, i: int, m: int, qkv: str, heads: int, window, norms, rope) -> str:
+    def _gqa(self, i: int, m: int, qkv: str, heads: int, kv: int, window, norms, rope) -> str:
         name = f"layers.{i}/attn/member{m}"
-        d, kv = self.d, self.kv
+        d = self.d
         q = k = v = ""
         if norms is None:
             q = qkv  # packed: GroupQueryAttention splits q/k/v itself
@@ -380,6 +381,7 @@ class _Decoder:
             q, k = (norm(t, gain, f"{name}/{p}_norm") for t, gain, p in ((q, norms[0], "q"), (k, norms[1], "k")))
         slot = self.pairs
         self.pairs += 1
+        self.slot_kv.append(kv)
         cos, sin = self.cos[rope] if rope is not None else ("", "")
         softcap = getattr(self.cfg, "attn_logit_softcapping", None)
         return self.g.op("GroupQueryAttention",
@@ -529,16 +531,16 @@ class _Decoder:
 
     def _model(self, logits: str) -> onnx.ModelProto:
         t = _ONNX[self.dtype]
-        cache = ["batch", self.kv, "past_sequence", self.d]
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
         outputs = [helper.make_tensor_value_info(logits, t, ["batch", "sequence", self.cfg.vocab_size])]
         for s in range(self.pairs):
             for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{s}.{kind}", t, cache))
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{s}.{kind}", t,
+                                                            ["batch", self.slot_kv[s], "past_sequence", self.d]))
                 outputs.append(helper.make_tensor_value_info(f"present.{s}.{kind}", t,
-                                                             ["batch", self.kv, "total_sequence", self.d]))
+                                                             ["batch", self.slot_kv[s], "total_sequence", self.d]))
         graph = helper.make_graph(self.g.nodes, "slimconv_decoder", inputs, outputs,
                                   initializer=self.g.writer.initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
@@ -561,4 +563,4 @@ def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: boo
     with open(out / "model.onnx", "wb") as f:
         f.write(model.SerializeToString())
     return dict(cache_pairs=decoder.pairs, nodes=len(model.graph.node), weight_bytes=writer.bytes,
-                kv_heads=decoder.kv, head_dim=decoder.d)
+                kv_heads=decoder.slot_kv, head_dim=decoder.d)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..data import calibration_ids
 from ..errors import SlimError
+from .channels import channel_scores
 from .experts import expert_scores
 from .layerwise import Halving, LayerBank, Runner, candidate_nlls, group_spec, ppl, ranked_nlls
 from ..plan import groupable, source_plan
@@ -43,7 +44,7 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
     g = torch.Generator().manual_seed(s.seed)
     take = torch.randperm(x.shape[0] * x.shape[1], generator=g)[: s.angular_tokens].to(x.device)
     states = [x.flatten(0, 1)[take]]
-    bi, attn, mlp, pending, groups, experts = [], [], [], {}, [], {}
+    bi, attn, mlp, pending, groups, experts, channels = [], [], [], {}, [], {}, {}
     for i, spec in enumerate(tqdm(specs, desc="layer metrics", unit="layer", disable=None)):
         for k in s.group_sizes:
             if i + k <= n and groupable(runner.bank.arch, range(i, i + k)):
@@ -51,6 +52,8 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
         mid, out = runner.sublayers(spec, x)
         if spec.mlp and spec.mlp.experts is not None:
             experts[str(i)] = expert_scores(runner, spec, mid)
+        elif spec.mlp:
+            channels[str(i)] = channel_scores(runner, spec, mid)
         bi.append(1 - _cos(x, out).mean().item())
         attn.append(1 - _cos(x, mid).mean().item())
         mlp.append(1 - _cos(mid, out).mean().item())
@@ -70,6 +73,8 @@ def layer_metrics(runner: Runner, config: dict, s: AnalysisSettings) -> dict:
                    calibration_ppl=ppl(runner.nll(x)))
     if experts:  # mixture-of-experts layers: selection/experts.py's scores, for remove.experts
         metrics["experts"] = experts
+    if channels:  # dense MLPs: selection/channels.py's scores, for shrink.mlp
+        metrics["channels"] = channels
     return metrics
 
 
@@ -313,6 +318,16 @@ def report_markdown(m: dict, plots: list[str]) -> str:
                   "rule), highest first, with the share of tokens routed to each. A recipe's `remove.experts` count "
                   "keeps the highest (convert scores them itself, on 8 x 256 tokens of WikiText-2 valid):",
                   md_table(["layer", "expert (routed norm, tokens)"], rows)]
+    if "channels" in m:
+        rows = []
+        for layer, score in m["channels"].items():
+            ranked, total = sorted(score, reverse=True), sum(score) or 1.0
+            rows.append([layer] + [f"{sum(ranked[: max(1, round(f * len(ranked)))]) / total:.0%}" for f in (0.25, 0.5, 0.75)])
+        parts += ["## MLP channels", "Per dense layer, the share of the summed channel score (mean |activation| at the "
+                  "down projection's input, Minitron's rule) held by its highest-scoring quarter, half and three "
+                  "quarters of channels: where little is lost, `shrink.mlp` can cut deepest. Every channel's score is in "
+                  "metrics.json (`channels`); convert scores them itself, on 8 x 256 tokens of WikiText-2 valid:",
+                  md_table(["layer", "top 25%", "top 50%", "top 75%"], rows)]
     if "sleb_naive_check" in m:
         c = m["sleb_naive_check"]
         parts += [f"Prefix cache check over {c['steps']} step(s): naive loop {c['seconds_naive']:.1f} s, with the "
