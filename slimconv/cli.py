@@ -310,10 +310,12 @@ HELP = {
                 "tokens (--samples 128 --seq-len 2048); the defaults here are small enough for a CPU."),
     "recipe": ("write a recipe from an analysis folder", None),
     "search": ("find the recipe that reaches a speed target with the least calibration loss",
-               "Greedy search (SLEB's verified elimination generalised to every kind of change): each step scores "
+               "--method greedy (SLEB's verified elimination generalised to every kind of change): each step scores "
                "every valid change by the calibration loss of the plan with it applied and keeps the one with the "
-               "lowest loss increase per unit of ideal speedup. Writes recipe.yaml, report.md (the path), "
-               "search.json and pareto.png to -o."),
+               "lowest loss increase per unit of ideal speedup. --method mip (NVIDIA Puzzle's search): every layer's "
+               "alternatives (sublayer or block removed, MLP narrowed to --widths, fewer KV heads) are scored alone, "
+               "and an exact mixed-integer program picks one per layer for the target. Writes recipe.yaml, "
+               "report.md (the path), search.json and pareto.png to -o."),
     "push": ("upload a validated slim output to the Hugging Face Hub in one commit",
              "Upload a slim output folder to a Hub model repository (created if missing) in one commit, with the "
              "model card regenerated from the reports in the folder. The token comes from HF_TOKEN or `hf auth "

@@ -141,3 +141,75 @@ def test_bad_input_exits_2_before_any_work(tiny_models, tmp_path, monkeypatch, c
     captured = capsys.readouterr()
     assert words in captured.err and "search on" not in captured.out
     assert not (tmp_path / "found").exists()
+
+
+@pytest.mark.parametrize("target", ["decode:1.3", "params:0.8", "layers:5"])
+def test_mip_reaches_the_target_and_its_recipe_converts_exactly(tiny_models, tmp_path, target):
+    """--method mip: one alternative per layer, the target met by the plan's own costs, the joint loss the chosen
+    plan's, and its recipe (narrowed MLPs and merged KV heads included) converts exactly."""
+    from slimconv.selection.mip import mip_search
+
+    src = tiny_models["llama-tied"]
+    m = mip_search(SearchSettings(model=str(src), target=target, method="mip"), src, IDS, quiet=True)
+    assert m["reached"] and m["path"][-1]["speeds"][target.split(":")[0]] >= m["goal"] - 1e-9
+    layers = [c["layer"] for c in m["mip"]["chosen"]]
+    assert len(layers) == len(set(layers))
+    plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **m["path"][-1]["sections"]}),
+                      Checkpoint(src).config)
+    assert m["mip"]["joint_nll"] == pytest.approx(_nll(src, plan), abs=1e-4)
+    text, data = recipe_text(m, "slimconv search", str(tmp_path / "out"))
+    assert "mip search over" in text and yaml.safe_load(text) == data
+    out = convert(src, tmp_path / "out", **{k: v for k, v in data.items() if k in ("remove", "shrink")})
+    err, same = compare(src, tmp_path / "out", out, IDS[:2, :12], greedy=4)
+    assert err < 1e-4 and same
+
+
+def test_the_solver_finds_the_best_choice_under_the_budget():
+    """HiGHS against brute force over every choice of at most one alternative per layer."""
+    import itertools
+    import random
+
+    from slimconv.selection.mip import solve
+
+    rng = random.Random(0)
+    for _ in range(20):
+        layers = [i for i in range(4) for _ in range(3)]
+        dloss = [rng.uniform(-0.1, 1) for _ in layers]
+        dcost = [-rng.uniform(0, 1) for _ in layers]
+        budget = -rng.uniform(0.5, 2)
+        options = [[None] + [j for j, l in enumerate(layers) if l == i] for i in range(4)]
+        best = min((sum(dloss[j] for j in pick if j is not None), pick) for pick in itertools.product(*options)
+                   if sum(dcost[j] for j in pick if j is not None) <= budget)
+        got = solve(layers, dloss, dcost, budget, 4)
+        assert sum(dloss[j] for j in got) == pytest.approx(best[0], abs=1e-9)
+
+
+def test_mip_command_writes_fractions_where_convert_picks_the_same_channels(tiny_models, tmp_path, monkeypatch,
+                                                                           capsys):
+    src, text = _text_model(tiny_models, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(src), "--target", "decode:1.3", "--method", "mip", "-o", "found", "--calib", str(text),
+                 "--samples", "4", "--seq-len", "16", "--ops", "mlp_width,kv_heads", "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "mip search on" in out and "alternatives" in out and "chosen" in out
+    assert "## Chosen alternatives" in (tmp_path / "found" / "report.md").read_text()
+    recipe = yaml.safe_load((tmp_path / "found" / "recipe.yaml").read_text())
+    assert all(isinstance(v, list) for v in recipe["shrink"].get("mlp", {}).values())  # not convert's calibration
+    from slimconv.selection.mip import readable
+
+    s = SearchSettings(model="x", target="decode:1.3", method="mip")
+    design = {"shrink": {"mlp": {"2": list(range(48)), "3": list(range(30))}}}
+    assert readable(design, s, {"intermediate_size": 96}, True)["shrink"]["mlp"] == {"2": 0.5, "3": list(range(30))}
+    assert readable(design, s, {"intermediate_size": 96}, False) == design
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--ops", "mlp_width"], "mlp_width with --method greedy"),
+    (["--method", "mip", "--ops", "parallel,blocks"], "parallel with --method mip"),
+    (["--method", "mip", "--widths", "1.5"], "--widths"),
+])
+def test_ops_of_the_other_method_exit_2(tiny_models, tmp_path, monkeypatch, capsys, extra, words):
+    src, text = _text_model(tiny_models, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", str(src), "-o", "found", "--calib", str(text), "--target", "decode:1.2", *extra]) == 2
+    assert words in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "found").exists()

@@ -68,6 +68,8 @@ class Design:
     mlp: frozenset = frozenset()
     groups: tuple = ()  # sorted tuples of consecutive layers
     experts: tuple = ()  # (layer, the experts it keeps) of mixture-of-experts layers that lost some, sorted
+    channels: tuple = ()  # (layer, the MLP channels it keeps) of narrowed layers, sorted (search --method mip)
+    kv: tuple = ()  # (layer, KV heads it keeps) of layers with merged KV heads, sorted
 
     def sections(self) -> dict:
         out = {}
@@ -79,6 +81,11 @@ class Design:
             remove["experts"] = experts
         if remove:
             out["remove"] = remove
+        shrink = {k: v for k, v in (
+            ("mlp", {str(i): list(c) for i, c in self.channels if i not in self.blocks | self.mlp}),
+            ("kv_heads", {str(i): k for i, k in self.kv if i not in self.blocks | self.attention})) if v}
+        if shrink:
+            out["shrink"] = shrink
         if self.groups:
             out["parallel"] = {"groups": [list(g) for g in self.groups]}
         return out
@@ -210,6 +217,13 @@ def best_reachable(config: dict, model: str, target: Target, ops: list[str], s: 
         pruned = tuple((i, top) for i, sparse in enumerate(arch.sparse) if sparse)
         if pruned:
             extremes.append((f"every mixture-of-experts layer down to {arch.top_k} experts", Design(experts=pruned)))
+    if "mlp_width" in ops or "kv_heads" in ops:
+        from ..arch import kv_heads
+
+        width = max(1, round(min(s.widths) * config["intermediate_size"]))
+        extremes.append(("every layer at its narrowest", Design(
+            channels=tuple((i, tuple(range(width))) for i in range(n)) if "mlp_width" in ops else (),
+            kv=tuple((i, 1) for i in range(n)) if "kv_heads" in ops and kv_heads(config) > 1 else ())))
     if "parallel" in ops:
         k = s.max_group
         extremes.append((f"groups of {k} everywhere", Design(groups=tuple(tuple(range(i, min(i + k, n)))
@@ -444,19 +458,40 @@ PATH_HEADER = ["step", "change added", "prefill (ideal)", "decode (ideal)", "dec
                "layers", "calibration ppl", "calibration KL", "candidates", "seconds"]
 
 
+def method_text(m: dict) -> str:
+    """One line saying how the search chose (for the report and the recipe's header)."""
+    s = m["settings"]
+    if s.get("method") == "mip":
+        mip = m["mip"]
+        return (f"mip search over {', '.join(s['ops'])}: {mip['alternatives']} per-layer alternatives, each scored "
+                "alone on every window; one per layer chosen by an exact mixed-integer program (HiGHS) minimising the "
+                "summed calibration loss increase under the target")
+    return (f"greedy search over {', '.join(s['ops'])} "
+            f"({'every candidate on every window' if s['exact'] else 'successive halving over the windows'}): each "
+            "step adds the change with the lowest calibration loss increase per unit of ideal speedup")
+
+
 def report_markdown(m: dict, recipe_text: str, verify: dict | None) -> str:
     from ..report import md_table
 
     s = m["settings"]
     parts = [f"# Search on {s['model']}: target {m['target']}",
-             f"Greedy search over {', '.join(s['ops'])} ({'every candidate on every window' if s['exact'] else 'successive halving over the windows'}); "
-             f"calibration {s['calib']} valid, {s['samples']} x {s['seq_len']} tokens (seed {s['seed']}); "
+             f"{method_text(m)}; calibration {s['calib']} valid, {s['samples']} x {s['seq_len']} tokens (seed {s['seed']}); "
              f"{len(m['path']) - 1} steps in {m['seconds']:.0f} s; target {'reached' if m['reached'] else 'NOT reached'}.",
              "## Path", md_table(PATH_HEADER, path_rows(m)),
              "Speedups are the plan's ideal ones: FLOPs per token for prefill, bytes read per token for decode, "
              f"and for decode-gpu bytes / {s['gpu_bandwidth']:.2g} B/s + {s['layer_latency_us']:g} us per sequential "
              "layer. KL is KL(source || slim) of the next-token distributions on the calibration windows.",
              "## Recipe", "```yaml\n" + recipe_text + "```", "![pareto](pareto.png)"]
+    if "mip" in m:
+        mip = m["mip"]
+        rows = [[c["layer"], c["alternative"], f"{c['dloss']:+.4f}", f"{c['dcost']:+.4g}"]
+                for c in sorted(mip["chosen"], key=lambda c: c["layer"])]
+        parts[4:4] = ["## Chosen alternatives",
+                      f"Calibration loss {mip['joint_nll']:.4f} nats/token jointly; the sum of the lone increases "
+                      f"estimated {mip['estimated_nll']:.4f}. Every alternative scored is in search.json (`mip`).",
+                      md_table(["layer", "alternative", "loss change alone", f"{m['target'].split(':')[0]} measure change"],
+                               rows)]
     if verify:
         parts += ["## Held-out check (WikiText-2 test)",
                   f"perplexity {verify['ppl_slim']:.2f} (source {verify['ppl_source']:.2f}), KL {verify['kl']:.4f}, "
@@ -496,8 +531,7 @@ def recipe_text(m: dict, command: str, output_dir: str) -> tuple[str, dict]:
         data["parallel"] = {**data["parallel"], "norm": s["norm"]}
     parse_recipe(json.loads(json.dumps(data)), "the searched recipe")  # what convert will read must be valid
     header = [f"# Written by `{command}`",
-              "# method: greedy search over " + ", ".join(s["ops"]) + ": each step adds the change with the lowest "
-              "calibration loss increase per unit of ideal speedup (" + METRICS[target.split(':')[0]] + ")",
+              f"# method: {method_text(m)} ({METRICS[target.split(':')[0]]})",
               f"# reached: {', '.join(f'{k} {v:.3f}x' for k, v in last['speeds'].items())}; calibration KL "
               f"{last['kl']:.4f}",
               "# path: " + "; ".join(p["change"] for p in m["path"][1:]),
@@ -530,7 +564,12 @@ def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool =
     refuse_overlap(out, source_paths(s.model, src_dir), "-o")
     validate_inputs(s, checked_source(src_dir)[0].config)
     ids = calibration_ids(src_dir, s.calib, s.samples, s.seq_len, s.seed)
-    m = search(s, src_dir, ids)
+    if s.method == "mip":
+        from .mip import mip_search
+
+        m = mip_search(s, src_dir, ids)
+    else:
+        m = search(s, src_dir, ids)
     if not m["reached"]:
         raise SlimError(f"the search stopped before reaching {m['target']}: no valid change is left",
                         "ask for less, or allow more kinds of change with --ops")

@@ -2,11 +2,15 @@
 from these fields (name, type, choices, default and help), and reading them must not import torch."""
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..recipe import Device, Size
 
-OPS = ("blocks", "attention", "mlp", "parallel", "experts")
+OPS = ("blocks", "attention", "mlp", "parallel", "experts", "mlp_width", "kv_heads")
+# What each method searches unless --ops says otherwise: greedy removes whole blocks and sublayers and builds parallel
+# groups; mip picks one alternative per layer, narrower ones included (selection/mip.py).
+DEFAULT_OPS = {"greedy": ["blocks", "attention", "mlp", "parallel", "experts"],
+               "mip": ["blocks", "attention", "mlp", "mlp_width", "kv_heads"]}
 
 METRICS = {
     "decode": "ideal decode speedup: bytes read per token (weights + KV cache), memory-bound decode (CPU, large GPUs)",
@@ -56,7 +60,16 @@ class SearchSettings(BaseModel):
 
     model: str = Field(description='"default" (SmolLM2-135M-Instruct), a local HF dir, a .gguf file, or a Hub id')
     target: str = Field(description="METRIC:VALUE, e.g. decode:1.25, prefill:1.3, layers:24, params:0.8")
-    ops: list[Literal[OPS]] = Field(list(OPS), min_length=1, description="kinds of change, comma-separated")
+    method: Literal["greedy", "mip"] = Field(
+        "greedy", description="greedy: SLEB's verified elimination generalised, one change per step; mip: one "
+        "alternative per layer (kept, sublayer or block removed, MLP narrowed, fewer KV heads), each scored alone, "
+        "chosen together by an exact mixed-integer program (NVIDIA Puzzle's search)")
+    ops: list[Literal[OPS]] | None = Field(
+        None, min_length=1, description="kinds of change, comma-separated (default: greedy: "
+        f"{','.join(DEFAULT_OPS['greedy'])}; mip: {','.join(DEFAULT_OPS['mip'])})")
+    widths: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.75, 0.5, 0.25], min_length=1, description="mip, mlp_width: the MLP widths a layer may be narrowed to, as "
+        "fractions of the source's (channels chosen by Minitron's activation rule on the calibration text)")
     calib: str = Field("wikitext2", description='calibration text: "wikitext2" (its valid split), a text file, or '
                        '"hf:NAME[:CONFIG]"')
     samples: int = Field(8, ge=1, description="calibration windows")
@@ -79,5 +92,20 @@ class SearchSettings(BaseModel):
 
     @field_validator("ops")
     @classmethod
-    def _in_search_order(cls, v: list[str]) -> list[str]:
-        return [o for o in OPS if o in v]
+    def _in_search_order(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [o for o in OPS if o in v]
+
+    @model_validator(mode="after")
+    def _ops_of_the_method(self):
+        if self.ops is None:
+            self.ops = list(DEFAULT_OPS[self.method])
+        other = "mip" if self.method == "greedy" else "greedy"
+        wrong = [o for o in self.ops if o not in DEFAULT_OPS[self.method]]
+        if wrong:
+            why = ("the greedy search removes whole blocks and sublayers and builds parallel groups; narrower layers "
+                   "are chosen by --method mip" if self.method == "greedy" else
+                   "mip picks one alternative per layer: a parallel group spans layers and expert pruning is per "
+                   "expert, which the greedy search does")
+            raise ValueError(f"{','.join(wrong)} with --method {self.method}: {why}; use --method {other}, or --ops "
+                             f"from {','.join(DEFAULT_OPS[self.method])}")
+        return self
