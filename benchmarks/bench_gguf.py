@@ -4,6 +4,7 @@ Not a test: run it by hand (needs llama-cpp-python; see docs/formats.md, "GGUF",
 
     python benchmarks/bench_gguf.py                                   # SmolLM2-135M, 6 blocks removed
     python benchmarks/bench_gguf.py --recipe attention --repeats 7
+    python benchmarks/bench_gguf.py --recipe-file outputs/search/recipe.yaml   # any recipe's removals and widths
 
 Converts the default model unslimmed and slimmed, exports each with `slimconv.formats.gguf_export.write_gguf` at f32 and
 q4_0, then decodes --new-tokens greedy tokens after a --prompt-len token prompt in llama.cpp, every file once per
@@ -24,24 +25,31 @@ RECIPES = {
 BYTES = {"f32": 4.0, "q4_0": 18 / 32}  # q4_0: 32 weights in 16 bytes + a 2-byte scale
 
 
-def build(workdir: Path, recipe: str):
+def build(workdir: Path, recipe: str, recipe_file: str | None = None):
     import json
 
-    from slimconv.convert import write_checkpoint
+    import yaml
+
+    from slimconv.convert import prepare, write_checkpoint
     from slimconv.formats.gguf_export import write_gguf
-    from slimconv.plan import build_plan, source_plan
+    from slimconv.formats.nemotron import choose_format
+    from slimconv.plan import source_plan
     from slimconv.recipe import parse_recipe
     from slimconv.source import Checkpoint, resolve_source
 
     src = resolve_source("default")
     ckpt = Checkpoint(src)
-    slim = build_plan(parse_recipe({"model": "default", "output": {"dir": "x"}, **RECIPES[recipe]}), ckpt.config)
+    sections = RECIPES[recipe]
+    if recipe_file:  # its removals and narrowed layers (a fraction of channels is resolved as convert does)
+        data = yaml.safe_load(Path(recipe_file).read_text())
+        sections, recipe = {k: v for k, v in data.items() if k in ("remove", "shrink")}, Path(recipe_file).stem
+    slim = prepare(parse_recipe({"model": "default", "output": {"dir": "x"}, **sections}))[2]
     files = {}
     for label, plan in (("unslimmed", source_plan(ckpt.config)), (f"slim ({recipe})", slim)):
         out = workdir / label.split()[0]
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        fmt = "stock" if plan.uniform else "nemotron-nas"
+        fmt = "stock" if plan.uniform else choose_format("auto", plan, ckpt.config)[0]
         write_checkpoint(plan, ckpt, out, "float32", "5GB", fmt)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(src / f, out / f)
@@ -72,6 +80,7 @@ def decode_rate(path: Path, prompt: list[int], new_tokens: int, threads: int) ->
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=list(RECIPES), default="blocks")
+    p.add_argument("--recipe-file", default=None, help="a recipe YAML instead (its remove and shrink sections)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -80,7 +89,7 @@ def main():
     a = p.parse_args()
     from slimconv.plan import costs
 
-    config, src_plan, slim_plan, files, _ = build(Path(a.workdir), a.recipe)
+    config, src_plan, slim_plan, files, _ = build(Path(a.workdir), a.recipe, a.recipe_file)
     prompt = list(range(100, 100 + a.prompt_len))
     rates = {k: [] for k in files}
     for path in files.values():  # warm-up: page the files in

@@ -42,6 +42,7 @@ def main():
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--greedy", action="store_true", help="run the greedy search here instead of its measured recipes")
     p.add_argument("--heal-steps", type=int, default=0)
+    p.add_argument("--heal-lr", default="5e-4")
     p.add_argument("--work", default="outputs/bench-width")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -89,10 +90,12 @@ def main():
                 if not (out / "slimconv_heal.json").exists() and not (work / f"{name}-healed").exists():
                     assert cli(["convert", str(path), "--force"]) == 0
                     assert cli(["validate", str(out)]) == 0
-                    assert cli(["heal", str(out), "--steps", str(a.heal_steps), "--force"]) == 0
+                    assert cli(["heal", str(out), "--steps", str(a.heal_steps), "--lr", a.heal_lr, "--force"]) == 0
                 row["healed"] = json.loads((work / f"{name}-healed" / "slimconv_heal.json").read_text())["eval"]
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
     print("\n| ideal decode target | recipe | ideal decode | WikiText-2 test ppl | KL on King James | "
           "King James ppl | search s |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -104,10 +107,8 @@ def main():
         print("\n| target | recipe | text | unhealed ppl | healed ppl | healed KL |\n|---|---|---|---|---|---|")
         for r in rows:
             for text, e in r.get("healed", {}).items():
-                print(f"| {r['target']:.2f}x | {r['method']} | {text} | {e['unhealed']['ppl']:.2f} | "
-                      f"{e['healed']['ppl']:.2f} | {e['healed']['kl']:.3f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
+                print(f"| {r['target']:.2f}x | {r['method']} | {text} | {e['unhealed']['ppl_slim']:.2f} | "
+                      f"{e['healed']['ppl_slim']:.2f} | {e['healed']['kl']:.3f} |")
 
 
 if __name__ == "__main__":

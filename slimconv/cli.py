@@ -223,8 +223,11 @@ def _cmd_analyze(a, argv):
 def _cmd_search(a, argv):
     from .selection.search import SearchSettings, run_search
 
+    from .selection.mip import mip_search
+
     settings = _on_device(SearchSettings(**a.model_dump(include=set(SearchSettings.model_fields))))
-    run_search(settings, a.out, a.force, a.verify, "slimconv " + " ".join(argv), a.eval_samples, a.eval_seq_len)
+    run_search(settings, a.out, a.force, a.verify, "slimconv " + " ".join(argv), a.eval_samples, a.eval_seq_len,
+               mip_search if settings.method == "mip" else None)
     return 0
 
 

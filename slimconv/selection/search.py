@@ -523,8 +523,9 @@ def recipe_text(m: dict, command: str, output_dir: str) -> tuple[str, dict]:
     s = m["settings"]
     last = m["path"][-1]
     target = m["target"]
+    what = last["change"].removeprefix("mip: ") if "mip" in m else f"{len(m['path']) - 1} changes"
     data = {"model": s["model"],
-            "description": f"slimconv search for {target}: {len(m['path']) - 1} changes, calibration ppl "
+            "description": f"slimconv search for {target}: {what}, calibration ppl "
                            f"{ppl(m['path'][0]['nll']):.2f} -> {ppl(last['nll']):.2f}",
             **m["design"], "output": {"dir": output_dir}}
     if "parallel" in data:
@@ -552,7 +553,8 @@ def validate_inputs(s: SearchSettings, config: dict) -> tuple[Target, tuple[floa
 
 
 def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool = False, command: str = "slimconv search",
-               eval_samples: int = 16, eval_seq_len: int = 512) -> dict:
+               eval_samples: int = 16, eval_seq_len: int = 512, method=None) -> dict:
+    """Runs ``method`` (default: the greedy ``search``; ``mip.mip_search`` for --method mip) and writes its folder."""
     from ..data import calibration_ids
     from ..outdir import AtomicDir, refuse_overlap
     from ..report import console
@@ -564,12 +566,7 @@ def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool =
     refuse_overlap(out, source_paths(s.model, src_dir), "-o")
     validate_inputs(s, checked_source(src_dir)[0].config)
     ids = calibration_ids(src_dir, s.calib, s.samples, s.seq_len, s.seed)
-    if s.method == "mip":
-        from .mip import mip_search
-
-        m = mip_search(s, src_dir, ids)
-    else:
-        m = search(s, src_dir, ids)
+    m = (method or search)(s, src_dir, ids)
     if not m["reached"]:
         raise SlimError(f"the search stopped before reaching {m['target']}: no valid change is left",
                         "ask for less, or allow more kinds of change with --ops")
