@@ -89,7 +89,8 @@ def main():
                     row.update(ppl=q["ppl_slim"], kl=q["kl"], top1=q["top1"], ppl_source=q["ppl_source"])
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-            s = SearchSettings(model=args.model, target=f"decode:{target}", samples=args.samples, seq_len=args.seq_len)
+            s = SearchSettings(model=args.model, target=f"decode:{target}", samples=args.samples, seq_len=args.seq_len,
+                               method="greedy")
             start = time.perf_counter()
             found = search(s, src)
             seconds = time.perf_counter() - start

@@ -58,8 +58,9 @@ def test_leaving_out_every_flag_gives_the_fields_defaults(command):
     options = parse_options(command, parsed)
     for name, field in model.model_fields.items():
         if name not in positional and name not in required:
-            # search's --ops defaults to what its --method searches (settings.DEFAULT_OPS)
-            want = DEFAULT_OPS[options.method] if (command, name) == ("search", "ops") else field.default
+            # search's --method auto resolves by the target (decode: mip), its --ops to what that method searches
+            want = {("search", "ops"): DEFAULT_OPS["mip"], ("search", "method"): "mip"}.get((command, name),
+                                                                                          field.default)
             assert getattr(options, name) == want, (command, name)
 
 

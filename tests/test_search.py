@@ -28,7 +28,7 @@ def _nll(src, plan) -> float:
 @pytest.mark.parametrize("target", ["decode:1.2", "decode-gpu:1.2", "layers:4"])
 def test_search_reaches_the_target_and_its_recipe_converts_exactly(tiny_models, tmp_path, target):
     src = tiny_models["llama-tied"]
-    s = SearchSettings(model=str(src), target=target)
+    s = SearchSettings(model=str(src), target=target, method="greedy")
     m = search(s, src, IDS, quiet=True)
     assert m["reached"] and m["path"][-1]["speeds"][target.split(":")[0]] >= m["goal"] - 1e-9
     text, data = recipe_text(m, "slimconv search", str(tmp_path / "out"))
@@ -46,7 +46,7 @@ def test_the_path_table_is_the_plans_costs_and_losses(tiny_models):
     source model's with that recipe applied at run time (an independent path), and every step adds one change."""
     src = tiny_models["qwen2"]
     cfg = Checkpoint(src).config
-    s = SearchSettings(model=str(src), target="decode-gpu:1.25")
+    s = SearchSettings(model=str(src), target="decode-gpu:1.25", method="greedy")
     m = search(s, src, IDS, quiet=True)
     base = costs(source_plan(cfg), cfg, s.context, s.bytes_per_param)
     speeds = []
@@ -92,7 +92,7 @@ def test_successive_halving_picks_what_every_window_picks(tiny_models):
     assert min(full, key=fast.__getitem__) == min(range(len(exact)), key=exact.__getitem__)
     assert [fast[i] for i in full] == pytest.approx([exact[i] for i in full], abs=1e-6)
     for target in ("decode:1.2", "layers:4"):
-        kw = dict(model=str(src), target=target)
+        kw = dict(model=str(src), target=target, method="greedy")
         a = search(SearchSettings(**kw), src, ids[:4], quiet=True)
         b = search(SearchSettings(**kw, exact=True), src, ids[:4], quiet=True)
         assert [p["change"] for p in a["path"]] == [p["change"] for p in b["path"]]
@@ -109,7 +109,7 @@ def test_search_command_writes_recipe_path_and_plot(tiny_models, tmp_path, monke
     src, text = _text_model(tiny_models, tmp_path)
     monkeypatch.chdir(tmp_path)
     args = ["search", str(src), "--target", "decode:1.15", "-o", "found", "--calib", str(text), "--samples", "4",
-            "--seq-len", "16", "--ops", "blocks,attention,mlp"]
+            "--seq-len", "16", "--ops", "blocks,attention,mlp", "--method", "greedy"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "search on" in out and "candidate changes" in out and "expected: about" in out
@@ -204,7 +204,7 @@ def test_mip_command_writes_fractions_where_convert_picks_the_same_channels(tiny
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--ops", "mlp_width"], "mlp_width with --method greedy"),
+    (["--method", "greedy", "--ops", "mlp_width"], "mlp_width with --method greedy"),
     (["--method", "mip", "--ops", "parallel,blocks"], "parallel with --method mip"),
     (["--method", "mip", "--widths", "1.5"], "--widths"),
 ])

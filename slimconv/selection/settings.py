@@ -60,10 +60,13 @@ class SearchSettings(BaseModel):
 
     model: str = Field(description='"default" (SmolLM2-135M-Instruct), a local HF dir, a .gguf file, or a Hub id')
     target: str = Field(description="METRIC:VALUE, e.g. decode:1.25, prefill:1.3, layers:24, params:0.8")
-    method: Literal["greedy", "mip"] = Field(
-        "greedy", description="greedy: SLEB's verified elimination generalised, one change per step; mip: one "
+    method: Literal["auto", "greedy", "mip"] = Field(
+        "auto", description="greedy: SLEB's verified elimination generalised, one change per step; mip: one "
         "alternative per layer (kept, sublayer or block removed, MLP narrowed, fewer KV heads), each scored alone, "
-        "chosen together by an exact mixed-integer program (NVIDIA Puzzle's search)")
+        "chosen together by an exact mixed-integer program (NVIDIA Puzzle's search); auto: mip for decode, prefill "
+        "and params targets (on SmolLM2 it beat greedy and SLEB there, docs/results/width.md), greedy for "
+        "decode-gpu and layers (they reward the parallel groups only greedy builds), and the method of --ops that "
+        "only one searches")
     ops: list[Literal[OPS]] | None = Field(
         None, min_length=1, description="kinds of change, comma-separated (default: greedy: "
         f"{','.join(DEFAULT_OPS['greedy'])}; mip: {','.join(DEFAULT_OPS['mip'])})")
@@ -97,6 +100,10 @@ class SearchSettings(BaseModel):
 
     @model_validator(mode="after")
     def _ops_of_the_method(self):
+        if self.method == "auto":
+            refusing = {m for o in self.ops or [] for m in DEFAULT_OPS if o not in DEFAULT_OPS[m]}
+            depth = self.target.partition(":")[0] in ("decode-gpu", "layers")
+            self.method = "mip" if "greedy" in refusing else "greedy" if "mip" in refusing or depth else "mip"
         if self.ops is None:
             self.ops = list(DEFAULT_OPS[self.method])
         other = "mip" if self.method == "greedy" else "greedy"
