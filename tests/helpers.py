@@ -177,6 +177,15 @@ def reference_nll(src: Path, ids: torch.Tensor, **recipe) -> float:
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
 
 
+@torch.no_grad()
+def reference_kl(src: Path, ids: torch.Tensor, **recipe) -> float:
+    """How far a recipe moves the run-time reference's next-token distribution on ``ids`` from the source's (KL)."""
+    full = torch.log_softmax(load_model(src)(input_ids=ids).logits, -1)
+    plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"}, **recipe}), Checkpoint(src).config)
+    changed = torch.log_softmax(apply_plan(load_model(src), plan)(input_ids=ids).logits, -1)
+    return (full.exp() * (full - changed)).sum(-1).mean().item()
+
+
 BPE_VOCAB = 320  # a tiny model's vocab_size when it has bpe_tokenizer's tokenizer
 BPE_TEXT = ("the quick brown fox jumps over the lazy dog while hello world, slim models run fast and the dog sleeps "
             "under a tree near the river where the fox once lived")

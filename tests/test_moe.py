@@ -286,19 +286,9 @@ def test_expert_scores_rank_what_matters_and_a_count_keeps_the_highest(families,
         assert sum(s["frequency"]) == pytest.approx(2.0) and min(s["routed_norm"]) >= 0
     norm = scores[1]["routed_norm"]
     order = sorted(range(4), key=lambda e: -norm[e])
-    def change(kept):  # how far keeping only ``kept`` moves the reference's next-token distribution (KL)
-        from slimconv.plan import build_plan
-        from slimconv.recipe import parse_recipe
-        from slimconv.reference import apply_plan
-        from slimconv.runtime import load_model
+    from helpers import reference_kl
 
-        with torch.no_grad():
-            full = torch.log_softmax(load_model(src)(input_ids=IDS).logits, -1)
-            plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"},
-                                            "remove": {"experts": {"1": kept}}}), ckpt.config)
-            pruned = torch.log_softmax(apply_plan(load_model(src), plan)(input_ids=IDS).logits, -1)
-        return (full.exp() * (full - pruned)).sum(-1).mean().item()
-
+    change = lambda kept: reference_kl(src, IDS, remove={"experts": {"1": kept}})
     best, worst = change(sorted(order[:2])), change(sorted(order[2:]))
     assert best < worst, (norm, best, worst)
 

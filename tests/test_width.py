@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import ARCH_CONFIGS, FAMILY_CONFIGS, TINY, assert_exact, compare, convert, make_tiny, with_word_tokenizer
+from helpers import (ARCH_CONFIGS, FAMILY_CONFIGS, TINY, assert_exact, compare, convert, make_tiny, reference_kl,
+                     with_word_tokenizer)
 from slimconv.cli import main
 from slimconv.plan import costs, source_plan
 from slimconv.source import Checkpoint
@@ -88,19 +89,7 @@ def test_channel_scores_rank_what_matters_and_a_fraction_keeps_the_highest(famil
     score = score_layers(Runner(LayerBank(ckpt), IDS), ckpt.config, {2})[2]
     order = sorted(range(WIDTH), key=lambda c: -score[c])
 
-    def change(kept):  # how far keeping only ``kept`` moves the reference's next-token distribution (KL)
-        from slimconv.plan import build_plan
-        from slimconv.recipe import parse_recipe
-        from slimconv.reference import apply_plan
-        from slimconv.runtime import load_model
-
-        with torch.no_grad():
-            full = torch.log_softmax(load_model(src)(input_ids=IDS).logits, -1)
-            plan = build_plan(parse_recipe({"model": str(src), "output": {"dir": "x"},
-                                            "shrink": {"mlp": {"2": sorted(kept)}}}), ckpt.config)
-            narrow = torch.log_softmax(apply_plan(load_model(src), plan)(input_ids=IDS).logits, -1)
-        return (full.exp() * (full - narrow)).sum(-1).mean().item()
-
+    change = lambda kept: reference_kl(src, IDS, shrink={"mlp": {"2": sorted(kept)}})
     best, worst = change(order[:48]), change(order[48:])
     assert best < worst / 2, (best, worst)
 

@@ -8,8 +8,7 @@ of its activation at the down projection's input (act(gate(x)) * up(x), x the ML
 import torch
 
 from ..errors import SlimError
-from ..plan import source_plan
-from .experts import COUNT_CALIBRATION
+from .experts import COUNT_CALIBRATION, count_runner, highest
 
 
 @torch.no_grad()
@@ -31,13 +30,9 @@ def channel_scores(runner, spec, mid: torch.Tensor) -> list[float]:
 def score_layers(runner, config: dict, layers: set[int]) -> dict[int, list[float]]:
     """``channel_scores`` of source layers ``layers``, pushing the calibration set through the source up to the
     last."""
-    specs = source_plan(config).layers
-    x, out = runner.embed(), {}
-    for i, spec in enumerate(specs[: max(layers) + 1]):
-        mid, x = runner.sublayers(spec, x)
-        if i in layers:
-            out[i] = channel_scores(runner, spec, mid)
-    return out
+    from .layerwise import layer_scores
+
+    return layer_scores(runner, config, layers, channel_scores)
 
 
 def chosen(recipe) -> dict:
@@ -63,36 +58,24 @@ def resolve_widths(recipe, src_dir, config: dict):
     """``recipe`` with every ``shrink.mlp`` fraction or count replaced by the channels it keeps (by
     ``channel_scores`` on ``COUNT_CALIBRATION``), and a note for the plan saying so; the recipe itself when it has
     none. Out-of-range values are refused before any calibration runs."""
-    from ..data import calibration_ids
+    from ..plan import build_plan
     from ..recipe import parse_indices
-    from ..source import checked_source
-    from .layerwise import LayerBank, Runner
 
     wanted = chosen(recipe)
     if not wanted:
         return recipe, None
     n, width = config["num_hidden_layers"], config["intermediate_size"]
-    layers = {}
-    for spec, value in wanted.items():
-        key = f"shrink.mlp[{spec!r}]"
-        count = width_of(value, width, recipe.shrink.multiple_of, key)
-        for i in parse_indices(spec, key, n):
-            layers[i] = count
+    count = {spec: width_of(value, width, recipe.shrink.multiple_of, f"shrink.mlp[{spec!r}]")
+             for spec, value in wanted.items()}
+    layers = {i: count[spec] for spec in wanted for i in parse_indices(spec, f"shrink.mlp[{spec!r}]", n)}
     # The plan's own refusals (a removed layer, a mixture of experts) come before the calibration they would waste.
-    from ..plan import build_plan
-
-    probe = {**recipe.shrink.mlp, **{s: list(range(width_of(v, width, recipe.shrink.multiple_of, s)))
-                                     for s, v in wanted.items()}}
+    probe = {**recipe.shrink.mlp, **{spec: list(range(k)) for spec, k in count.items()}}
     build_plan(recipe.model_copy(update=dict(shrink=recipe.shrink.model_copy(update=dict(mlp=probe)))), config)
     c = COUNT_CALIBRATION
-    ckpt, _ = checked_source(src_dir)
-    ids = calibration_ids(src_dir, c["calib"], c["samples"], c["seq_len"], c["seed"])
-    runner = Runner(LayerBank(ckpt), ids)
-    scores = score_layers(runner, config, set(layers))
+    scores = score_layers(count_runner(src_dir), config, set(layers))
     mlp = {k: v for k, v in recipe.shrink.mlp.items() if isinstance(v, list)}
-    for i, count in sorted(layers.items()):
-        score = scores[i]
-        mlp[str(i)] = sorted(sorted(range(len(score)), key=lambda c: -score[c])[:count])
+    for i, k in sorted(layers.items()):
+        mlp[str(i)] = highest(scores[i], k)
     note = (f"MLP channels kept by {', '.join(f'{s}: {v}' for s, v in wanted.items())}: the highest mean |activation| "
             f"at the down projection's input on {c['samples']} x {c['seq_len']} tokens of {c['calib']} (valid split)")
     return recipe.model_copy(update=dict(shrink=recipe.shrink.model_copy(update=dict(mlp=mlp)))), note

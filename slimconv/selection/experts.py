@@ -8,7 +8,6 @@ keeps the highest-scoring experts of each layer, in their index order.
 import torch
 
 from ..errors import SlimError
-from ..plan import source_plan
 
 # The calibration a count is resolved on: `slimconv analyze`'s defaults (its settings' fields of the same names).
 COUNT_CALIBRATION = dict(calib="wikitext2", samples=8, seq_len=256, seed=0)
@@ -39,13 +38,26 @@ def expert_scores(runner, spec, mid: torch.Tensor) -> dict:
 
 def score_layers(runner, config: dict, layers: set[int]) -> dict[int, dict]:
     """``expert_scores`` of source layers ``layers``, pushing the calibration set through the source up to the last."""
-    specs = source_plan(config).layers
-    x, out = runner.embed(), {}
-    for i, spec in enumerate(specs[: max(layers) + 1]):
-        mid, x = runner.sublayers(spec, x)
-        if i in layers:
-            out[i] = expert_scores(runner, spec, mid)
-    return out
+    from .layerwise import layer_scores
+
+    return layer_scores(runner, config, layers, expert_scores)
+
+
+def count_runner(src_dir):
+    """The layer-by-layer engine on ``COUNT_CALIBRATION``'s windows of the source: what convert scores a count of
+    experts (or of MLP channels, ``channels.resolve_widths``) on."""
+    from ..data import calibration_ids
+    from ..source import checked_source
+    from .layerwise import LayerBank, Runner
+
+    c = COUNT_CALIBRATION
+    ckpt, _ = checked_source(src_dir)
+    return Runner(LayerBank(ckpt), calibration_ids(src_dir, c["calib"], c["samples"], c["seq_len"], c["seed"]))
+
+
+def highest(scores: list[float], k: int) -> list[int]:
+    """The indices of the ``k`` highest ``scores``, in index order (what a count keeps)."""
+    return sorted(sorted(range(len(scores)), key=lambda e: -scores[e])[:k])
 
 
 def counts(recipe) -> dict:
@@ -57,10 +69,7 @@ def resolve_counts(recipe, src_dir, config: dict):
     """``recipe`` with every expert count replaced by the experts it keeps (by ``expert_scores`` on
     ``COUNT_CALIBRATION``), and a note for the plan saying so; the recipe itself when it has no count."""
     from ..arch import get_arch
-    from ..data import calibration_ids
     from ..recipe import parse_indices
-    from ..source import checked_source
-    from .layerwise import LayerBank, Runner
 
     wanted = counts(recipe)
     if not wanted:
@@ -78,14 +87,10 @@ def resolve_counts(recipe, src_dir, config: dict):
                                 f"leave it out; the sparse layers are {[j for j in range(n) if arch.sparse[j]]}")
             layers[i] = (spec, k)
     c = COUNT_CALIBRATION
-    ckpt, _ = checked_source(src_dir)
-    ids = calibration_ids(src_dir, c["calib"], c["samples"], c["seq_len"], c["seed"])
-    runner = Runner(LayerBank(ckpt), ids)
-    scores = score_layers(runner, config, set(layers))
+    scores = score_layers(count_runner(src_dir), config, set(layers))
     experts = {k: v for k, v in recipe.remove.experts.items() if not isinstance(v, int)}
     for i, (spec, k) in sorted(layers.items()):
-        norm = scores[i]["routed_norm"]
-        experts[str(i)] = sorted(sorted(range(len(norm)), key=lambda e: -norm[e])[:k])
+        experts[str(i)] = highest(scores[i]["routed_norm"], k)
     note = (f"experts kept by count ({', '.join(f'{s}: {k}' for s, k in wanted.items())}): the highest router-weighted "
             f"output norms on {c['samples']} x {c['seq_len']} tokens of {c['calib']} (valid split)")
     return recipe.model_copy(update=dict(remove=recipe.remove.model_copy(update=dict(experts=experts)))), note

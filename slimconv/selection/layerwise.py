@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import arch as A
 from ..layout import as_slim_config, layer_jobs, tensor_jobs
-from ..plan import LayerSpec, Plan, layer_spec
+from ..plan import LayerSpec, Plan, layer_spec, source_plan
 from ..runtime import pick_device
 from ..source import Checkpoint
 
@@ -143,6 +143,18 @@ class Runner:
 
         b = self.bank
         return final_softcap(b.config, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + b.eps) * b.final_norm) @ b.head.T)
+
+
+def layer_scores(runner: Runner, config: dict, layers: set[int], score) -> dict:
+    """``score(runner, spec, mid)`` of source layers ``layers``, ``mid`` the residual stream after each one's
+    attention, pushing the calibration set through the source up to the last of them."""
+    specs = source_plan(config).layers
+    x, out = runner.embed(), {}
+    for i, spec in enumerate(specs[: max(layers) + 1]):
+        mid, x = runner.sublayers(spec, x)
+        if i in layers:
+            out[i] = score(runner, spec, mid)
+    return out
 
 
 def ppl(nll: float) -> float:

@@ -27,12 +27,7 @@ from ..plan import costs
 from .channels import score_layers, width_of
 from .experts import COUNT_CALIBRATION
 from .layerwise import LayerBank, Runner, final_hidden, kl_divergence, ppl, ranked_nlls
-from .search import Design, Step, all_speeds, diff, gpu_decode_seconds, validate_inputs
-
-# The additive quantity V of each target metric (its speed is V_source / V).
-MEASURE = {"decode": lambda c, s: c["decode_bytes_per_token"], "prefill": lambda c, s: c["prefill_flops_per_token"],
-           "params": lambda c, s: c["params"], "layers": lambda c, s: c["sequential_layers"],
-           "decode-gpu": gpu_decode_seconds}
+from .search import MEASURE, Design, Step, all_speeds, diff, speed, target_speed, validate_inputs
 
 
 def alternatives(config: dict, s, order: dict[int, list[int]]) -> list[tuple[int, str, Design]]:
@@ -120,8 +115,7 @@ def mip_search(s, src_dir: Path, ids: torch.Tensor, quiet: bool = False) -> dict
     config = ckpt.config
     n = config["num_hidden_layers"]
     target, reach = validate_inputs(s, config)
-    goal = 1 / target.value if target.metric == "params" else (
-        n / target.value if target.metric == "layers" else target.value)
+    goal = target_speed(target, config, s)
     measure = MEASURE[target.metric]
     start = time.perf_counter()
     source = Design().plan(s.model, config, s.norm)
@@ -169,16 +163,16 @@ def mip_search(s, src_dir: Path, ids: torch.Tensor, quiet: bool = False) -> dict
     path = [Step("source", {}, all_speeds(src_costs, src_costs, s), nll_src, 0.0, 0, 0, 0.0),
             Step(f"mip: {len(chosen)} layers changed", design.sections(), all_speeds(c, src_costs, s), nll, kl, len(library),
                  len(library), seconds)]
-    speed = v_src / measure(c, s)
+    got = speed(c, src_costs, target.metric, s)
     if not quiet:
         console.print(f"  chosen ({len(chosen)} layers changed): {changes}")
-        console.print(f"  {target.metric} {speed:.3f}x; calibration ppl {ppl(nll):.2f} jointly (the sum of lone "
+        console.print(f"  {target.metric} {got:.3f}x; calibration ppl {ppl(nll):.2f} jointly (the sum of lone "
                       f"increases estimated {ppl(estimate):.2f}), KL {kl:.4f}; {scored:.0f} s scoring, "
                       f"{seconds:.0f} s in all")
     library_rows = [dict(layer=l, alternative=name, dloss=dl, dcost=dc) for (l, name, _), dl, dc
                     in zip(library, dloss, dcost)]
     return dict(settings=s.model_dump(), source_dir=str(src_dir), num_layers=n, target=str(target), goal=goal,
-                reached=speed >= goal - 1e-9, calibration_tokens=ids.numel(), reachable=reach[0], seconds=seconds,
+                reached=got >= goal - 1e-9, calibration_tokens=ids.numel(), reachable=reach[0], seconds=seconds,
                 estimate=dict(scoring_s=scored), design=readable(design.sections(), s, config, same_calibration(s, src_dir, ids, str(bank.device))),
                 path=[vars(p) for p in path], plan=plan.model_dump(),
                 mip=dict(alternatives=len(library), chosen=[library_rows[j] for j in chosen], estimated_nll=estimate,

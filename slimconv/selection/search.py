@@ -168,15 +168,7 @@ def changes(d: Design, n: int, ops: list[str], max_group: int, weakest: dict | N
 
 def speed(c: dict, src: dict, metric: str, s: SearchSettings) -> float:
     """The plan's ideal speedup for ``metric`` (higher is better; for params the inverse of the fraction kept)."""
-    if metric == "decode":
-        return src["decode_bytes_per_token"] / c["decode_bytes_per_token"]
-    if metric == "prefill":
-        return src["prefill_flops_per_token"] / c["prefill_flops_per_token"]
-    if metric == "params":
-        return src["params"] / c["params"]
-    if metric == "layers":
-        return src["sequential_layers"] / c["sequential_layers"]
-    return gpu_decode_seconds(src, s) / gpu_decode_seconds(c, s)
+    return MEASURE[metric](src, s) / MEASURE[metric](c, s)
 
 
 def gpu_decode_seconds(c: dict, s: SearchSettings) -> float:
@@ -184,6 +176,13 @@ def gpu_decode_seconds(c: dict, s: SearchSettings) -> float:
     layer (and one more for the final norm and head). A parallel group is one wide layer: the same number
     of kernels as one layer, so it saves a layer's fixed time and none of the bytes."""
     return c["decode_bytes_per_token"] / s.gpu_bandwidth + (c["sequential_layers"] + 1) * s.layer_latency_us * 1e-6
+
+
+# What each target metric measures of a plan's costs: a sum over layers (and the fixed embedding and head), whose
+# ratio source / slim is the metric's speedup (mip.py's solver needs it additive).
+MEASURE = {"decode": lambda c, s: c["decode_bytes_per_token"], "prefill": lambda c, s: c["prefill_flops_per_token"],
+           "params": lambda c, s: c["params"], "layers": lambda c, s: c["sequential_layers"],
+           "decode-gpu": gpu_decode_seconds}
 
 
 def all_speeds(c: dict, src: dict, s: SearchSettings) -> dict:
@@ -219,8 +218,9 @@ def best_reachable(config: dict, model: str, target: Target, ops: list[str], s: 
             extremes.append((f"every mixture-of-experts layer down to {arch.top_k} experts", Design(experts=pruned)))
     if "mlp_width" in ops or "kv_heads" in ops:
         from ..arch import kv_heads
+        from .channels import width_of
 
-        width = max(1, round(min(s.widths) * config["intermediate_size"]))
+        width = width_of(min(s.widths), config["intermediate_size"], 1, "--widths")
         extremes.append(("every layer at its narrowest", Design(
             channels=tuple((i, tuple(range(width))) for i in range(n)) if "mlp_width" in ops else (),
             kv=tuple((i, 1) for i in range(n)) if "kv_heads" in ops and kv_heads(config) > 1 else ())))
