@@ -99,7 +99,8 @@ def _cmd_convert(a, argv):
 def _cmd_validate(a, argv):
     from .validate import run_validate
 
-    return _validated(run_validate(a.output, skip_quality=a.skip_quality, trust_remote_code=a.trust_remote_code))
+    return _validated(run_validate(a.output, skip_quality=a.skip_quality, trust_remote_code=a.trust_remote_code,
+                                  deployed=a.deployed or ()))
 
 
 def _cmd_run(a, argv):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SlimError
-from .recipe import ONNX_DTYPES, Bench, Device, Export, Heal, Output, Push
+from .recipe import DEPLOYED_DTYPES, ONNX_DTYPES, Bench, Device, Export, Heal, Output, Push
 from .selection.settings import METRICS, OPS, AnalysisSettings, SearchSettings
 
 FORCE = "overwrite an existing output folder"
@@ -49,6 +49,11 @@ class RunArgs(ConvertArgs):
 class ValidateArgs(_Args):
     output: str = Field(description=OUTPUT)
     skip_quality: bool = Field(False, description="run only the exactness check")
+    deployed: list[Literal[DEPLOYED_DTYPES]] | None = Field(
+        None, description="also measure source and slim quantised alike to these GGUF precisions, in llama.cpp, on the "
+        "validation text and King James (perplexity, KL from the float source and from the source at the same "
+        "precision; slimconv_deployed.json, shown in the model card). Exports OUTPUT/gguf files that are missing; "
+        "the source's are made once into the cache. Needs llama-cpp-python (default: not measured)")
     trust_remote_code: bool = Field(False, description=TRUST)
 
 

@@ -17,6 +17,7 @@ RECIPE_FILE = "slimconv_recipe.yaml"
 PLAN_FILE = "slimconv_plan.json"
 REPORT_FILE = "slimconv_report.json"
 BENCH_FILE = "slimconv_bench.json"
+DEPLOYED_FILE = "slimconv_deployed.json"  # quality at the deployed precisions (`validate --deployed`)
 CARD_FILE = "README.md"
 HEAL_FILE = "slimconv_heal.json"       # what `heal` did and measured (only in a healed output)
 HEAL_PLOT = "slimconv_heal_loss.png"   # its loss curve

@@ -193,6 +193,8 @@ class Bench(_Strict):
 # GGUF precisions, and ONNX's with their GGUF spellings (f32 = fp32, f16 = fp16) accepted too.
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 ONNX_DTYPES = ("fp32", "fp16", "bf16", "int4")
+# The quantised GGUF precisions `validate --deployed` measures (float ones would repeat its float check).
+DEPLOYED_DTYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 class Export(_Strict):

@@ -127,6 +127,34 @@ def print_validation(report: dict):
         console.print(t)
 
 
+def deployed_rows(record: dict) -> list[list[str]]:
+    """One row per text and precision: perplexities, their ratio, and the KLs."""
+    rows = []
+    for text, by_precision in record["texts"].items():
+        for precision, r in by_precision.items():
+            src, slim = r["source"], r["slim"]
+            rows.append([text, precision, f"{src['ppl']:.2f}", f"{slim['ppl']:.2f}", f"{slim['ppl'] / src['ppl']:.3f}",
+                         "-" if "kl_float_source" not in src else f"{src['kl_float_source']:.3f}",
+                         f"{slim['kl_float_source']:.3f}",
+                         "-" if "kl_same_precision_source" not in slim else f"{slim['kl_same_precision_source']:.3f}"])
+    return rows
+
+
+DEPLOYED_HEADER = ["text", "precision", "ppl source", "ppl slim", "slim/source", "KL source", "KL slim",
+                   "KL slim vs source"]  # KL from the float source; the last, from the source at that precision
+
+
+def print_deployed(record: dict):
+    t = Table(title=f"deployed precision in {record['engine']}: {record['samples']} x {record['seq_len']} tokens per "
+              "text", header_style="bold", caption="KL in nats/token from the float source; the last column from the "
+              "source file of the same precision")
+    for h in DEPLOYED_HEADER:
+        t.add_column(h, justify="right")
+    for row in deployed_rows(record):
+        t.add_row(*row)
+    console.print(t)
+
+
 EARLY_EXIT_HEADER = ["run", "items", "avg layers", "layers saved", "compute saved", "top-1 agreement",
                      "ppl / accuracy (exit vs full)"]
 
@@ -304,6 +332,7 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
     """
     import yaml
 
+    from .deployed import load_deployed
     from .recipe import load_recipe
 
     meta = read_json(out / PLAN_FILE)
@@ -314,6 +343,7 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
     onnx_report = read_json(out / ONNX_REPORT) if (out / ONNX_REPORT).is_file() else None
     onnx = onnx_report is not None and onnx is not False
     bench = load_bench(out)
+    deployed = load_deployed(out)
     tags = ["slimconv", "pruned", "layer-pruning"]
     if any(len(s.source_layers) > 1 for s in plan.layers):
         tags.append("layer-parallelism")
@@ -377,6 +407,13 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
         parts.append(f"Early exit (policy `{json.dumps(report['early_exit']['policy'])}`), against the same "
                      "checkpoint with every layer run:")
         parts.append(md_table(EARLY_EXIT_HEADER, early_exit_rows(report["early_exit"])))
+    if deployed:
+        parts += ["## Deployed precision",
+                  f"The slim model and its source, each exported alike by slimconv and run by {deployed['engine']}, "
+                  f"on {deployed['samples']} x {deployed['seq_len']} held-out tokens per text. KL in nats per token from "
+                  "the float source; the last column compares the slim file with the source file of the same "
+                  "precision:",
+                  md_table(DEPLOYED_HEADER, deployed_rows(deployed))]
     if onnx:
         parts += _onnx_section(onnx_report)
     if bench:

@@ -180,8 +180,9 @@ def healed_exactness(healed_dir, unhealed_dir, unhealed_sha256: str, trained: li
                 problems=problems[:10], passed=not problems)
 
 
-def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = False) -> dict:
-    """Validates a slim output folder against its source; writes slimconv_report.json and the card."""
+def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = False, deployed: list[str] = ()) -> dict:
+    """Validates a slim output folder against its source; writes slimconv_report.json and the card. ``deployed``:
+    GGUF precisions at which to measure source and slim in llama.cpp as well (slimconv_deployed.json)."""
     from .data import load_text, token_chunks
     from .outdir import PLAN_FILE, RECIPE_FILE, read_json, require_output
     from .recipe import load_recipe
@@ -199,6 +200,13 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
         console.print(f"[yellow]warning:[/] {out / PLAN_FILE} records no source weight hash (an older slimconv): "
                       f"cannot check that {recipe.model} still holds the weights it was converted from")
     v = recipe.validation
+    deploy = None
+    if deployed:
+        from .deployed import check_dtypes, run_deployed
+
+        check_dtypes(list(deployed))  # before the float checks, not after them
+        deploy = lambda: run_deployed(out, src_dir, list(deployed), v.quality.data, v.quality.samples,
+                                      v.quality.seq_len, trust_remote_code)
     tokenizer = load_tokenizer(out)
     report = {}
     slim = load_model(out)
@@ -208,7 +216,7 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
     slim.config.early_exit_enabled = False
     healed = meta.get("heal")
     if healed:
-        return _validate_healed(out, healed, src_dir, slim, tokenizer, v, skip_quality, trust_remote_code)
+        return _validate_healed(out, healed, src_dir, slim, tokenizer, v, skip_quality, trust_remote_code, deploy)
     if v.exactness.enabled:
         console.print("exactness: slim checkpoint vs source with the plan applied at run time (float32)")
         text = load_text(v.quality.data, "test")
@@ -226,7 +234,7 @@ def run_validate(out, skip_quality: bool = False, trust_remote_code: bool = Fals
 
             console.print("early exit: simulated per token on the same text, real cached decoding, prompt tasks")
             report["early_exit"] = evaluate(slim, tokenizer, chunks, load_text(v.quality.data, "test"))
-    return _finish(out, report)
+    return _finish(out, report, deploy)
 
 
 def warn_exports(out) -> list[dict]:
@@ -248,23 +256,27 @@ def warn_exports(out) -> list[dict]:
     return found
 
 
-def _finish(out, report: dict) -> dict:
+def _finish(out, report: dict, deploy=None) -> dict:
     """Writes a validation ``report`` (passed when every check did) into ``out``, refreshes the card, prints it.
-    A healed output's ``quality_unhealed`` is context, not a check of this output, as in heal's own report."""
+    A healed output's ``quality_unhealed`` is context, not a check of this output, as in heal's own report.
+    ``deploy`` measures the deployed precisions (a measurement, not a check: it has no verdict)."""
     from .outdir import REPORT_FILE, write_json
-    from .report import print_validation, write_card
+    from .report import print_deployed, print_validation, write_card
 
     report["passed"] = all(r["passed"] for k, r in report.items() if k != "quality_unhealed")
     report["environment"] = environment()
     report["exports_not_of_these_weights"] = warn_exports(out)
     write_json(out / REPORT_FILE, report)
+    record = deploy() if deploy else None
     write_card(out)
     print_validation(report)
+    if record:
+        print_deployed(record)
     return report
 
 
 def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_quality: bool,
-                     trust_remote_code: bool) -> dict:
+                     trust_remote_code: bool, deploy=None) -> dict:
     """A healed output: exactness is the frozen-tensor check against the unhealed output (the trained
     weights have no reference to equal); quality compares it with the source, beside the unhealed output's."""
     from .data import load_text, token_chunks
@@ -285,4 +297,4 @@ def _validate_healed(out, healed: dict, src_dir, slim, tokenizer, v, skip_qualit
             report["quality"], report["quality_unhealed"] = both["healed"], both["unhealed"]
         else:
             report["quality"] = quality(load_model(src_dir, trust_remote_code), slim, chunks, v.quality)
-    return _finish(out, report)
+    return _finish(out, report, deploy)
