@@ -3,6 +3,7 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from .errors import SlimError
 from .options import COMMANDS, methods, add_options, export_dtype, parse_options, search_epilog
@@ -163,11 +164,42 @@ def _cmd_heal(a, argv):
     from .recipe import Heal, load_recipe
 
     # The output's own recipe may carry a heal section: its values are the defaults the flags override.
-    out = require_output(a.unhealed)
-    base = load_recipe(out / RECIPE_FILE).heal or Heal()
+    recipe_file = Path(a.unhealed)
+    planning_recipe = a.plan and recipe_file.suffix in (".yaml", ".yml") and recipe_file.is_file()
+    out = None if planning_recipe else require_output(a.unhealed)
+    recipe = load_recipe(recipe_file if planning_recipe else out / RECIPE_FILE)
+    base = recipe.heal or Heal()
     given = {k: getattr(a, k) for k in a.model_fields_set & set(Heal.model_fields) - {"output"}}
     settings = Heal.model_validate({**base.model_dump(exclude={"output"}), **given})
+    if a.plan:
+        return _heal_plan(recipe, out, settings, a.nproc, a.device_memory)
     run_heal(out, settings, a.output, a.force, a.resume)
+    return 0
+
+
+def _heal_plan(recipe, out, settings, nproc: int | None, device_memory: float | None) -> int:
+    import os
+
+    import torch
+
+    from .convert import prepare
+    from .memory import device_memory as usable, heal_memory, print_memory, ranks_needed
+    from .outdir import PLAN_FILE, read_json
+    from .plan import Plan
+    from .runtime import pick_device
+
+    _, config, plan, _ = prepare(recipe, config_only=True)  # the source's config alone, even for a 70B
+    if out is not None:
+        plan = Plan(**read_json(out / PLAN_FILE)["plan"])  # what convert wrote (fractions resolved)
+    nproc = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(settings.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise SlimError(f"--nproc {nproc}: torch sees {torch.cuda.device_count()} CUDA device(s) here",
+                        f"plan for {torch.cuda.device_count()} or fewer, or give --device-memory to plan for "
+                        "another machine")
+    limit, where = usable(device, nproc, device_memory)
+    print_memory(heal_memory(plan, config, settings, nproc), limit, where, nproc, settings, f"heal {recipe.model}",
+                 ranks_needed(plan, config, settings, limit))
     return 0
 
 
@@ -299,7 +331,9 @@ HELP = {
              "curve, and source / unhealed / healed quality on WikiText-2 test and on a second text of another "
              "domain. The defaults below are heal's own; the output recipe's heal: section, where it has one, "
              "overrides them, and the flags override both. Ctrl-C leaves no finished-looking folder; --resume "
-             "continues from the last checkpoint (every --checkpoint-every steps)."),
+             "continues from the last checkpoint (every --checkpoint-every steps). Under `torchrun --nproc-per-node N -m "
+             "slimconv heal ...` teacher and student are sharded over the ranks (FSDP2) and each rank trains on its "
+             "share of every batch; --plan prints the memory each rank needs first (docs/healing.md)."),
     "export": ("export a slim output to ONNX (KV cache, checked against PyTorch) or GGUF", None),
     "bench": ("measure prefill and decode speed of source and slim, beside the plan's ideal",
               "Runs the source and the slim model interleaved (source, slim, source, ...) after a warm-up, and prints "
@@ -360,7 +394,10 @@ def main(argv=None) -> int:
         # argv: a written recipe records the command that chose it
         return func(parse_options(command, args), argv)
     except SlimError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import quiet_rank
+
+        rank = quiet_rank()
+        print(f"error: {e}" if rank is None else f"rank {rank}: stopped (rank 0 says why)", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was left half-written", file=sys.stderr)

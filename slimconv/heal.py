@@ -51,12 +51,25 @@ class LoRALinear(nn.Module):
     model. Hand-written rather than peft: a dozen lines, no new dependency, and nothing that can break on
     a transformers release (peft patches transformers' modules); merging is one matrix product."""
 
-    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator | None):
         super().__init__()
         self.base, self.scale = base, 1.0  # alpha = r: the update's scale does not change with the rank
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator).to(base.weight)
-                                   / math.sqrt(base.in_features))
+        self.lora_a = nn.Parameter(torch.zeros(rank, base.in_features).to(base.weight))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
+        if generator is not None:
+            self.reset(generator)
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator):
+        """A random, B zero. Drawn on the CPU whole and then placed, so that a sharded run (whose adapters are
+        built on the meta device and sharded first) draws exactly what one process does."""
+        a = torch.randn(self.lora_a.shape, generator=generator) / math.sqrt(self.base.in_features)
+        for p, value in ((self.lora_a, a), (self.lora_b, torch.zeros(self.lora_b.shape))):
+            if hasattr(p, "device_mesh"):  # a DTensor shard
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+            p.copy_(value)
 
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
@@ -119,8 +132,9 @@ def disk_state(state: dict, config) -> dict:
     return out
 
 
-def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator) -> tuple[list[int], list[str]]:
-    """Freezes everything, then unfreezes (or wraps with adapters) what ``settings.train`` says.
+def trainable(model, plan: Plan, settings: Heal, generator: torch.Generator | None) -> tuple[list[int], list[str]]:
+    """Freezes everything, then unfreezes (or wraps with adapters) what ``settings.train`` says. Without a
+    ``generator`` the adapters stay zero until ``reset_adapters``.
 
     Returns the output layers that train and the names of the checkpoint tensors that will change.
     """
@@ -209,6 +223,13 @@ def release(wrapped: list[nn.Module]) -> None:
 
     for module in wrapped:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+def reset_adapters(model, generator: torch.Generator) -> None:
+    """Draws every adapter's initial values in the order ``trainable`` created them."""
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            mod.reset(generator)
 
 
 def merge_lora(model) -> None:
@@ -393,27 +414,38 @@ def _peak_rss_mb() -> float:
 
 def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, device: torch.device,
            layers: list[int], resume_file: Path | None = None, resume: bool = False,
-           fingerprint: dict | None = None) -> dict:
+           fingerprint: dict | None = None, world=None) -> dict:
     """Trains ``student``'s trainable parameters towards ``teacher`` on ``windows`` (steps*batch x seq_len).
 
     Returns the loss curve and what the run cost. Saves a resume checkpoint every
-    ``settings.checkpoint_every`` steps to ``resume_file`` when given.
+    ``settings.checkpoint_every`` steps to ``resume_file`` when given. Under a torchrun ``world`` both models
+    are FSDP2-sharded, each rank takes its share of every batch, the curve is the ranks' mean (the loss of the
+    whole batch) and the checkpoint is a torch.distributed.checkpoint folder.
     """
+    from . import distributed
+
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
     named = {n: p for n, p in student.named_parameters() if p.requires_grad}
     curve, start_step, elapsed_before = [], 0, 0.0
-    if resume and resume_file is not None and resume_file.is_file():
-        state = torch.load(resume_file, map_location="cpu", weights_only=False)
+    if resume and resume_file is not None and resume_file.exists():
+        if world:
+            state = distributed.load_resume(resume_file, student, opt, list(named))
+        else:
+            state = torch.load(resume_file, map_location="cpu", weights_only=False)
         if state.get("fingerprint") != fingerprint:
             raise SlimError(f"{resume_file} was saved by a heal with other settings or inputs",
                             "run without --resume to start over (or with the same settings as before)")
-        with torch.no_grad():
-            for n, t in state["params"].items():
-                named[n].copy_(t)
-        opt.load_state_dict(state["optimizer"])
+        if not world:
+            with torch.no_grad():
+                for n, t in state["params"].items():
+                    named[n].copy_(t)
+            opt.load_state_dict(state["optimizer"])
         curve, start_step, elapsed_before = state["curve"], state["step"], state["elapsed_s"]
-        print(f"resuming at step {start_step} of {settings.steps} from {resume_file}")
+        if world is None or world.main:
+            print(f"resuming at step {start_step} of {settings.steps} from {resume_file}")
+    share = settings.batch // world.size if world else settings.batch
+    first = world.rank * share if world else 0
     pairs = _hidden_pairs(plan, layers, plan.num_source_layers) if settings.hidden_weight > 0 else []
     s_store, t_store = {}, {}
     hooks = (_capture(_layers(student), [j for j, _ in pairs], s_store)
@@ -422,19 +454,23 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
     start = time.time()
     stopped_early = False
     tokens = 0
-    k = shared_prefix(plan, layers, settings.quant)
+    # Sharded layers stay in place: skipping them would leave their FSDP units out of the forward.
+    k = 0 if world else shared_prefix(plan, layers, settings.quant)
     start_at = _StartAt(teacher, student, k) if k else contextlib.nullcontext()
     start_at.__enter__()
     try:
         bar = tqdm(range(start_step, settings.steps), desc=f"heal ({settings.train})", unit="step", disable=None,
                    initial=start_step, total=settings.steps)
         for step in bar:
-            if settings.max_minutes is not None and elapsed_before + time.time() - start > settings.max_minutes * 60:
+            elapsed = elapsed_before + time.time() - start
+            if world:  # rank 0's clock for all: ranks that disagreed on stopping would wait for each other forever
+                elapsed = distributed.broadcast(elapsed)
+            if settings.max_minutes is not None and elapsed > settings.max_minutes * 60:
                 stopped_early = True
                 break
-            ids = windows[step * settings.batch:(step + 1) * settings.batch].to(device)
+            ids = windows[step * settings.batch + first:step * settings.batch + first + share].to(device)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, settings, elapsed_before + time.time() - start)
+                g["lr"] = _lr_at(step, settings, elapsed)
             with torch.no_grad():
                 target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
             logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
@@ -449,20 +485,25 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             tokens += ids.numel()
-            row = dict(step=step + 1, kl=kl.item(), seconds=elapsed_before + time.time() - start)
+            reduce = distributed.mean if world else float
+            row = dict(step=step + 1, kl=reduce(kl.item()), seconds=elapsed_before + time.time() - start)
             if mse is not None:
-                row["hidden_mse"] = mse.item()
+                row["hidden_mse"] = reduce(mse.item())
             curve.append(row)
             bar.set_postfix(kl=f"{row['kl']:.4f}", refresh=False)
             if resume_file is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-                _save_resume(resume_file, named, opt, curve, step + 1, row["seconds"], fingerprint)
+                if world:
+                    distributed.save_resume(resume_file, student, opt, list(named), dict(
+                        curve=curve, step=step + 1, elapsed_s=row["seconds"], fingerprint=fingerprint))
+                else:
+                    _save_resume(resume_file, named, opt, curve, step + 1, row["seconds"], fingerprint)
     finally:
         start_at.__exit__(None, None, None)
         for h in hooks:
             h.remove()
         student.eval()
     return dict(steps=len(curve), shared_prefix_layers=k, tokens=len(curve) * settings.batch * settings.seq_len,
-                tokens_this_run=tokens, wall_s=elapsed_before + time.time() - start,
+                tokens_this_run=tokens * (world.size if world else 1), wall_s=elapsed_before + time.time() - start,
                 stopped_by_time=stopped_early, resumed_from=start_step or None, curve=curve)
 
 
@@ -522,6 +563,59 @@ def _plot(curve: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def start_world(world, device: torch.device, settings: Heal, out: Path) -> torch.device:
+    """Joins the torchrun world after the checks every rank makes alike; returns this rank's device."""
+    from . import arch as A
+    from . import distributed
+    from .report import console
+
+    if not world.main:
+        console.quiet = True  # rank 0 speaks for all
+    if settings.batch % world.size:
+        raise SlimError(f"--batch {settings.batch} does not split over {world.size} ranks",
+                        f"pick a --batch that is a multiple of {world.size}: every rank takes an equal share")
+    config = read_json(out / CONFIG_FILE)
+    distributed.refuse_unsupported(settings, A.FAMILIES.get(config.get("model_type")),
+                                   config.get("model_type") in A.MULTIMODAL)
+    return distributed.start(world, device)
+
+
+def check_resume_kind(target: Path, world, resume: bool) -> None:
+    """A resume checkpoint is one process's file or a distributed folder; the other kind cannot be read."""
+    if not resume:
+        return
+    from .distributed import resume_dir
+
+    other = _resume_path(target) if world else resume_dir(target)
+    if other.exists():
+        what = "one process's checkpoint" if world else "a distributed (torchrun) checkpoint"
+        how = "as one process (without torchrun)" if world else "under torchrun (any number of ranks)"
+        raise SlimError(f"--resume: {other} is {what}, and this run is "
+                        f"{'distributed' if world else 'one process'}",
+                        f"resume it {how}, or run without --resume to start over")
+
+
+def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device: torch.device,
+                   gen: torch.Generator):
+    """Teacher and student built on the meta device, FSDP2-sharded, then filled with this rank's slices of
+    their weight files; the student's trainable parts set (adapters drawn after loading, as one process
+    draws them). Returns (teacher, student, trained layers, changed tensor names)."""
+    from . import distributed
+
+    teacher = distributed.empty_model(src_dir)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    distributed.shard(teacher, _layers(teacher), device)
+    distributed.load_shards(teacher, src_dir, device)
+    student = distributed.empty_model(out)
+    student.config.early_exit_enabled = False
+    layers, changed = trainable(student, plan, settings, None)
+    distributed.shard(student, _layers(student), device)
+    distributed.load_shards(student, out, device)
+    reset_adapters(student, gen)
+    return teacher, student, layers, changed
+
+
 def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
     """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
     from .data import check_training, describe_training, load_text, token_chunks
@@ -537,11 +631,25 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     check_training(settings.data, "--data / heal.data")
     check_quant(settings)
     device = pick_device(settings.device)
+    from . import distributed
+
+    world = distributed.current()
+    if world:
+        device = start_world(world, device, settings, out)
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)
     target = Path(target) if target else Path(settings.output) if settings.output else default_target(out)
     refuse_overlap(target, [(out, "unhealed output")] + source_paths(recipe.model, src_dir), "-o/--out")
-    atomic = AtomicDir(target, force, "-o/--out")
+    atomic, refusal = None, None
+    if world is None or world.main:  # the one writer: another rank taking its lock would be refused
+        try:
+            atomic = AtomicDir(target, force, "-o/--out")
+        except SlimError as e:
+            if world is None:
+                raise
+            refusal = e
+    if world:
+        distributed.agree(refusal)
     q = recipe.validation.quality
     tokenizer = load_tokenizer(out)
     # Every text is read before any work, so a missing file fails now, not after an hour of training.
@@ -550,28 +658,47 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     generated = "generated" in settings.data.split("+")
     if not generated:
         windows = training_windows(None, src_dir, settings, settings.steps * settings.batch, device)
-    resume_file = _resume_path(atomic.path)
+    absolute = Path(os.path.abspath(target))
+    resume_file = distributed.resume_dir(absolute) if world else _resume_path(absolute)
+    check_resume_kind(absolute, world, resume)
     data = describe_training(settings.data, settings.generated_windows)
     console.print(f"heal {out} -> {target}: teacher {recipe.model}, {settings.train}, {settings.steps} steps x "
-                  f"{settings.batch} x {settings.seq_len} tokens of {data}, lr {settings.lr}, device {device}")
-    with atomic as tmp:
+                  f"{settings.batch} x {settings.seq_len} tokens of {data}, lr {settings.lr}, device {device}"
+                  + (f", {world.size} ranks (FSDP2), {settings.batch // world.size} windows each per step"
+                     if world else ""))
+    # Rank 0 writes the output; the other ranks train, hand over their shards, and leave.
+    with atomic if world is None or world.main else contextlib.nullcontext() as tmp:
         torch.manual_seed(settings.seed)
         gen = torch.Generator().manual_seed(settings.seed)
-        teacher = load_model(src_dir).to(device)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        student = load_model(out).to(device)
-        student.config.early_exit_enabled = False
+        if world:
+            models, refusal = None, None
+            try:
+                models = sharded_models(src_dir, out, plan, settings, device, gen)
+            except (SlimError, OSError, RuntimeError) as e:  # a rank that cannot read its shards
+                refusal = e if isinstance(e, SlimError) else SlimError(
+                    f"cannot read its shards of the weights ({type(e).__name__}: {e})",
+                    f"check that every rank sees {src_dir} and {out} whole (a shared filesystem)")
+            distributed.agree(refusal)
+            teacher, student, layers, changed = models
+        else:
+            teacher = load_model(src_dir).to(device)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            student = load_model(out).to(device)
+            student.config.early_exit_enabled = False
         sampling_s = 0.0
         if generated:
             t = time.time()
             windows = training_windows(teacher, src_dir, settings, settings.steps * settings.batch, device)
             sampling_s = time.time() - t
-        layers, changed = trainable(student, plan, settings, gen)
-        student.to(device)
+        if not world:
+            layers, changed = trainable(student, plan, settings, gen)
+            student.to(device)
         wrapped = fake_quantise(student, settings.quant) if settings.quant != "none" else []
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        k = shared_prefix(plan, layers, settings.quant)
+        if world:
+            n_train = int(distributed.mean(n_train) * world.size)  # each rank counts its shards
+        k = 0 if world else shared_prefix(plan, layers, settings.quant)
         console.print(f"training output layers {layers} ({n_train / 1e6:.2f}M parameters"
                       f"{', adapters' if settings.train == 'lora' else ''})"
                       + (f"; layers 0-{k - 1} are the source's, so the student starts from the teacher's "
@@ -579,7 +706,24 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         unhealed_hash = weights_sha256(out)
         fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
                            source=source_hash, unhealed=unhealed_hash)
-        run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint)
+        run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint,
+                     world)
+        run["peak_rss_mb_training"] = _peak_rss_mb()  # before the evaluation loads three whole models
+        if world:
+            run["world_size"] = world.size
+            run["peak_rss_mb_per_rank"] = distributed.gathered(run["peak_rss_mb_training"])
+            state = distributed.full_state(student)
+            del student, teacher
+            distributed.finish()
+            if not world.main:
+                return target
+            # Rank 0 alone from here: the trained state in a plain model, the teacher whole for the evaluation.
+            student = load_model(out).to(device)
+            student.config.early_exit_enabled = False
+            trainable(student, plan, settings, None)
+            student.load_state_dict(state)
+            del state
+            teacher = load_model(src_dir).to(device)
         release(wrapped)
         if settings.train == "lora":
             merge_lora(student)
@@ -616,6 +760,8 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         validation["environment"] = environment()
         write_json(tmp / REPORT_FILE, validation)
         write_card(tmp)
+    if resume_file.is_dir():
+        shutil.rmtree(resume_file)
     resume_file.unlink(missing_ok=True)
     print_heal(read_json(target / HEAL_FILE))
     console.print(f"[green]wrote[/] {target}")

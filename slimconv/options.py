@@ -58,9 +58,16 @@ class ValidateArgs(_Args):
 
 
 class HealArgs(Heal):
-    unhealed: str = Field(description=OUTPUT + " and checked by `slimconv validate`")
+    unhealed: str = Field(description=OUTPUT + " and checked by `slimconv validate` (with --plan, a recipe also "
+                          "does: only the source's config is read)")
     resume: bool = Field(False, description="continue from the checkpoint an interrupted heal left")
     force: bool = Field(False, description="overwrite an existing healed folder")
+    plan: bool = Field(False, description="print the memory each rank needs in every training mode and whether it "
+                       "fits, then stop; trains nothing")
+    nproc: int | None = Field(None, ge=1, description="--plan: the number of ranks to plan for (default: torchrun's "
+                              "WORLD_SIZE, else 1)")
+    device_memory: float | None = Field(None, gt=0, description="--plan: GB one rank may use (default: what the "
+                                        "device says; the CPU's RAM is shared by the ranks)")
 
 
 class ExportArgs(Export):

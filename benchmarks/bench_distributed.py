@@ -1,0 +1,101 @@
+"""Benchmark: `slimconv heal` as one process and under torchrun with N CPU ranks (FSDP2, gloo), at the same global
+batch: steps per second, peak RSS per rank, and what one gloo all-reduce of the trained parameters costs
+(docs/results/healing.md, "Distributed").
+
+Not a test: run it by hand on a validated output (needs nothing beyond the .venv):
+
+    python benchmarks/bench_distributed.py OUT                  # --train all, 1 vs 2 ranks
+    python benchmarks/bench_distributed.py OUT --ranks 1,2,3 --steps 12 --batch 6
+
+Every run trains the same steps on the same windows; the rank runs get one thread each (OMP_NUM_THREADS=1) so
+that N ranks use N cores, the single process gets all cores. Steps per second leave out the first step
+(allocation, the first all-gather).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def heal(out: Path, target: Path, ranks: int, a) -> dict:
+    flags = ["heal", str(out), "-o", str(target), "--train", a.train, "--steps", str(a.steps), "--batch",
+             str(a.batch), "--seq-len", str(a.seq_len), "--checkpoint-every", str(a.steps + 1), "--force"]
+    env = dict(os.environ)
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "slimconv", *flags]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "-m", "slimconv", *flags]
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    report = json.loads((target / "slimconv_heal.json").read_text())
+    curve = report["curve"]
+    rate = (len(curve) - 1) / (curve[-1]["seconds"] - curve[0]["seconds"])
+    rss = report.get("peak_rss_mb_per_rank") or [report["peak_rss_mb_training"]]
+    return dict(ranks=ranks, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss), wall_s=wall,
+                params=report["trainable_parameters"])
+
+
+def probe(numel: int) -> None:
+    """Under torchrun: the time of one all-reduce of ``numel`` float32 values (median of 5)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.ones(numel)
+    times = []
+    for _ in range(6):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        print(json.dumps(dict(all_reduce_s=sorted(times[1:])[2])))
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("output", nargs="?", help="a validated slimconv output")
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--train", default="all")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.probe:
+        return probe(a.probe)
+    out = Path(a.output)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        for n in map(int, a.ranks.split(",")):
+            rows.append(heal(out, Path(tmp) / f"healed-{n}", n, a))
+            print(rows[-1], flush=True)
+    base = rows[0]
+    cost = {}
+    for r in rows[1:]:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                              str(r["ranks"]), __file__, "--probe", str(base["params"])], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        cost[r["ranks"]] = json.loads(run.stdout.strip().splitlines()[-1])["all_reduce_s"]
+    print(f"\n`--train {a.train}`, {a.steps} steps x {a.batch} x {a.seq_len} tokens, {os.cpu_count()} cores; "
+          f"{base['params'] / 1e6:.1f}M trained parameters\n")
+    print("| ranks | steps/s | vs 1 process | peak RSS per rank (MB) | vs 1 process | last KL | "
+          "gloo all-reduce of the trained parameters (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        reduce = f"{cost[r['ranks']]:.3f}" if r["ranks"] in cost else "-"
+        print(f"| {r['ranks']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['kl_last']:.4f} | "
+              f"{reduce} |")
+
+
+if __name__ == "__main__":
+    main()

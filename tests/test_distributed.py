@@ -1,0 +1,166 @@
+"""`slimconv heal` under torchrun (FSDP2, gloo, CPU): 2 and 3 ranks give one process's losses step by step and its
+written weights, a killed rank leaves nothing that looks finished, and --resume continues on another number of
+ranks (issue 33)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_heal import _flags, _output, src, texts  # noqa: F401  (fixtures)
+from slimconv.cli import main
+
+pytestmark = pytest.mark.distributed
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def torchrun(n: int, args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    return subprocess.run([*TORCHRUN, "--nproc-per-node", str(n), "-m", "slimconv", *args], env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def curve(folder) -> list[float]:
+    return [r["kl"] for r in json.loads((folder / "slimconv_heal.json").read_text())["curve"]]
+
+
+def weights(folder) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, src, texts):  # noqa: F811
+    """One process's heal: the reference every world size must reproduce."""
+    root = tmp_path_factory.mktemp("single")
+    out = _output(root, src, texts, blocks=[2])
+    healed = root / "healed"
+    assert main(["heal", str(out), "-o", str(healed), "--train", "all", *_flags(texts, steps=6, batch=6)]) == 0
+    return out, healed
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_heal_gives_one_process_losses_and_weights(single, texts, tmp_path, n):  # noqa: F811
+    out, reference = single
+    healed = tmp_path / "healed"
+    run = torchrun(n, ["heal", str(out), "-o", str(healed), "--train", "all", *_flags(texts, steps=6, batch=6)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert curve(healed) == pytest.approx(curve(reference), rel=1e-4, abs=1e-6)
+    got, want = weights(healed), weights(reference)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
+    report = json.loads((healed / "slimconv_heal.json").read_text())
+    assert report["world_size"] == n and len(report["peak_rss_mb_per_rank"]) == n
+    assert "FSDP2" in run.stdout and run.stdout.count("heal ") >= 1
+
+
+@pytest.mark.parametrize("mode", ["adjacent", "lora"])
+def test_every_training_mode_runs_sharded_as_in_one_process(tmp_path, src, texts, mode):  # noqa: F811
+    out = _output(tmp_path, src, texts, attention="2-3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--train", mode, *_flags(texts, steps=4, batch=4)]
+    assert main(["heal", str(out), "-o", str(one), *flags]) == 0
+    run = torchrun(2, ["heal", str(out), "-o", str(two), *flags])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert curve(two) == pytest.approx(curve(one), rel=1e-4, abs=1e-6)
+    for name, t in weights(one).items():
+        torch.testing.assert_close(weights(two)[name], t, rtol=1e-3, atol=1e-4)
+
+
+def test_a_killed_rank_leaves_nothing_finished_and_resume_continues_on_another_world_size(single, texts,
+                                                                                             tmp_path):  # noqa: F811
+    out, reference = single
+    healed = tmp_path / "healed"
+    flags = ["--train", "all", *_flags(texts, steps=6, batch=6, checkpoint_every=2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "2", "-m", "slimconv", "heal", str(out), "-o",
+                             str(healed), *flags, "--max-minutes", "30"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoint = tmp_path / ".healed.heal-resume.dcp"
+    deadline = time.time() + 300
+    while not checkpoint.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.is_dir(), "no distributed checkpoint appeared"
+    ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "slimconv"], capture_output=True, text=True).stdout
+    os.kill(int(ranks.split()[-1]), signal.SIGKILL)  # one rank, whichever pgrep lists last
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not healed.exists()
+    run = torchrun(3, ["heal", str(out), "-o", str(healed), *flags, "--max-minutes", "30", "--resume"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((healed / "slimconv_heal.json").read_text())
+    assert report["resumed_from"] >= 2 and report["steps"] == 6
+    assert curve(healed) == pytest.approx(curve(reference), rel=1e-4, abs=1e-6)
+    assert not checkpoint.exists()
+
+
+def test_distributed_refusals_exit_non_zero_on_every_rank_naming_the_problem_once(single, texts, tmp_path):  # noqa
+    out, _ = single
+    run = torchrun(2, ["heal", str(out), "-o", str(tmp_path / "h"), *_flags(texts, steps=2, batch=3)])
+    assert run.returncode != 0
+    assert run.stderr.count("does not split over 2 ranks") == 1 and "rank 1: stopped" in run.stderr
+    (tmp_path / "exists").mkdir()
+    run = torchrun(2, ["heal", str(out), "-o", str(tmp_path / "exists"), *_flags(texts, steps=2, batch=2)])
+    assert run.returncode != 0 and "already exists" in run.stderr and "--force" in run.stderr
+    # A one-process checkpoint cannot be resumed by ranks.
+    (tmp_path / ".h2.heal-resume.pt").write_bytes(b"")
+    run = torchrun(2, ["heal", str(out), "-o", str(tmp_path / "h2"), *_flags(texts, steps=2, batch=2), "--resume"])
+    assert run.returncode != 0 and "one process's checkpoint" in run.stderr
+    assert not (tmp_path / "h").exists() and not (tmp_path / "h2").exists()
+
+
+LLAMA_31_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+                "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+                "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+
+
+def test_the_memory_plan_of_a_70b_heal_reads_only_its_config(tmp_path, capsys):
+    from slimconv.memory import heal_memory
+    from slimconv.plan import source_plan
+    from slimconv.recipe import Heal
+
+    model = tmp_path / "llama-3.1-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_31_70B))  # no weights on this machine
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model}\nremove:\n  blocks: '60-75'\noutput:\n  dir: {tmp_path / 'out'}\n")
+    assert main(["heal", str(recipe), "--plan", "--nproc", "8", "--device-memory", "80", "--seq-len", "1024",
+                 "--batch", "8"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "8 rank(s)" in shown and "fits 80 GB?" in shown and "ranks needed" in shown
+    # Llama-3.1-70B has 70,553,706,496 parameters: float32 over 8 ranks is 35.28 GB each.
+    rows = {r.name: r.bytes for r in heal_memory(source_plan(LLAMA_31_70B), LLAMA_31_70B, Heal(), 8)}
+    assert rows["teacher weights"]["all"] == 70_553_706_496 * 4 / 8
+    assert "35.28 GB" in shown
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["adjacent", "all", "lora"])
+def test_the_memory_plan_counts_the_parameters_heal_trains(tmp_path, src, texts, mode):  # noqa: F811
+    from slimconv.heal import trainable
+    from slimconv.memory import trained
+    from slimconv.outdir import PLAN_FILE
+    from slimconv.plan import Plan
+    from slimconv.recipe import Heal
+    from slimconv.runtime import load_model
+
+    out = _output(tmp_path, src, texts, attention="2-3", blocks=[4])
+    plan = Plan(**json.loads((out / PLAN_FILE).read_text())["plan"])
+    student = load_model(out)
+    trainable(student, plan, Heal(train=mode), torch.Generator().manual_seed(0))
+    config = json.loads((src / "config.json").read_text())
+    assert trained(plan, config, mode, 16)[1] == sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
+def test_a_plan_for_more_gpus_than_there_are_is_refused(single, capsys):
+    out, _ = single
+    assert main(["heal", str(out), "--plan", "--nproc", "4", "--device", "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
