@@ -250,7 +250,14 @@ def _cmd_analyze(a, argv):
         run_analyse_early_exit(settings, a.out, a.force)
     else:
         run_analyse(settings, a.out, a.force)
+    _leave_world()
     return 0
+
+
+def _leave_world() -> None:
+    from .distributed import finish
+
+    finish()
 
 
 def _cmd_search(a, argv):
@@ -261,6 +268,7 @@ def _cmd_search(a, argv):
     settings = _on_device(SearchSettings(**a.model_dump(include=set(SearchSettings.model_fields))))
     run_search(settings, a.out, a.force, a.verify, "slimconv " + " ".join(argv), a.eval_samples, a.eval_seq_len,
                mip_search if settings.method == "mip" else None)
+    _leave_world()
     return 0
 
 

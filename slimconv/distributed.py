@@ -234,6 +234,29 @@ def load_resume(folder: Path, model, opt, trained: list[str]) -> dict:
     return json.loads((folder / "slimconv_resume.json").read_text())
 
 
+def join(world: World | None) -> None:
+    """Analysis and search under torchrun: a CPU (gloo) group, for exchanging per-window losses."""
+    if world and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=4))
+
+
+def window_share(windows: int) -> slice | None:
+    """This rank's contiguous share of ``windows`` calibration windows, or None when there is no world to
+    split over (or fewer windows than ranks: every rank then scores them all, alike)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or windows < dist.get_world_size():
+        return None
+    size, rank = dist.get_world_size(), dist.get_rank()
+    bounds = [windows * r // size for r in range(size + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def combine(local: list[float], windows: int, total: int) -> list[float]:
+    """Every rank's per-candidate mean over its ``windows``, weighted into the mean over all ``total``."""
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (local, windows))
+    return [sum(values[c] * n for values, n in shares) / total for c in range(len(local))]
+
+
 def finish() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -164,3 +164,52 @@ def test_a_plan_for_more_gpus_than_there_are_is_refused(single, capsys):
     out, _ = single
     assert main(["heal", str(out), "--plan", "--nproc", "4", "--device", "cuda"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_models, tmp_path_factory):
+    from helpers import with_word_tokenizer
+
+    root = tmp_path_factory.mktemp("calib")
+    model = with_word_tokenizer(tiny_models["llama-tied"], root / "src", 120)
+    text = root / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 120}" for i in range(3000)))
+    return model, text
+
+
+COMMANDS = {
+    "analyze": lambda m, t: ["analyze", str(m), "--calib", str(t), "--samples", "6", "--seq-len", "16",
+                             "--sleb-blocks", "3"],
+    "search": lambda m, t: ["search", str(m), "--calib", str(t), "--samples", "6", "--seq-len", "16", "--target",
+                            "decode:1.3", "--method", "greedy", "--ops", "blocks,attention,mlp"],
+    "search-mip": lambda m, t: ["search", str(m), "--calib", str(t), "--samples", "6", "--seq-len", "16", "--target",
+                                "decode:1.3", "--method", "mip"],
+}
+
+
+def _ranks(command: str, folder) -> int:
+    return json.loads((folder / ("metrics.json" if command == "analyze" else "search.json")).read_text())["ranks"]
+
+
+def _choices(command: str, folder) -> tuple:
+    if command == "analyze":
+        m = json.loads((folder / "metrics.json").read_text())
+        return [s["removed"] for s in m["sleb"]["steps"]], [round(s["ppl"], 4) for s in m["sleb"]["steps"]]
+    return (folder / "recipe.yaml").read_text().split("# ")[0], None
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_analysis_and_search_split_windows_over_ranks_and_choose_what_one_process_chooses(calibrated, tmp_path,
+                                                                                          command):
+    model, text = calibrated
+    args = COMMANDS[command](model, text)
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    want = _choices(command, tmp_path / "one")
+    for n in (2, 3):
+        run = torchrun(n, [*args, "-o", str(tmp_path / f"ranks-{n}")])
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = _choices(command, tmp_path / f"ranks-{n}")
+        assert _ranks(command, tmp_path / f"ranks-{n}") == n
+        assert got[0] == want[0]
+        if want[1] is not None:
+            assert got[1] == pytest.approx(want[1], rel=1e-5)

@@ -344,12 +344,22 @@ def run_analyse(s: AnalysisSettings, out: Path, force: bool = False) -> dict:
     from ..report import console
     from ..source import resolve_source, source_paths
 
+    from .. import distributed
+
     refuse_overlap(out, source_paths(s.model), "-o")
-    target = AtomicDir(Path(out), force, "-o")
+    # Under torchrun every rank scores its share of the windows; rank 0 alone writes the folder.
+    world = distributed.current()
+    distributed.join(world)
+    if world and not world.main:
+        console.quiet = True
+    target = AtomicDir(Path(out), force, "-o") if world is None or world.main else None
     src_dir = resolve_source(s.model, s.allow_pickle)
     # Only now is the folder known that a Hub id or GGUF file resolved to.
     refuse_overlap(out, source_paths(s.model, src_dir), "-o")
     m = analyse(s, src_dir)
+    m["ranks"] = world.size if world else 1  # the calibration windows were split over this many processes
+    if target is None:  # another rank: rank 0 writes what every rank computed alike
+        return m
     with target as tmp:
         for name in ("early_exit.json", "early_exit.md"):  # `analyze --early-exit` shares the folder
             if (target.target / name).is_file():

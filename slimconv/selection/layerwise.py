@@ -172,7 +172,21 @@ def candidate_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Cand
     With ``prefix_cache`` the hidden states entering ``stack[pos]`` are computed once, advancing along
     the stack, and shared by every candidate at that position; without it (the naive loop) each
     candidate runs the whole model from the embeddings.
+
+    Under torchrun (analyze, search) every rank scores every candidate on its own contiguous share of the
+    windows, and the shares' NLLs are combined by window count: the mean over all windows, on every rank.
     """
+    from .. import distributed
+
+    share = distributed.window_share(runner.windows)
+    if share is None:
+        return _local_nlls(runner, stack, candidates, prefix_cache, progress)
+    local = _local_nlls(runner.subset(share), stack, candidates, prefix_cache, progress)
+    return distributed.combine(local, share.stop - share.start, runner.windows)
+
+
+def _local_nlls(runner: Runner, stack: list[LayerSpec], candidates: list[Candidate], prefix_cache: bool,
+                progress) -> list[float]:
     order = sorted(range(len(candidates)), key=lambda c: candidates[c][0])
     result = [0.0] * len(candidates)
     x0 = runner.embed()

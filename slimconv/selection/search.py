@@ -560,18 +560,28 @@ def run_search(s: SearchSettings, out: Path, force: bool = False, verify: bool =
     from ..report import console
     from ..source import checked_source, resolve_source, source_paths
 
+    from .. import distributed
+
     refuse_overlap(out, source_paths(s.model), "-o")
-    target = AtomicDir(Path(out), force, "-o")
+    # Under torchrun every rank scores its share of the windows; rank 0 alone writes the folder.
+    world = distributed.current()
+    distributed.join(world)
+    if world and not world.main:
+        console.quiet = True
+    target = AtomicDir(Path(out), force, "-o") if world is None or world.main else None
     src_dir = resolve_source(s.model, s.allow_pickle)
     refuse_overlap(out, source_paths(s.model, src_dir), "-o")
     validate_inputs(s, checked_source(src_dir)[0].config)
     ids = calibration_ids(src_dir, s.calib, s.samples, s.seq_len, s.seed)
     m = (method or search)(s, src_dir, ids)
+    m["ranks"] = world.size if world else 1  # the calibration windows were split over this many processes
     if not m["reached"]:
         raise SlimError(f"the search stopped before reaching {m['target']}: no valid change is left",
                         "ask for less, or allow more kinds of change with --ops")
     text, data = recipe_text(m, command, f"outputs/{Path(out).name}")
     v = None
+    if target is None:  # another rank: rank 0 writes what every rank computed alike
+        return m
     with target as tmp:
         (tmp / "recipe.yaml").write_text(text)
         if verify:
