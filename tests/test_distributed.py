@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,19 @@ def torchrun(n: int, args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
     return subprocess.run([*TORCHRUN, "--nproc-per-node", str(n), "-m", "slimconv", *args], env=env,
                           capture_output=True, text=True, timeout=600, **kw)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's ranks), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"slimconv" in (stat.parent / "cmdline").read_bytes():
+            found.append(int(stat.parent.name))
+    return found
 
 
 def curve(folder) -> list[float]:
@@ -86,8 +100,7 @@ def test_a_killed_rank_leaves_nothing_finished_and_resume_continues_on_another_w
     while not checkpoint.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert checkpoint.is_dir(), "no distributed checkpoint appeared"
-    ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "slimconv"], capture_output=True, text=True).stdout
-    os.kill(int(ranks.split()[-1]), signal.SIGKILL)  # one rank, whichever pgrep lists last
+    os.kill(max(children(proc.pid)), signal.SIGKILL)  # one rank, the last started
     proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert not healed.exists()
