@@ -96,7 +96,7 @@ def empty_model(directory: Path):
     return model.eval()
 
 
-def shard(model, layers, device: torch.device) -> None:
+def shard(model, layers) -> None:
     """FSDP2 over every rank: one unit per decoder layer (gathered only while it runs) and the root (embeddings,
     final norm, head). Parameters become this rank's shards."""
     from torch.distributed.fsdp import fully_shard

@@ -605,12 +605,12 @@ def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device:
     teacher = distributed.empty_model(src_dir)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    distributed.shard(teacher, _layers(teacher), device)
+    distributed.shard(teacher, _layers(teacher))
     distributed.load_shards(teacher, src_dir, device)
     student = distributed.empty_model(out)
     student.config.early_exit_enabled = False
     layers, changed = trainable(student, plan, settings, None)
-    distributed.shard(student, _layers(student), device)
+    distributed.shard(student, _layers(student))
     distributed.load_shards(student, out, device)
     reset_adapters(student, gen)
     return teacher, student, layers, changed
@@ -696,8 +696,6 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
             student.to(device)
         wrapped = fake_quantise(student, settings.quant) if settings.quant != "none" else []
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        if world:
-            n_train = int(distributed.mean(n_train) * world.size)  # each rank counts its shards
         k = 0 if world else shared_prefix(plan, layers, settings.quant)
         console.print(f"training output layers {layers} ({n_train / 1e6:.2f}M parameters"
                       f"{', adapters' if settings.train == 'lora' else ''})"
