@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import SlimError
-from .outdir import CONFIG_FILE, DEPLOYED_FILE, read_json, write_json
+from .outdir import CONFIG_FILE, DEPLOYED_FILE, write_json
 from .recipe import DEPLOYED_DTYPES
 
 
@@ -165,14 +165,3 @@ def run_deployed(out: Path, src_dir: Path, dtypes: list[str], data: str, samples
                          for d, pair in files.items()})
     write_json(out / DEPLOYED_FILE, record)
     return record
-
-
-def load_deployed(out: Path) -> dict | None:
-    """The deployed-precision record when it describes the folder's current weights, else None."""
-    from .source import weights_sha256
-
-    path = out / DEPLOYED_FILE
-    if not path.is_file():
-        return None
-    record = read_json(path)
-    return record if record.get("weights_sha256") == weights_sha256(out) else None

@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimError
-from .outdir import (BENCH_FILE, CARD_FILE, HEAL_FILE, HEAL_PLOT, ONNX_REPORT, PLAN_FILE, RECIPE_FILE, REPORT_FILE,
-                     read_json, write_text)
+from .outdir import (BENCH_FILE, CARD_FILE, DEPLOYED_FILE, HEAL_FILE, HEAL_PLOT, ONNX_REPORT, PLAN_FILE,
+                     RECIPE_FILE, REPORT_FILE, read_json, write_text)
 from .plan import Plan
 
 console = Console(stderr=False, highlight=False)
@@ -259,6 +259,17 @@ def load_bench(out: Path) -> list[dict] | None:
     return rows
 
 
+def load_deployed(out: Path) -> dict | None:
+    """The deployed-precision record (`validate --deployed`) when it describes the folder's current weights."""
+    from .source import weights_sha256
+
+    path = out / DEPLOYED_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record if record.get("weights_sha256") == weights_sha256(out) else None
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -332,7 +343,6 @@ def card_text(out: Path, repo_id: str | None = None, onnx: bool | None = None) -
     """
     import yaml
 
-    from .deployed import load_deployed
     from .recipe import load_recipe
 
     meta = read_json(out / PLAN_FILE)

@@ -224,7 +224,8 @@ def resolve_source(model: str, allow_pickle: bool = False, config_only: bool = F
         directory = _from_hub(model, allow_pickle, config_only)
     if not (directory / "config.json").is_file():
         raise SlimError(f"{directory} has no config.json: it is not a Hugging Face model directory")
-    if config_only:  # planning reads the config alone: a 70B model plans on a laptop
+    # Planning reads the config alone (a 70B model plans on a laptop); pickle weights are still refused first.
+    if config_only and (not path.is_dir() or not any(directory.glob("*.bin"))):
         return directory
     if any(directory.glob("*.safetensors")):
         return directory
