@@ -10,21 +10,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import BPE_VOCAB as VOCAB, bpe_tokenizer, make_tiny
 from slimconv.cli import main
-from test_gguf import llamacpp_logits, needs_llamacpp
+from test_gguf import llamacpp_logits, needs_llamacpp, wide_model as wide  # noqa: F401  (fixture)
 
 QUALITY = {"quality": {"samples": 2, "seq_len": 64}}
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """256 wide: k-quant blocks need rows of a multiple of 256."""
-    root = tmp_path_factory.mktemp("deployed")
-    src = make_tiny(root / "src", "llama-tied", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
-                    num_hidden_layers=4)
-    bpe_tokenizer(src)
-    return src
 
 
 def slim_output(src, out, blocks):
