@@ -85,6 +85,7 @@ NATIVE_CASES = [("llama-tied", "stock-blocks"), ("llama-tied", "nas-attention"),
                 ("llama-bias-untied", "nas-mix"), ("qwen2", "nas-mix"), ("mistral", "nas-mix")]
 SLIM = {  # the slim format, through slimconv's plugin: every layer kind it has
     "llama-tied/parallel-pairs": ("llama-tied", {}, dict(parallel={"groups": [[0, 1], [3, 4]]})),
+    "gemma/embedding-scale-gelu": ("gemma", {}, dict(remove={"attention": [2]}, parallel={"groups": [[3, 4]]})),
     "llama-bias-untied/group-of-3-mean": ("llama-bias-untied", {}, dict(parallel={"groups": ["2-4"], "norm": "mean"},
                                                                       remove={"attention": [0], "mlp": [5]})),
     "qwen3/qk-norms-parallel": ("qwen3", {}, dict(parallel={"groups": [[1, 2]]},
@@ -140,10 +141,12 @@ def test_the_plugin_serves_every_layer_kind_of_the_slim_format(tmp_path, prompt)
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism 2 needs two cores (one rank each)")
 def test_the_plugin_under_tensor_parallelism_2(tmp_path, prompt):
-    """Heads, KV heads, per-head q/k norm gains and MLP widths sharded over two ranks give the reference's answers."""
+    """Heads, KV heads, per-head q/k norm gains, MLP widths and experts (vLLM's fused MoE layer shards each expert's
+    width) sharded over two ranks give the reference's answers."""
     cases, wants = [], []
     for arch, recipe in (("qwen3", dict(parallel={"groups": [[0, 1], [3, 4]]}, remove={"mlp": [5]})),
-                         ("llama-bias-untied", dict(parallel={"groups": ["1-3"]}, remove={"attention": [5]}))):
+                         ("llama-bias-untied", dict(parallel={"groups": ["1-3"]}, remove={"attention": [5]})),
+                         ("qwen2_moe", SLIM_MOE["qwen2_moe"])):
         src = make_tiny(tmp_path / arch, arch, **TINY)
         plan = convert(src, tmp_path / f"{arch}-out", fmt="slim", **recipe)
         cases.append(dict(model=str(tmp_path / f"{arch}-out"), prompt=prompt, new_tokens=NEW_TOKENS, tp=2))
@@ -170,30 +173,41 @@ def test_the_plugin_refuses_early_exit_and_a_broken_config_naming_why(tmp_path, 
     assert "SlimConfigError: config.json 'slim_layers'[3]['mlp'] needs a positive integer intermediate_size" in printed
 
 
-def test_vllm_runs_stock_moe_outputs_natively_and_the_plugin_refuses_experts(tmp_path, prompt):
+# Slim MoE outputs through the plugin: experts pruned unevenly (a count per layer that differs), and removed
+# attention and MoE sublayers, in each family: Qwen3-MoE with its dense layer (mlp_only_layers), Mixtral with a
+# sliding window, Qwen2-MoE with its shared expert and sigmoid gate.
+SLIM_MOE = {
+    "qwen3_moe": dict(remove={"attention": [2], "experts": {"0-1": [0, 1, 3], "3": [1, 2], "5": [0, 2, 3]}}),
+    "mixtral": dict(remove={"attention": [1], "mlp": [4], "experts": {"0": [0, 3], "2-3": [1, 2, 3]}}),
+    "qwen2_moe": dict(remove={"attention": [0], "mlp": [3], "experts": {"1": [0, 2, 3]}}),
+}
+
+
+def test_vllm_runs_moe_outputs_natively_and_slim_ones_through_the_plugin(tmp_path, prompt):
     """Blocks removed from Qwen3-MoE (a dense layer by mlp_only_layers), Mixtral and Qwen2-MoE (a shared expert, a
-    period of 2 rewritten as explicit dense layers): stock checkpoints that vLLM runs with its own MoE code. A slim
-    output with experts is refused by the plugin, saying what runs it."""
+    period of 2 rewritten as explicit dense layers): stock checkpoints that vLLM runs with its own MoE code; then the
+    slim outputs of all three (uneven expert counts, removed sublayers) through slimconv's plugin on vLLM's fused MoE
+    layer."""
     from helpers import MOE_CONFIGS
 
     cases, wants = [], []
+
+    def case(src, out, what, **recipe):
+        plan = convert(src, out, **recipe)
+        cases.append(dict(model=str(out), prompt=prompt, new_tokens=NEW_TOKENS))
+        wants.append((what, reference(src, plan, prompt)))
+        return out
+
     for family in MOE_CONFIGS:
         src = make_tiny(tmp_path / family, family, **TINY)
-        plan = convert(src, tmp_path / f"{family}-out", remove={"blocks": [1, 4]})
-        cases.append(dict(model=str(tmp_path / f"{family}-out"), prompt=prompt, new_tokens=NEW_TOKENS))
-        wants.append((f"{family}/stock-blocks", reference(src, plan, prompt)))
+        case(src, tmp_path / f"{family}-out", f"{family}/stock-blocks", remove={"blocks": [1, 4]})
+        slim = case(src, tmp_path / f"{family}-slim", f"{family}/slim-plugin", **SLIM_MOE[family])
+        assert json.loads((slim / "config.json").read_text())["architectures"] == ["SlimForCausalLM"]
     # Experts pruned alike in every layer (3 of 4) with the dense layer's block removed: a stock checkpoint too.
-    plan = convert(tmp_path / "qwen3_moe", tmp_path / "pruned", remove={"blocks": [2], "experts": {"0-1": [0, 1, 3], "3-5": [0, 1, 3]}})
-    cases.append(dict(model=str(tmp_path / "pruned"), prompt=prompt, new_tokens=NEW_TOKENS))
-    wants.append(("qwen3_moe/stock-pruned-experts", reference(tmp_path / "qwen3_moe", plan, prompt)))
-    convert(tmp_path / "qwen3_moe", tmp_path / "slim-moe", remove={"attention": [2]})
-    cases.append(dict(model=str(tmp_path / "slim-moe"), prompt=prompt, new_tokens=2))
-    logs = []
-    results = run_vllm(cases, tmp_path, logs)
-    for result, (what, want) in zip(results, wants):
+    case(tmp_path / "qwen3_moe", tmp_path / "pruned", "qwen3_moe/stock-pruned-experts",
+         remove={"blocks": [2], "experts": {"0-1": [0, 1, 3], "3-5": [0, 1, 3]}})
+    for result, (what, want) in zip(run_vllm(cases, tmp_path), wants):
         check(result, want, what)
-    assert "error" in results[-1]
-    assert "is a mixture of experts, which slimconv's vLLM plugin does not run yet" in " ".join(logs[0].split())
 
 
 @pytest.mark.smollm

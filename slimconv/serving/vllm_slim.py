@@ -65,9 +65,11 @@ def check_config(config) -> None:
             raise SlimConfigError(f"config.json 'slim_layers'[{i}]['mlp'] needs a positive integer intermediate_size, "
                                   f"got {mlp}; convert the recipe again")
         if mlp is not None and mlp.get("experts") is not None:
-            raise SlimConfigError(f"config.json 'slim_layers'[{i}]['mlp'] is a mixture of experts, which slimconv's "
-                                  "vLLM plugin does not run yet; a recipe that removes only whole blocks writes a "
-                                  "stock checkpoint, which vLLM runs natively")
+            experts, top_k = mlp["experts"], mlp.get("top_k")
+            if not (isinstance(experts, list) and experts and isinstance(top_k, int) and 0 < top_k <= len(experts)):
+                raise SlimConfigError(f"config.json 'slim_layers'[{i}]['mlp'] needs a non-empty 'experts' list and "
+                                      f"an integer 'top_k' from 1 to its length, got experts={experts!r}, "
+                                      f"top_k={top_k!r}; convert the recipe again")
         kinds = getattr(config, "rope_kinds", None) or {"default": None}
         if attn is not None and attn.get("rope", "default") not in kinds | {None: None}:
             raise SlimConfigError(f"config.json 'slim_layers'[{i}]['attention']['rope'] is {attn.get('rope')!r}, not "
@@ -159,12 +161,13 @@ class SlimAttention(nn.Module):
 
 
 class SlimMLP(nn.Module):
-    def __init__(self, config, spec: dict, quant_config, prefix: str):
+    def __init__(self, config, spec: dict, quant_config, prefix: str, bias: bool | None = None):
         super().__init__()
         from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
         from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
-        width, bias = spec["intermediate_size"], bool(config.mlp_bias)
+        width = spec["intermediate_size"]
+        bias = bool(config.mlp_bias) if bias is None else bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [width] * 2, bias=bias,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(width, config.hidden_size, bias=bias, quant_config=quant_config,
@@ -179,6 +182,54 @@ class SlimMLP(nn.Module):
         x, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(x))
         return x
+
+
+class SlimMoE(nn.Module):
+    """A mixture of experts on vLLM's fused MoE layer (its kernels, and experts sharded over tensor-parallel ranks):
+    the router's logits in float32, softmax top-k, renormalised when the spec's ``norm_topk_prob``; a pruned expert is
+    absent, so the router has one row per kept expert. A shared expert (Qwen2-MoE) runs beside it as a dense MLP
+    scaled by its sigmoid gate, as the bundled modeling code computes it."""
+
+    def __init__(self, config, spec: dict, quant_config, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+        from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+
+        if config.hidden_act != "silu":
+            raise SlimConfigError(f"{prefix}: experts with hidden_act {config.hidden_act!r}; vLLM's fused MoE layer "
+                                  "runs SiLU-gated experts here")
+        n, h = len(spec["experts"]), config.hidden_size
+        self.gate = GateLinear(h, n, prefix=f"{prefix}.gate")
+        self.experts = FusedMoEFactory(num_experts=n, top_k=spec["top_k"], hidden_size=h,
+                                       intermediate_size=spec["intermediate_size"],
+                                       renormalize=bool(spec.get("norm_topk_prob")), quant_config=quant_config,
+                                       prefix=f"{prefix}.experts")
+        shared = spec.get("shared_intermediate_size")
+        self.shared_expert = self.shared_expert_gate = None
+        if shared:
+            self.shared_expert = SlimMLP(config, {"intermediate_size": shared}, quant_config,
+                                         f"{prefix}.shared_expert", bias=False)
+            self.shared_expert_gate = ReplicatedLinear(h, 1, bias=False, quant_config=None,
+                                                       prefix=f"{prefix}.shared_expert_gate")
+
+    def load_experts(self, name: str, weight: torch.Tensor) -> str:
+        """Loads one expert tensor (``name`` relative to this layer's ``experts.``); the parameter's name."""
+        loaded = list(self.experts.load_weights([(name, weight)]))
+        if not loaded:
+            raise SlimConfigError(f"the checkpoint's expert tensor experts.{name} does not fit the layer its "
+                                  "config.json describes; convert the recipe again")
+        return loaded[0]
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.view(-1, shape[-1])
+        logits, _ = self.gate(x)
+        out = self.experts(x, logits)
+        if self.shared_expert is not None:
+            scale, _ = self.shared_expert_gate(x)
+            out = out + torch.sigmoid(scale) * self.shared_expert(x)
+        return out.view(shape)
 
 
 class _ReluAndMul(nn.Module):
@@ -205,7 +256,8 @@ class SlimDecoderLayer(nn.Module):
                                            f"{prefix}.self_attn")
         if spec.get("mlp"):
             self.post_attention_layernorm, self.mlp_output_layernorm = norm("mlp_input"), norm("mlp_output")
-            self.mlp = SlimMLP(config, spec["mlp"], quant_config, f"{prefix}.mlp")
+            moe = spec["mlp"].get("experts") is not None
+            self.mlp = (SlimMoE if moe else SlimMLP)(config, spec["mlp"], quant_config, f"{prefix}.mlp")
 
     @staticmethod
     def _norm(norm, x):
@@ -289,6 +341,11 @@ class SlimForCausalLM(nn.Module):
         loaded = set()
         for name, weight in weights:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            layer, sep, rest = name.partition(".mlp.experts.")
+            if sep:  # an expert's tensor: vLLM's fused MoE layer stacks the experts itself
+                moe = self.get_submodule(layer + ".mlp")
+                loaded.add(f"{layer}.mlp.experts.{moe.load_experts(rest, weight)}")
                 continue
             part = next((p for p in stacked if p in name), None)
             if part is not None:
