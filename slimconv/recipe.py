@@ -206,9 +206,10 @@ class Export(_Strict):
         "sublayer removals), written tensor by tensor")
     dtype: Literal[ONNX_DTYPES + GGUF_DTYPES] = Field(
         "fp32", description="ONNX: fp32 (CPU; checked to 2e-4 against PyTorch), fp16 (CPU or CUDA; 1% of the logit "
-        "scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, judged by KL and top-1 agreement). GGUF: f32 "
-        "(= fp32), f16 (= fp16), bf16, q8_0, q4_0 (embeddings stay q8_0 under q4_0), and the k-quants q4_k_m, "
-        "q5_k_m, q6_k made by llama.cpp's own quantiser with an importance matrix (needs llama-cpp-python)")
+        "scale), bf16 (CUDA only), int4 (weight-only MatMulNBits, and QMoE for a mixture of experts' experts; "
+        "judged by KL and top-1 agreement). GGUF: f32 (= fp32), f16 (= fp16), bf16, q8_0, q4_0 (embeddings stay "
+        "q8_0 under q4_0), and the k-quants q4_k_m, q5_k_m, q6_k made by llama.cpp's own quantiser with an "
+        "importance matrix (needs llama-cpp-python)")
     imatrix: str | None = Field(
         None, description="GGUF k-quants: the importance matrix; auto (the default for k-quants): computed from "
         "--imatrix-calib text on this model and written beside the GGUF as NAME.imatrix.gguf (llama.cpp's format, "

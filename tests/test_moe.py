@@ -5,6 +5,7 @@ every stage runs on an MoE source."""
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -359,20 +360,149 @@ def test_search_removes_the_weakest_experts_for_a_params_target(families, tmp_pa
                                             ("qwen2_moe", dict(remove={"mlp": [0]})),
                                             ("mixtral", dict(remove={"blocks": [2]}))])
 def test_onnx_runtime_runs_the_experts_in_its_moe_node_like_pytorch(families, tmp_path, family, recipe):
-    """fp32, and int4 with float activations (accuracy level 0): the int4 graph then equals the PyTorch model with
-    the same int4-rounded weights exactly (experts and routers stay float in both). At level 4 the int8
-    activations move these tiny models' logits by up to 0.37, over the check's 10% of their small logit scale."""
+    """fp32 (the MoE node, float experts), and int4 with float activations (accuracy level 0; the QMoE node, int4
+    experts): the int4 graph then equals the PyTorch model with the same int4-rounded weights, experts included,
+    exactly (routers stay float in both). At level 4 the int8 activations move these tiny models' logits by up to
+    0.4 (blocks of 32), over the check's 10% of their small logit scale (0.53 while the experts were float)."""
+    import onnx
+
     from slimconv.formats.onnx_export import export_onnx, validate_onnx
 
     out = tmp_path / "out"
     convert(families[family], out, **recipe)
     prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
-    for dtype, level in (("float32", 4), ("int4", 0)):
+    for dtype, level, op in (("float32", 4, "MoE"), ("int4", 0, "QMoE")):
         (tmp_path / dtype).mkdir()
         export_onnx(out, tmp_path / dtype, dtype, block_size=16, accuracy_level=level)
+        ops = {n.op_type for n in onnx.load(tmp_path / dtype / "model.onnx", load_external_data=False).graph.node}
+        assert op in ops and {"MoE", "QMoE"} - {op} - ops
         report = validate_onnx(tmp_path / dtype, out, prompts, steps=6, provider="cpu")
         assert report["passed"], report
         assert max(c["max_abs_error"] for c in report["cases"].values()) < 1e-4
+
+
+def _decoded_experts(model: "onnx.ModelProto") -> dict:
+    """Per (layer, expert), the (gate, up, down) weights an int4 graph's QMoE nodes hold, decoded from the stored
+    bytes by QMoE's contract as the test reads it: uint8 (experts, N, K/2), the lower nibble first; scales
+    (experts, N, K/block); zero points (experts, N, blocks/2) two blocks a byte, lower nibble first, or 8 when the
+    node has none; fc1's rows gate, up, gate, up..."""
+    from onnx import numpy_helper
+
+    tensors = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "QMoE":
+            continue
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        ins = list(node.input) + [""] * (13 - len(node.input))
+        decoded = []
+        for w, s, z in ((ins[2], ins[3], ins[11]), (ins[5], ins[6], ins[12])):
+            packed, scales = numpy_helper.to_array(tensors[w]), numpy_helper.to_array(tensors[s])
+            q = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:2], -1, block).astype(np.float32)
+            if z:
+                zp = numpy_helper.to_array(tensors[z])
+                zp = np.stack([zp & 15, zp >> 4], -1).reshape(*zp.shape[:2], -1)[..., :q.shape[2], None]
+            else:
+                zp = 8.0
+            decoded.append(torch.from_numpy(((q - zp) * scales[..., None]).reshape(*packed.shape[:2], -1)))
+        layer = int(node.name.split("/")[0].removeprefix("layers."))
+        for e, (fc1, fc2) in enumerate(zip(*decoded)):
+            out[layer, e] = (fc1[0::2], fc1[1::2], fc2)
+    return out
+
+
+def _with_experts(model, experts: dict):
+    """``model`` (slim: an nn.Linear per projection; stock: transformers' 3-D experts) with these expert weights."""
+    with torch.no_grad():
+        for (i, e), (gate, up, down) in experts.items():
+            block = model.model.layers[i].mlp.experts
+            if isinstance(block, torch.nn.ModuleList):
+                for proj, w in zip((block[e].gate_proj, block[e].up_proj, block[e].down_proj), (gate, up, down)):
+                    proj.weight.copy_(w)
+            else:
+                block.gate_up_proj[e].copy_(torch.cat([gate, up]))
+                block.down_proj[e].copy_(down)
+    return model
+
+
+@pytest.mark.parametrize("family, recipe, symmetric, algorithm", [
+    ("qwen3_moe", dict(remove={"attention": [1], "experts": {"3": [0, 2, 3]}}), False, "rtn"),
+    ("qwen2_moe", dict(remove={"mlp": [0]}), True, "rtn"),
+    ("mixtral", dict(remove={"blocks": [2]}), False, "k_quant")])
+def test_onnx_int4_experts_are_qmoe_blocks_that_pytorch_computes_alike(families, tmp_path, family, recipe,
+                                                                       symmetric, algorithm):
+    """An int4 export at the default block size of 32 writes every sparse layer's experts as one QMoE node of int4
+    blocks, the router float. The expert weights decoded from the file's bytes are exactly the int4 round trip of the
+    source's that the export check's reference uses; PyTorch with them (and the dense layers' int4 round trip)
+    computes the graph's logits to 1e-4 at accuracy level 0 (measured 1e-5 at most), while PyTorch with float
+    experts is far off (0.5 and more: the experts really are int4). The experts take 4.5 bits a weight (4.0
+    symmetric), so the file is smaller than the fp32 one by at least what that saves on them."""
+    import onnx
+
+    from slimconv.arch import moe_layers
+    from slimconv.formats.onnx_export import _int4_rounded, export_onnx, validate_onnx
+    from slimconv.layout import as_slim_config
+    from slimconv.runtime import Decoder, load_model
+
+    out = tmp_path / "out"
+    convert(families[family], out, **recipe)
+    info = {}
+    for dtype in ("float32", "int4"):
+        (tmp_path / dtype).mkdir()
+        info[dtype] = export_onnx(out, tmp_path / dtype, dtype, accuracy_level=0, symmetric=symmetric,
+                                  algorithm=algorithm)
+    model = onnx.load(tmp_path / "int4" / "model.onnx")
+    layers = as_slim_config(Checkpoint(out).config).slim_layers
+    sparse = moe_layers(layers)
+    ops = [n.op_type for n in model.graph.node]
+    qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert [n.name for n in qmoe] == [f"layers.{i}/moe" for i in sparse] and "MoE" not in ops
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe[0].attribute}
+    assert attrs["block_size"] == 32 and attrs["expert_weight_bits"] == 4 and attrs["weights_prepacked"] == 0
+    tensors = {t.name: t for t in model.graph.initializer}
+    assert all(tensors[f"layers.{i}/moe/router.weight"].data_type == onnx.TensorProto.FLOAT for i in sparse)
+
+    int4 = json.loads((tmp_path / "int4" / "config.json").read_text())["onnx_int4"]
+    assert int4["experts"] is True
+    decoded = _decoded_experts(model)
+    assert sorted(decoded) == [(i, e) for i in sparse for e in range(len(layers[i]["mlp"]["experts"]))]
+    # every expert weight of the check's reference is the one the file holds
+    rounded = _int4_rounded(load_model(out), int4).state_dict()
+    from_file = _with_experts(load_model(out), decoded).state_dict()
+    keys = [k for k in rounded if ".experts." in k]
+    assert keys and all(torch.equal(rounded[k], from_file[k]) for k in keys)
+
+    decoder = Decoder(tmp_path / "int4", "cpu")
+    decoder.reset(len(IDS))
+    got = torch.from_numpy(np.asarray(decoder(IDS.numpy()), np.float32))
+    with torch.no_grad():
+        same = _with_experts(_int4_rounded(load_model(out), {**int4, "experts": False}), decoded)(input_ids=IDS).logits
+        float_experts = _int4_rounded(load_model(out), {**int4, "experts": False})(input_ids=IDS).logits
+    assert (got - same).abs().max() < 1e-4
+    assert (got - float_experts).abs().max() > 0.1
+    prompts = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7, 3)]
+    report = validate_onnx(tmp_path / "int4", out, prompts, steps=6, provider="cpu")
+    assert report["passed"] and max(c["max_abs_error"] for c in report["cases"].values()) < 1e-4, report
+
+    shapes = [s for n, s in Checkpoint(out).shapes.items() if ".experts." in n]  # (N, K) each
+    expert_weights = sum(n * k for n, k in shapes)
+    int4_bytes = sum(n * k // 2 + n * (k // 32) * 4 + (0 if symmetric else n * -(-k // 64)) for n, k in shapes)
+    assert sum(len(t.raw_data) for name, t in tensors.items() if "/moe.fc" in name) == int4_bytes
+    saved = 4 * expert_weights - int4_bytes
+    assert info["float32"]["weight_bytes"] - info["int4"]["weight_bytes"] >= saved
+    size = {d: (tmp_path / d / "model.onnx.data").stat().st_size for d in info}
+    assert size["float32"] - size["int4"] >= saved and size["int4"] < 0.3 * size["float32"]
+
+
+def test_an_onnx_int4_block_size_that_splits_the_experts_exits_2_before_any_work(families, tmp_path, capsys):
+    """QMoE quantises experts in whole blocks: the tiny models' experts are 32 wide, so blocks of 64 are refused,
+    naming the width and a block size that fits; the fp32 export of the same output is not affected."""
+    out = tmp_path / "out"
+    convert(families["qwen3_moe"], out, remove={"attention": [1]})
+    assert main(["export", str(out), "-o", str(tmp_path / "onnx"), "--dtype", "int4", "--int4-block-size", "64"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "expert width 32 of layer(s) 0, 1, 3, 4, 5" in err and "--int4-block-size 32" in err
+    assert "Traceback" not in err and not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.parametrize("family, experts", [("qwen3_moe", {"0-1": [0, 1, 3], "3-5": [0, 2, 3]}),

@@ -12,7 +12,8 @@ import torch
 
 from ..arch import moe_layers
 from ..errors import SlimError
-from .onnx_graph import DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, write_graph
+from .onnx_graph import (DATA_FILE, INLINE_LIMIT, OPSET, Precision, bytes_per_weight, check_int4_experts,
+                         write_graph)
 from ..outdir import ONNX_DIR, ONNX_REPORT_FILE, write_json
 from ..runtime import Decoder, load_model, load_tokenizer, providers
 from ..provenance import ONNX_KEY
@@ -47,8 +48,9 @@ def export_onnx(slim_dir: Path, out: Path, dtype: str = "float32", external_data
     cfg["onnx_dtype"] = dtype
     cfg["onnx_provider"] = provider
     if dtype == "int4":
+        # experts: the graph's mixture-of-experts experts are int4 too (QMoE); exports before it kept them float.
         cfg["onnx_int4"] = dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=precision.symmetric,
-                                algorithm=algorithm, lm_head=precision.quantize_lm_head)
+                                algorithm=algorithm, lm_head=precision.quantize_lm_head, experts=True)
     cfg.pop("early_exit", None)  # not in the graph: the folder must not claim it
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if genai:
@@ -100,9 +102,10 @@ def genai_config(cfg: dict, info: dict, precision: Precision) -> dict:
 # float32 differs from PyTorch only by summation order. float16/bfloat16 round every activation, so the
 # error scales with the logits, and a greedy token may flip where the two best logits are closer than that.
 # int4 changes the weights themselves, so it is judged against the PyTorch model with the same int4-rounded
-# weights (what the graph should compute); what remains is MatMulNBits' int8 activations (accuracy level
-# 4): on SmolLM2, 3.3% of the logit scale, KL 0.004, 94% top-1. Against the float model int4 itself costs
-# KL 0.42 there, which the report gives beside. Measured values: docs/results/onnx.md.
+# weights (what the graph should compute, a mixture of experts' experts included); what remains is MatMulNBits'
+# (and QMoE's) int8 activations (accuracy level 4): on SmolLM2, 3.3% of the logit scale, KL 0.004, 94% top-1.
+# Against the float model int4 itself costs KL 0.42 there, which the report gives beside. Measured values:
+# docs/results/onnx.md and docs/mixture-of-experts.md.
 CRITERIA = {
     "float32": dict(abs=2e-4, rel=0.0, kl=1e-6, top1=1.0, greedy=1.0),
     "float16": dict(abs=0.0, rel=1e-2, kl=1e-3, top1=0.97, greedy=0.9),
@@ -145,17 +148,30 @@ class _Agreement:
 
 def _int4_rounded(model, int4: dict):
     """``model`` with every weight the int4 graph quantises replaced by its int4 round trip
-    (``dequantize_int4``): what the graph computes, up to activation rounding."""
+    (``dequantize_int4``): what the graph computes, up to activation rounding. Routers and shared-expert gates
+    stay float; experts are rounded where the graph's QMoE node holds them as int4 (``int4["experts"]``), each
+    expert's projections row by row as the graph does, whether they are separate Linears (the slim model) or
+    transformers' 3-D ``gate_up_proj`` / ``down_proj`` (a stock output)."""
     from torch import nn
 
     from .onnx_graph import dequantize_int4
 
+    args = (int4["block_size"], int4["symmetric"], int4.get("algorithm", "rtn"))
+    experts = int4.get("experts", False)
     for name, module in model.named_modules():
-        # The graph keeps routers, experts (its MoE node takes float weights) and shared-expert gates unquantised.
-        unquantised = ".experts." in name or name.endswith((".mlp.gate", ".shared_expert_gate"))
-        if isinstance(module, nn.Linear) and (name != "lm_head" or int4["lm_head"]) and not unquantised:
-            module.weight = nn.Parameter(dequantize_int4(module.weight.data, int4["block_size"], int4["symmetric"],
-                                                         int4.get("algorithm", "rtn")))
+        if name.endswith(".experts") and not isinstance(module, nn.ModuleList):  # transformers' 3-D experts
+            for p in ("gate_up_proj", "down_proj"):
+                weight = getattr(module, p, None)
+                if experts and isinstance(weight, nn.Parameter) and weight.dim() == 3:
+                    flip = getattr(module, "is_transposed", False)  # (experts, K, N) instead of (experts, N, K)
+                    rounded = [dequantize_int4(w.t() if flip else w, *args) for w in weight.data]
+                    weight.data = torch.stack([w.t() if flip else w for w in rounded])
+            continue
+        if not isinstance(module, nn.Linear) or (name == "lm_head" and not int4["lm_head"]):
+            continue
+        if name.endswith((".mlp.gate", ".shared_expert_gate")) or (".experts." in name and not experts):
+            continue
+        module.weight = nn.Parameter(dequantize_int4(module.weight.data, *args))
     return model
 
 
@@ -243,6 +259,12 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     # refuses a bad combination before any work
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric, algorithm=algorithm)
+    if dtype == "int4":  # and a mixture of experts whose sizes QMoE cannot block-quantise at this block size
+        from ..layout import as_slim_config
+
+        layers = as_slim_config(config).slim_layers
+        if moe_layers(layers):
+            check_int4_experts(layers, config["hidden_size"], block_size)
     if out:
         refuse_overlap(out, [(slim_dir, "slim checkpoint")], "-o", inside_ok=True)
     target = AtomicDir(Path(out) if out else slim_dir / ONNX_DIR, force, "-o")

@@ -10,6 +10,8 @@ onnxscript/onnx-ir would add an abstraction without removing any of the code bel
   MatMul (= the sum of the members' o-projections). A wide layer packs its members' q/k/v columns member
   by member and splits them once.
 - MLP kept: SkipSimplifiedLayerNormalization, gate and up MatMuls, SiLU, down MatMul.
+- mixture of experts kept: the router's MatMul (float), then ONNX Runtime's MoE node with float experts, or in
+  an int4 graph its QMoE node with int4 experts (``_Decoder.moe``); a shared expert as a dense MLP beside it.
 - a removed sublayer writes nothing; the pending residual add moves into the next norm.
 
 Weights are pre-transposed (K, N) for MatMul, or int4 block-quantised for MatMulNBits by ONNX Runtime's
@@ -41,7 +43,7 @@ OPSET = 17
 # onnxruntime 1.18) read, and the graph uses nothing newer.
 IR_VERSION = 10
 # Changes whenever the graph's layout does, so that cached exports (bench's source graph) are rebuilt.
-GRAPH_VERSION = "gqa1"
+GRAPH_VERSION = "gqa1-qmoe1"  # qmoe1: int4 graphs write a mixture of experts' experts as int4 (QMoE)
 MS = "com.microsoft"
 # Additive mask for padded keys: finite, so a row with every key masked (a padding query) stays NaN-free
 # in float16, and far below any attention score.
@@ -120,6 +122,27 @@ class Precision:
 
 
 INT4_ALGORITHMS = ("rtn", "k_quant")
+
+
+def check_int4_experts(slim_layers: list[dict], hidden: int, block: int):
+    """Refuses an int4 graph whose experts ONNX Runtime's QMoE cannot block-quantise at ``block``: it needs the
+    hidden size and every expert width to be multiples of the block size (MatMulNBits pads a short last block,
+    QMoE has no padding), and says which block size would do."""
+    widths = {i: s["mlp"]["intermediate_size"] for i, s in enumerate(slim_layers)
+              if (s.get("mlp") or {}).get("experts") is not None}
+    if not widths:
+        return
+    what = [f"the hidden size {hidden}"] if hidden % block else []
+    bad = {w: [i for i in widths if widths[i] == w] for w in sorted(set(widths.values())) if w % block}
+    what += [f"the expert width {w} of layer(s) {', '.join(map(str, layers))}" for w, layers in bad.items()]
+    if not what:
+        return
+    sizes = [hidden, *widths.values()]
+    fits = [b for b in (2**p for p in range(4, block.bit_length())) if not any(n % b for n in sizes)]
+    raise SlimError(f"int4 block size {block} does not divide {' nor '.join(what)}: ONNX Runtime's QMoE node, which "
+                    "runs a mixture of experts' int4 experts, quantises them in whole blocks",
+                    f"use --int4-block-size {fits[-1]}" if fits else
+                    "export --dtype fp32 or fp16 (no power-of-two block size of 16 or more divides them)")
 
 
 def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool, algorithm: str = "rtn"):
@@ -261,6 +284,8 @@ class _Decoder:
         if cfg.hidden_act not in ACTIVATION_OPS:
             raise SlimError(f"the ONNX graph builder has no activation {cfg.hidden_act!r}",
                             f"exported activations: {', '.join(ACTIVATION_OPS)}")
+        if precision.dtype == "int4":
+            check_int4_experts(cfg.slim_layers, cfg.hidden_size, precision.block_size)
 
     # -- weights -----------------------------------------------------------------------------------
 
@@ -424,10 +449,11 @@ class _Decoder:
         return proj("down", self.g.op("Mul", [act, up], f"layers.{i}/mlp/gated"))
 
     def moe(self, i: int, x: str, spec: dict) -> str:
-        """A mixture of experts as ONNX Runtime's com.microsoft MoE node: the router's logits in, softmax, top-k and
-        (``norm_topk_prob``) renormalisation inside it, the experts' SwiGLU with gate and up rows interleaved (the
-        layout its CPU kernel takes), weights in the activation dtype; a shared expert beside it as a dense MLP
-        scaled by its sigmoid gate."""
+        """A mixture of experts as ONNX Runtime's com.microsoft MoE node (float graphs) or QMoE node (int4 graphs,
+        ``_qmoe``): the router's logits in (the router stays float), softmax, top-k and (``norm_topk_prob``)
+        renormalisation inside it, the experts' SwiGLU with gate and up rows interleaved (the layout its CPU kernel
+        takes; activation_alpha 1 and beta 0, no clamp: silu(gate) * up); a shared expert beside it as a dense MLP
+        scaled by its sigmoid gate. One expert's tensors are read at a time."""
         from ..arch import CANONICAL_MOE as M
 
         g, prefix, name = self.g, f"model.layers.{i}.", f"layers.{i}/moe"
@@ -435,15 +461,25 @@ class _Decoder:
         shape = g.op("Shape", [x], f"{name}/shape")
         rows = g.op("Reshape", [x, g.const([-1, hidden], torch.int64)], f"{name}/rows")
         logits = self.linear(rows, self._tensor(prefix + M.router + ".weight"), None, f"{name}/router", quantize=False)
-        fc1 = torch.empty(n, 2 * width, hidden, dtype=self.dtype)
-        fc2 = torch.empty(n, hidden, width, dtype=self.dtype)
-        for e in range(n):  # one expert's tensors read at a time
-            fc1[e, 0::2] = self._tensor(prefix + M.gate.format(e=e) + ".weight")
-            fc1[e, 1::2] = self._tensor(prefix + M.up.format(e=e) + ".weight")
-            fc2[e] = self._tensor(prefix + M.down.format(e=e) + ".weight")
-        out = g.op("MoE", [rows, logits, g.writer.add(f"{name}.fc1", fc1), "", g.writer.add(f"{name}.fc2", fc2)],
-                   name, domain=MS, k=spec["top_k"], activation_type="swiglu", swiglu_fusion=1,
-                   normalize_routing_weights=int(bool(spec.get("norm_topk_prob"))))
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Expert ``e``'s fc1 (2 x width, hidden), gate and up rows interleaved, and fc2 (hidden, width)."""
+            fc1 = torch.empty(2 * width, hidden)
+            fc1[0::2] = self._tensor(prefix + M.gate.format(e=e) + ".weight")
+            fc1[1::2] = self._tensor(prefix + M.up.format(e=e) + ".weight")
+            return fc1, self._tensor(prefix + M.down.format(e=e) + ".weight")
+
+        routing = dict(k=spec["top_k"], activation_type="swiglu", swiglu_fusion=1,
+                       normalize_routing_weights=int(bool(spec.get("norm_topk_prob"))))
+        if self.p.dtype == "int4":
+            out = self._qmoe(name, rows, logits, n, expert, routing)
+        else:
+            fc1 = torch.empty(n, 2 * width, hidden, dtype=self.dtype)
+            fc2 = torch.empty(n, hidden, width, dtype=self.dtype)
+            for e in range(n):
+                fc1[e], fc2[e] = expert(e)
+            out = g.op("MoE", [rows, logits, g.writer.add(f"{name}.fc1", fc1), "", g.writer.add(f"{name}.fc2", fc2)],
+                       name, domain=MS, **routing)
         if spec.get("shared_intermediate_size"):
             proj = lambda p, inp: self.linear(inp, self._tensor(prefix + getattr(M, p) + ".weight"), None,
                                               f"{name}/{p}")
@@ -454,6 +490,47 @@ class _Decoder:
                                                  f"{name}/shared_router", quantize=False)], f"{name}/shared_scale")
             out = g.op("Add", [out, g.op("Mul", [shared, scale], f"{name}/shared_scaled")], f"{name}/with_shared")
         return g.op("Reshape", [out, shape], f"{name}/out")
+
+    def _qmoe(self, name: str, rows: str, logits: str, n: int, expert, routing: dict) -> str:
+        """The experts as ONNX Runtime's QMoE node with int4 weights, block-wise: each expert's fc1 and fc2 rounded
+        exactly as MatMulNBits' weights are (``quantize_int4``: the graph's block size along the input dimension,
+        symmetry and algorithm), so ``dequantize_int4`` gives what it computes. Layout (weights_prepacked=0, checked
+        on the CPU kernel of 1.32 against a dequantised computation to 3e-6): weights uint8 (experts, N, K/2), each
+        byte two consecutive K values, the lower nibble first; scales (experts, N, K/block) in the activation dtype;
+        zero points uint8 (experts, N, ceil(K/block/2)), two blocks a byte, lower nibble first, or none when
+        symmetric (QMoE then subtracts 8, as MatMulNBits does). accuracy_level has MatMulNBits' meaning (4: int8
+        activations on CPU). The CPU kernel renormalises the top-k probabilities whatever
+        normalize_routing_weights says unless router_weights is given, so without ``norm_topk_prob`` the softmax
+        over every expert goes in as router_weights (the logits still choose the experts) and it keeps them as
+        they are. Peak memory: one expert's float tensors, plus the layer's packed int4 ones."""
+        g, block, p = self.g, self.p.block_size, self.p
+        parts = {}
+        for e in range(n):
+            for part, w in zip(("fc1", "fc2"), expert(e)):
+                packed, scales, zero_points = quantize_int4(w, block, p.symmetric, p.algorithm)
+                arrays = (packed.reshape(len(packed), -1), scales, zero_points)  # (N, K/2), (N, blocks), (N, ..)
+                if part not in parts:
+                    parts[part] = [np.empty((n, *a.shape), a.dtype) for a in arrays]
+                for store, a in zip(parts[part], arrays):
+                    store[e] = a
+        names = {}
+        for part, (packed, scales, zero_points) in parts.items():
+            names[part] = [g.writer.add(f"{name}.{part}.weight_q4", torch.from_numpy(packed)),
+                           g.writer.add(f"{name}.{part}.scales", torch.from_numpy(scales).to(self.dtype))]
+            names[part + "_zp"] = "" if p.symmetric else g.writer.add(f"{name}.{part}.zero_points",
+                                                                      torch.from_numpy(zero_points))
+        del parts
+        router_weights = ""
+        if not routing["normalize_routing_weights"]:
+            router_weights = g.op("Softmax", [logits], f"{name}/router_probs", axis=-1)
+        # input, router_probs, fc1 weights/scales/bias, fc2 weights/scales/bias, fc3 weights/scales/bias,
+        # fc1/fc2/fc3 zero points, router_weights
+        inputs = [rows, logits, *names["fc1"], "", *names["fc2"], "", "", "", "", names["fc1_zp"], names["fc2_zp"], "",
+                  router_weights]
+        while not inputs[-1]:
+            inputs.pop()
+        return g.op("QMoE", inputs, name, domain=MS, expert_weight_bits=4, block_size=block, weights_prepacked=0,
+                    accuracy_level=p.accuracy_level, **routing)
 
     # -- the whole graph ---------------------------------------------------------------------------
 
