@@ -390,10 +390,9 @@ def get_arch(config: dict) -> Arch:
     )
 
 
-def moe_layer_keys(config: dict, kept: list[int]) -> dict:
+def moe_layer_keys(arch: Arch, kept: list[int]) -> dict:
     """The config entries that say which layers are sparse, rewritten for a stock output of source layers ``kept``:
     the dense layers as an explicit index list with a period of 1 (a removal breaks any longer period)."""
-    arch = get_arch(config)
     moe = arch.moe
     if moe is None or not arch.num_experts or not moe.dense_layers:
         return {}
@@ -403,10 +402,10 @@ def moe_layer_keys(config: dict, kept: list[int]) -> dict:
     return out
 
 
-def expert_count_keys(config: dict, experts: int, top_k: int) -> dict:
+def expert_count_keys(arch: Arch, config: dict, experts: int, top_k: int) -> dict:
     """The config entries of a stock output whose every mixture-of-experts layer keeps ``experts`` experts and
     routes each token to ``top_k`` of them."""
-    moe = get_arch(config).moe
+    moe = arch.moe
     key = next(k for k in moe.num_experts if config.get(k) is not None)
     return {key: experts, moe.top_k: top_k}
 
@@ -495,9 +494,10 @@ def tensor_shapes(config: dict, layers: list[tuple], bias: dict, mlp_bias: bool,
     return shapes
 
 
-def stock_shapes(config: dict) -> dict[str, tuple]:
-    """``tensor_shapes`` of a stock checkpoint of a supported family: every layer whole."""
-    arch = get_arch(config)
+def stock_shapes(config: dict, arch: Arch | None = None) -> dict[str, tuple]:
+    """``tensor_shapes`` of a stock checkpoint of a supported family: every layer whole. ``arch``:
+    ``get_arch(config)``, when the caller has it."""
+    arch = arch or get_arch(config)
     attention = (config["num_attention_heads"], kv_heads(config))
     layers = [(*attention, arch.expert_width, arch.num_experts, arch.shared_width) if sparse
               else (*attention, config["intermediate_size"]) for sparse in arch.sparse]

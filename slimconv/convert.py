@@ -89,10 +89,10 @@ def slim_config(plan: Plan, ckpt: Checkpoint, dtype: str, fmt: str | None = None
         cfg = {k: ([v[i] for i in kept] if isinstance(v, list) and len(v) == n_src and k != "architectures" else v)
                for k, v in src.items()}
         cfg["num_hidden_layers"] = len(kept)
-        cfg.update(A.moe_layer_keys(src, kept))
+        cfg.update(A.moe_layer_keys(plan.arch(src), kept))
         pruned = [s.mlp for s in plan.layers if s.mlp.pruned]
         if pruned:  # plan.uniform: every mixture-of-experts layer keeps as many
-            cfg.update(A.expert_count_keys(src, len(pruned[0].experts), pruned[0].top_k))
+            cfg.update(A.expert_count_keys(plan.arch(src), src, len(pruned[0].experts), pruned[0].top_k))
         # Every architecture slimconv converts is a stock transformers model_type: a source's auto_map only
         # points at code the output does not carry, which would make loading it fail (or run foreign code).
         cfg.pop("auto_map", None)
@@ -271,7 +271,7 @@ def prepare(recipe, seq_len: int = 512, config_only: bool = False):
     # Only the config is at hand here (config_only: no weights downloaded), so the source dtype is its word.
     source_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
     width = output_dtype(recipe.output.dtype, source_dtype).itemsize
-    c_src = costs(source_plan(config), config, seq_len, width)
+    c_src = costs(source_plan(config, plan.arch(config)), config, seq_len, width)
     c_slim = costs(plan, config, seq_len, width)
     return src_dir, config, plan, dict(source=c_src, slim=c_slim, ideal_speedup=speedups(c_src, c_slim))
 
@@ -286,10 +286,10 @@ def run_convert(recipe, force: bool = False) -> Path:
 
     refuse_overlap(recipe.output.dir, source_paths(recipe.model))
     target = AtomicDir(Path(recipe.output.dir), force)
-    src_dir, _, plan, cost = prepare(recipe)
+    src_dir, config, plan, cost = prepare(recipe)
     # Only now is the folder known that a Hub id or GGUF file resolved to.
     refuse_overlap(recipe.output.dir, source_paths(recipe.model, src_dir))
-    ckpt, unread = checked_source(src_dir)
+    ckpt, unread = checked_source(src_dir, plan.arch(config))
     if unread:
         console.print(f"[yellow]warning:[/] {ckpt.dir} holds {len(unread)} tensor(s) a {plan.model_type} checkpoint "
                       f"does not have: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}; they are not "

@@ -284,7 +284,7 @@ def tensor_jobs(plan: Plan, ckpt: Checkpoint, dtype: str, renamed: bool | None =
     """``renamed``: copy each kept layer's tensors under its new index (a stock output; default: when the plan
     is uniform) instead of building them in the canonical layout from the layer spec. The final norm of the
     canonical layout carries the norm offset and the logits multiplier."""
-    arch = arch or A.get_arch(ckpt.config)
+    arch = arch or plan.arch(ckpt.config)
     renamed = plan.uniform if renamed is None else renamed
     plain = lambda name: Job(name, ckpt.shapes[name], tensor_dtype(name, ckpt, dtype), lambda: ckpt.get(name))
     jobs = [plain(A.EMBED)]
@@ -310,7 +310,7 @@ FOLDED_KEYS = ("mlp_only_layers", "decoder_sparse_step", "residual_multiplier", 
 
 def slim_layers_config(plan: Plan, src: dict, arch: A.Arch | None = None) -> dict:
     """The ``model_type: slimconv`` config for a plan over a source config (no dtype)."""
-    arch = arch or A.get_arch(src)
+    arch = arch or plan.arch(src)
     names = arch.names
     cfg = {k: v for k, v in src.items() if k not in _SLIM_DROP_KEYS + FOLDED_KEYS}
     cfg.update(

@@ -2,9 +2,9 @@
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
-from .arch import get_arch, head_dim, kv_heads
+from .arch import Arch, get_arch, head_dim, kv_heads
 from .errors import SlimError
 from .recipe import EarlyExit, Recipe, parse_indices
 
@@ -55,6 +55,14 @@ class Plan(BaseModel):
     norm: str
     notes: list[str]
     early_exit: dict | None = None  # the run-time stop policy stored in the slim config (selection/early_exit.py)
+    _arch: Arch | None = PrivateAttr(default=None)
+
+    def arch(self, config: dict) -> Arch:
+        """The source's family resolved (``get_arch``) once per plan: built with the plan, or on first use for a
+        plan read back from slimconv_plan.json; the layout, the formats and the costs all read this one object."""
+        if self._arch is None:
+            self._arch = get_arch(config)
+        return self._arch
 
     @property
     def uniform(self) -> bool:
@@ -284,8 +292,10 @@ def build_plan(recipe: Recipe, config: dict) -> Plan:
         layers.append(layer_spec(config, members, attn, mlp, arch, experts.get(mlp[0]) if mlp else None,
                                  channels.get(members[0]) if mlp else None, kv.get(members[0]) if attn else None))
     early_exit = None if recipe.early_exit is None else resolve_policy(recipe.early_exit, len(layers))
-    return Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
+    plan = Plan(model_type=config["model_type"], num_source_layers=n, layers=layers,
                 norm=recipe.parallel.norm, notes=notes, early_exit=early_exit)
+    plan._arch = arch
+    return plan
 
 
 def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
@@ -317,11 +327,14 @@ def resolve_policy(ee: EarlyExit, num_layers: int) -> dict:
     return dict(policy, features=c["features"], weights=c["weights"], bias=c["bias"])
 
 
-def source_plan(config: dict) -> Plan:
+def source_plan(config: dict, arch: Arch | None = None) -> Plan:
+    """The source itself as a plan (every layer kept); ``arch``: ``get_arch(config)``, when the caller has it."""
     n = config["num_hidden_layers"]
-    arch = get_arch(config)
-    return Plan(model_type=config["model_type"], num_source_layers=n, norm="per_layer", notes=[],
+    arch = arch or get_arch(config)
+    plan = Plan(model_type=config["model_type"], num_source_layers=n, norm="per_layer", notes=[],
                 layers=[layer_spec(config, [i], [i], [i], arch) for i in range(n)])
+    plan._arch = arch
+    return plan
 
 
 def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2) -> dict:
@@ -334,7 +347,7 @@ def costs(plan: Plan, config: dict, seq_len: int = 512, bytes_per_param: int = 2
     At larger batches the union of the experts the batch touches is read, up to every expert (``params``).
     """
     d = _dims(config)
-    arch = get_arch(config)
+    arch = plan.arch(config)
     h, hd = d["hidden"], d["head_dim"]
     bias, mlp_bias, names = arch.bias, arch.mlp_bias, arch.names
     attn_norms = h * ((names.attn_in is not None) + (names.attn_out is not None))

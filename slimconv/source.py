@@ -379,13 +379,14 @@ SOURCE_CONFIG_FIX = ("use the config.json published with these weights (re-downl
                      "key the message names")
 
 
-def checked_source(src_dir: Path) -> tuple[Checkpoint, list[str]]:
+def checked_source(src_dir: Path, arch=None) -> tuple[Checkpoint, list[str]]:
     """The source checkpoint, refused when its weights are not what its config describes (headers only, so it
-    costs nothing on a large model and runs before any work), and the tensors nothing reads."""
+    costs nothing on a large model and runs before any work), and the tensors nothing reads. ``arch``: the
+    config's resolved family, when the caller has it."""
     from . import arch as A
 
     ckpt = Checkpoint(src_dir)
-    return ckpt, check_weights(ckpt, A.stock_shapes(ckpt.config), SOURCE_CONFIG_FIX)
+    return ckpt, check_weights(ckpt, A.stock_shapes(ckpt.config, arch), SOURCE_CONFIG_FIX)
 
 
 def check_weights(ckpt: Checkpoint, expected: dict, fix: str) -> list[str]:

@@ -5,6 +5,8 @@ Imports inside functions count too: a lazy import still ties the two modules tog
 import ast
 from pathlib import Path
 
+import pytest
+
 import slimconv
 
 ROOT = Path(slimconv.__file__).parent
@@ -120,3 +122,32 @@ def test_no_private_names_across_modules():
                     and _private(node.attr)):
                 reach_ins.append(f"{MODULES[m].name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not reach_ins, "private names used across modules:\n" + "\n".join(reach_ins)
+
+
+@pytest.mark.parametrize("fmt,recipe", [("slim", dict(remove={"attention": [1]}, parallel={"groups": [[3, 4]]})),
+                                        ("nemotron-nas", dict(remove={"mlp": [2]})),
+                                        ("stock", dict(remove={"blocks": [0]}))])
+def test_one_convert_resolves_the_family_once(tmp_path, monkeypatch, capsys, fmt, recipe):
+    """`slimconv convert` resolves the source config against its family (arch.get_arch) once, and the plan, the
+    format's config, the layout, the costs and the source's weight check all read that one Arch (the design's
+    "resolve it once"). A stock output's own config (fewer layers) is resolved apart, on purpose: the written
+    folder is checked against what its config says, independently of the plan that wrote it."""
+    import yaml
+
+    from helpers import make_tiny
+    from slimconv import arch
+    from slimconv.cli import main
+
+    built = []
+
+    class Counted(arch.Arch):
+        def __init__(self, **fields):
+            super().__init__(**fields)
+            built.append((self.model_type, len(self.windows)))
+
+    src = make_tiny(tmp_path / "src", "llama-tied", intermediate_size=256)  # nemotron-nas' width grid
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"model": str(src), **recipe, "output": {"dir": str(tmp_path / "out"), "format": fmt}}))
+    monkeypatch.setattr(arch, "Arch", Counted)
+    assert main(["convert", str(r)]) == 0, capsys.readouterr().err
+    assert [b for b in built if b[1] == 6] == [("llama", 6)]

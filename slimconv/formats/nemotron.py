@@ -51,9 +51,7 @@ def _rope(config: dict) -> tuple[float, dict | None]:
 
 def nas_blockers(plan: Plan, config: dict) -> list[str]:
     """Why nemotron-nas cannot carry this plan over this source (empty: it can)."""
-    from ..arch import get_arch
-
-    arch = get_arch(config)
+    arch = plan.arch(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     why = []
@@ -127,10 +125,9 @@ def nas_config(plan: Plan, src: dict) -> dict:
     """The nemotron-nas config.json for a plan that fits (see nas_blockers); no dtype."""
     hidden, heads = src["hidden_size"], src["num_attention_heads"]
     kv = src.get("num_key_value_heads") or heads
-    from ..arch import get_arch
     from ..layout import FOLDED_KEYS
 
-    arch = get_arch(src)
+    arch = plan.arch(src)
     theta, scaling = _rope(src)
     blocks = []
     for s in plan.layers:
@@ -173,7 +170,7 @@ def extra_jobs(plan: Plan, ckpt, dtype: str, jobs: list) -> list:
     from .. import arch as A
     from ..layout import Job
 
-    arch = A.get_arch(ckpt.config)
+    arch = plan.arch(ckpt.config)
     extra = []
     if arch.embedding_multiplier is not None:
         embed = next(j for j in jobs if j.name == A.EMBED)
