@@ -16,7 +16,8 @@ onnxscript/onnx-ir would add an abstraction without removing any of the code bel
 
 Weights are pre-transposed (K, N) for MatMul, or int4 block-quantised for MatMulNBits by ONNX Runtime's
 own quantiser, one tensor at a time: each is read from the safetensors, transformed and written to the
-external data file before the next is read, so the export holds about one packed q/k/v at a time.
+external data file before the next is read, so the export holds about one packed q/k/v at a time. (int4 gptq
+computes every weight's blocks beforehand, ``gptq.quantize_model``: the graph then writes those.)
 
 Masks: GroupQueryAttention derives positions from ``seqlens_k`` in prefill and ignores ``position_ids``
 there, so the graph gives every row ``seqlens_k = total - 1`` (positions are cache indices) and masks
@@ -94,7 +95,9 @@ class Precision:
     symmetric: bool = False
     # "rtn": round to nearest per block (ONNX Runtime's quantize_matmul_4bits); "k_quant": ONNX Runtime's k-quant
     # search (quantization.neural_compressor.weight_only, after llama.cpp's make_qkx: per block, the scale and
-    # minimum that minimise the error weighted by |w| + rms(block)), integer zero points, the same MatMulNBits.
+    # minimum that minimise the error weighted by |w| + rms(block)), integer zero points, the same MatMulNBits;
+    # "gptq": GPTQ's error-compensating rounding into the same blocks, from Hessians of calibration text
+    # (``gptq.quantize_model``, computed before the graph is written and handed to it: ``write_graph``).
     algorithm: str = "rtn"
 
     def __post_init__(self):
@@ -121,7 +124,13 @@ class Precision:
         return ACTIVATIONS[self.dtype][self.provider]
 
 
-INT4_ALGORITHMS = ("rtn", "k_quant")
+INT4_ALGORITHMS = ("rtn", "k_quant", "gptq")
+
+
+def experts_algorithm(algorithm: str) -> str:
+    """How a mixture of experts' experts (QMoE) are rounded under ``algorithm``: gptq's Hessians are not collected
+    per expert (each would need its routed tokens alone), so its experts are rounded to nearest."""
+    return "rtn" if algorithm == "gptq" else algorithm
 
 
 def check_int4_experts(slim_layers: list[dict], hidden: int, block: int):
@@ -153,6 +162,9 @@ def quantize_int4(weight: torch.Tensor, block: int, symmetric: bool, algorithm: 
     blocks = -(-k // block)
     if algorithm == "k_quant":
         return _k_quant(weight, block, n, k, blocks)
+    if algorithm == "gptq":  # a weight alone does not say how to round it: gptq.gptq with its Hessian does
+        raise SlimError("int4 gptq rounds a weight from the Hessian of its calibration inputs, not from the weight alone",
+                        "quantise the model with slimconv.formats.gptq.quantize_model")
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     w = np.zeros((blocks * block, n), np.float32)
@@ -270,7 +282,7 @@ def _rotary_caches(cfg, dtype: torch.dtype) -> dict:
 class _Decoder:
     """Writes one decoder graph; see the module docstring."""
 
-    def __init__(self, ckpt: Checkpoint, cfg, precision: Precision, writer: _Writer):
+    def __init__(self, ckpt: Checkpoint, cfg, precision: Precision, writer: _Writer, int4_weights: dict | None = None):
         self.ckpt, self.cfg, self.p = ckpt, cfg, precision
         self.g = _Graph(writer)
         self.dtype = precision.activation
@@ -286,17 +298,47 @@ class _Decoder:
                             f"exported activations: {', '.join(ACTIVATION_OPS)}")
         if precision.dtype == "int4":
             check_int4_experts(cfg.slim_layers, cfg.hidden_size, precision.block_size)
+        # gptq: the int4 blocks of every MatMulNBits weight, by weight name (``gptq.quantize_model``)
+        self.int4 = int4_weights if precision.dtype == "int4" and precision.algorithm == "gptq" else None
+        if self.int4 is None and precision.dtype == "int4" and precision.algorithm == "gptq":
+            raise SlimError("an int4 gptq graph needs the GPTQ blocks of its weights (gptq.quantize_model)")
 
     # -- weights -----------------------------------------------------------------------------------
 
     def _tensor(self, name: str) -> torch.Tensor:
-        return self.ckpt.get(name).to(torch.float32)
+        t = self.ckpt.get(name).to(torch.float32)
+        if self.int4 is not None and name in self.int4:
+            self._same_weight(name, t)
+        return t
+
+    def _same_weight(self, name: str, t: torch.Tensor):
+        """gptq: ``t``, the weight the graph reads as ``name``, must be the one GPTQ rounded (the PyTorch model's)."""
+        from .gptq import weight_sha1
+
+        if weight_sha1(t) != self.int4[name].sha1:
+            raise SlimError(f"int4 gptq: {name} as the ONNX graph reads it differs from the PyTorch model's weight that "
+                            "GPTQ rounded (this family's stored layout is transformed on export)",
+                            "use --int4-algorithm rtn")
+
+    def _blocks(self, parts: list) -> tuple | None:
+        """gptq: the int4 blocks of the rows one MatMulNBits holds, ``parts`` being (weight name, row slice or None)
+        in the order its rows are packed; None for rtn and k_quant, which round each weight as it streams."""
+        if self.int4 is None:
+            return None
+        arrays = []
+        for name, rows in parts:
+            if name not in self.int4:
+                raise SlimError(f"int4 gptq: no GPTQ blocks for {name} (the PyTorch model has no Linear of that "
+                                "name: this family stores its projections fused or renamed)", "use --int4-algorithm rtn")
+            arrays.append([a if rows is None else a[rows] for a in self.int4[name].arrays()])
+        return tuple(np.concatenate(column) for column in zip(*arrays))
 
     def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str, quantize: bool = True,
-               out=None) -> str:
-        """x @ weight.T (+ bias); ``weight`` is (N, K) as torch stores it."""
+               out=None, blocks: tuple | None = None) -> str:
+        """x @ weight.T (+ bias); ``weight`` is (N, K) as torch stores it; ``blocks``: its int4 blocks when they were
+        computed beforehand (gptq: ``_blocks``)."""
         if self.p.dtype == "int4" and quantize:
-            y = self._matmul_nbits(x, weight, name, None if bias is not None else out)
+            y = self._matmul_nbits(x, weight, name, None if bias is not None else out, blocks)
         else:
             w = self.g.writer.add(f"{name}.weight", weight.t().to(self.dtype))
             y = self.g.op("MatMul", [x, w], name, out=None if bias is not None else out)
@@ -304,10 +346,11 @@ class _Decoder:
             y = self.g.op("Add", [y, self.g.writer.add(f"{name}.bias", bias.to(self.dtype))], f"{name}/bias", out=out)
         return y
 
-    def _matmul_nbits(self, x: str, weight: torch.Tensor, name: str, out) -> str:
+    def _matmul_nbits(self, x: str, weight: torch.Tensor, name: str, out, blocks: tuple | None = None) -> str:
         n, k = weight.shape
         block = self.p.block_size
-        packed, scales, zero_points = quantize_int4(weight, block, self.p.symmetric, self.p.algorithm)
+        packed, scales, zero_points = (blocks if blocks is not None else
+                                       quantize_int4(weight, block, self.p.symmetric, self.p.algorithm))
         inputs = [x, self.g.writer.add(f"{name}.weight_q4", torch.from_numpy(packed)),
                   self.g.writer.add(f"{name}.scales", torch.from_numpy(scales.reshape(-1)).to(self.dtype))]
         if not self.p.symmetric:
@@ -359,7 +402,9 @@ class _Decoder:
             packed_b = torch.cat([member_rows(b[p] if b[p] is not None else torch.zeros(w[p].shape[0]), p, m)
                                   for m in range(members) for p in "qkv"])
         del w, b
-        qkv = self.linear(x, packed_w, packed_b, f"layers.{i}/attn/qkv_proj")
+        blocks = self._blocks([(prefix + f"{p}_proj.weight", slice(m * rows[p], (m + 1) * rows[p]))
+                               for m in range(members) for p in "qkv"])
+        qkv = self.linear(x, packed_w, packed_b, f"layers.{i}/attn/qkv_proj", blocks=blocks)
         del packed_w
         width = (mh + 2 * kv) * d
         parts = [qkv] if members == 1 else self.g.op("Split", [qkv, self.g.const([width] * members, torch.int64)],
@@ -374,7 +419,8 @@ class _Decoder:
                                   spec.get("rope", "default")))
         attn = outs[0] if members == 1 else self.g.op("Concat", outs, f"layers.{i}/attn/concat_members", axis=-1)
         o_bias = self._tensor(prefix + "o_proj.bias") if self.bias.get("o") else None
-        return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj")
+        return self.linear(attn, self._tensor(prefix + "o_proj.weight"), o_bias, f"layers.{i}/attn/o_proj",
+                           blocks=self._blocks([(prefix + "o_proj.weight", None)]))
 
     def _qk_norms(self, prefix: str, mh: int, kv: int):
         """Per member, the q and k norm gains: (head_dim,) when the member's heads share one (as converted), else
@@ -437,7 +483,8 @@ class _Decoder:
 
         def proj(p, inp):
             return self.linear(inp, self._tensor(prefix + f"{p}_proj.weight"),
-                               self._tensor(prefix + f"{p}_proj.bias") if bias else None, f"layers.{i}/mlp/{p}_proj")
+                               self._tensor(prefix + f"{p}_proj.bias") if bias else None, f"layers.{i}/mlp/{p}_proj",
+                               blocks=self._blocks([(prefix + f"{p}_proj.weight", None)]))
 
         gate, up = proj("gate", x), proj("up", x)
         kind = self.cfg.hidden_act
@@ -482,7 +529,8 @@ class _Decoder:
                        name, domain=MS, **routing)
         if spec.get("shared_intermediate_size"):
             proj = lambda p, inp: self.linear(inp, self._tensor(prefix + getattr(M, p) + ".weight"), None,
-                                              f"{name}/{p}")
+                                              f"{name}/{p}", blocks=self._blocks([(prefix + getattr(M, p) + ".weight",
+                                                                                   None)]))
             gate, up = proj("shared_gate", rows), proj("shared_up", rows)
             act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}/shared_sigmoid")], f"{name}/shared_silu")
             shared = proj("shared_down", g.op("Mul", [act, up], f"{name}/shared_gated"))
@@ -507,7 +555,7 @@ class _Decoder:
         parts = {}
         for e in range(n):
             for part, w in zip(("fc1", "fc2"), expert(e)):
-                packed, scales, zero_points = quantize_int4(w, block, p.symmetric, p.algorithm)
+                packed, scales, zero_points = quantize_int4(w, block, p.symmetric, experts_algorithm(p.algorithm))
                 arrays = (packed.reshape(len(packed), -1), scales, zero_points)  # (N, K/2), (N, blocks), (N, ..)
                 if part not in parts:
                     parts[part] = [np.empty((n, *a.shape), a.dtype) for a in arrays]
@@ -599,8 +647,11 @@ class _Decoder:
             # One copy of the tied matrix: the head reads the embedding transposed, in one node.
             logits = g.op("FusedMatMul", [x, embed_name], "lm_head", domain=MS, out=head_out, transB=1)
         else:
+            if tied and quantized and self.int4 is not None and "lm_head.weight" in self.int4:
+                self._same_weight("lm_head.weight", embed)
             logits = self.linear(x, embed if tied else self._tensor("lm_head.weight"), None, "lm_head",
-                                 quantize=quantized, out=head_out)
+                                 quantize=quantized, out=head_out,
+                                 blocks=self._blocks([("lm_head.weight", None)]) if quantized else None)
         if cap is not None:  # Gemma 2: tanh(logits / cap) * cap
             capped = g.op("Tanh", [g.op("Div", [logits, g.const(float(cap), self.dtype)], "softcap/div")], "softcap/tanh")
             g.op("Mul", [capped, g.const(float(cap), self.dtype)], "softcap/mul", out="logits")
@@ -624,16 +675,18 @@ class _Decoder:
                                  producer_name="slimconv", ir_version=IR_VERSION)
 
 
-def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool) -> dict:
+def write_graph(ckpt: Checkpoint, out: Path, precision: Precision, external: bool,
+                int4_weights: dict | None = None) -> dict:
     """Writes ``out/model.onnx`` (and ``model.onnx.data`` when ``external``) for the checkpoint ``ckpt``;
-    returns the number of cache pairs, nodes and weight bytes."""
+    returns the number of cache pairs, nodes and weight bytes. ``int4_weights``: an int4 gptq graph's blocks by
+    weight name (``gptq.quantize_model``)."""
     from ..layout import as_slim_config, canonical
 
     config = dict(ckpt.config)
     config.pop("early_exit", None)  # the graph runs every layer
     writer = _Writer(out, external)
     try:
-        decoder = _Decoder(canonical(ckpt), as_slim_config(config), precision, writer)
+        decoder = _Decoder(canonical(ckpt), as_slim_config(config), precision, writer, int4_weights)
         model = decoder.build()
     finally:
         writer.close()
