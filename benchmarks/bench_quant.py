@@ -60,9 +60,10 @@ def windows(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
 def logits(path: Path, wins: list[list[int]], threads: int) -> list[np.ndarray]:
     import llama_cpp
 
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=len(wins[0]) + 8, n_batch=512, logits_all=True,
-                            verbose=False, n_threads=threads, type_k=llama_cpp.GGML_TYPE_F32,
-                            type_v=llama_cpp.GGML_TYPE_F32)
+    from slimconv.formats.kquant import open_gguf
+
+    model = open_gguf(path, n_ctx=len(wins[0]) + 8, n_batch=512, logits_all=True, verbose=False, n_threads=threads,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     out = []
     for w in wins:
         model.reset()

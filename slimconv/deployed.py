@@ -21,12 +21,11 @@ from .recipe import DEPLOYED_DTYPES
 def llama(path: Path, n_ctx: int):
     """``path`` loaded by llama.cpp for scoring every position (float32 KV cache, so that only the weights are
     quantised)."""
-    from .formats.kquant import llamacpp
+    from .formats.kquant import llamacpp, open_gguf
 
     llama_cpp = llamacpp()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx + 8, n_batch=512, logits_all=True, verbose=False,
-                           n_threads=os.cpu_count() or 1, type_k=llama_cpp.GGML_TYPE_F32,
-                           type_v=llama_cpp.GGML_TYPE_F32)
+    return open_gguf(path, n_ctx=n_ctx + 8, n_batch=512, logits_all=True, verbose=False,
+                     n_threads=os.cpu_count() or 1, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_logprobs(model, ids: list[int]) -> torch.Tensor:

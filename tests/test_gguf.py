@@ -14,6 +14,7 @@ import yaml
 
 from helpers import BPE_VOCAB as VOCAB, bpe_tokenizer, convert, make_tiny
 from slimconv.cli import main
+from slimconv.formats.kquant import open_gguf
 
 try:
     import llama_cpp
@@ -62,8 +63,8 @@ def llamacpp_logits(path: Path, ids: list[int], f32_cache: bool = True) -> np.nd
     """llama.cpp's logits for every position. Its KV cache is float16 by default, which alone moves SmolLM2's
     logits by up to 0.08; the exactness checks use a float32 cache (``f32_cache``) to compare the file itself."""
     cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True,
-                            verbose=False, n_threads=2, seed=0, **cache)
+    model = open_gguf(path, n_ctx=max(64, len(ids) + 8), n_batch=512, logits_all=True, verbose=False, n_threads=2,
+                      seed=0, **cache)
     model.eval(ids)
     logits = np.array(model.scores[: len(ids)], dtype=np.float32)
     model.close()

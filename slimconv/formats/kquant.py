@@ -44,6 +44,27 @@ def llamacpp():
     return llama_cpp
 
 
+def open_gguf(path, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` with llama.cpp's weight repacking off (``use_extra_bufts``,
+    which Llama's constructor does not take). The repacked CPU kernels segfault on the first q4_0 decode on some
+    AVX-512 CPUs (this project's VMs, llama-cpp-python 0.3.36); repacking only lays weights out for faster kernels,
+    so without it the file computes the same, somewhat slower. Every GGUF slimconv runs goes through here."""
+    llama_cpp = llamacpp()
+    module = llama_cpp.llama.llama_cpp  # the name Llama's constructor reads the defaults through
+    defaults = module.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        module.llama_model_default_params = defaults
+
+
 def check_request(dtype: str, imatrix: str | None, key: str = "--imatrix") -> None:
     """Refuses, before any work, an importance matrix for a precision that takes none, a k-quant without llama.cpp's
     quantiser, and an imatrix file that is not there."""
