@@ -258,5 +258,8 @@ def combine(local: list[float], windows: int, total: int) -> list[float]:
 
 
 def finish() -> None:
+    """Leaves the group on a path every rank reaches. The barrier first: a rank that tore down its gloo pairs
+    while rank 0 still wrote its folder aborted in CI ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from slimconv.cli import main
+from helpers import with_word_tokenizer
 
 
 def write_recipe(path: Path, **recipe) -> Path:
@@ -85,13 +86,8 @@ def test_failed_conversion_leaves_no_output(tiny_models, tmp_path, monkeypatch):
 def test_validate_exactness_only_and_failing_threshold(tiny_models, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(4000)))
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(50)} | {"[UNK]": 50}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    src = tiny_models["llama-tied"]
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(src)
+    # a copy: the session's tiny models stay tokenizer-free for the tests that need one without
+    src = with_word_tokenizer(tiny_models["llama-tied"], tmp_path / "src", 50)
     out = tmp_path / "out"
     r = write_recipe(tmp_path / "r.yaml", model=str(src), remove={"attention": [2]}, output={"dir": str(out)},
                      validate={"exactness": {"prompt_tokens": 16, "greedy_tokens": 8},
