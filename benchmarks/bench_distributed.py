@@ -9,7 +9,12 @@ Not a test: run it by hand on a validated output (needs nothing beyond the .venv
 
 Every run trains the same steps on the same windows; the rank runs get one thread each (OMP_NUM_THREADS=1) so
 that N ranks use N cores, the single process gets all cores. Steps per second leave out the first step
-(allocation, the first all-gather).
+(allocation, the first all-gather). The peak RSS is each process's high-water mark up to the end of training
+(the evaluation after it is left out).
+
+heal fixes glibc's mmap threshold at 1 MB (slimconv/memory.py, ``return_freed_memory``); ``--default-malloc`` runs
+with glibc's defaults instead (it sets MALLOC_ARENA_MAX to glibc's own default, 8 per core, and heal leaves a
+malloc that the environment configures alone), to measure what that setting saves and costs.
 """
 import argparse
 import json
@@ -25,6 +30,8 @@ def heal(out: Path, target: Path, ranks: int, a) -> dict:
     flags = ["heal", str(out), "-o", str(target), "--train", a.train, "--steps", str(a.steps), "--batch",
              str(a.batch), "--seq-len", str(a.seq_len), "--checkpoint-every", str(a.steps + 1), "--force"]
     env = dict(os.environ)
+    if a.default_malloc:
+        env["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1))
     if ranks == 1:
         cmd = [sys.executable, "-m", "slimconv", *flags]
     else:
@@ -68,6 +75,7 @@ def main():
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults (see above)")
     p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.probe:
@@ -86,7 +94,8 @@ def main():
                              text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         cost[r["ranks"]] = json.loads(run.stdout.strip().splitlines()[-1])["all_reduce_s"]
     print(f"\n`--train {a.train}`, {a.steps} steps x {a.batch} x {a.seq_len} tokens, {os.cpu_count()} cores; "
-          f"{base['params'] / 1e6:.1f}M trained parameters\n")
+          f"{base['params'] / 1e6:.1f}M trained parameters"
+          f"{', glibc malloc defaults' if a.default_malloc else ''}\n")
     print("| ranks | steps/s | vs 1 process | peak RSS per rank (MB) | vs 1 process | last KL | "
           "gloo all-reduce of the trained parameters (s) |")
     print("|---|---|---|---|---|---|---|")

@@ -96,14 +96,18 @@ def empty_model(directory: Path):
     return model.eval()
 
 
-def shard(model, layers) -> None:
+def shard(model, layers, reshard_root: bool = False) -> None:
     """FSDP2 over every rank: one unit per decoder layer (gathered only while it runs) and the root (embeddings,
-    final norm, head). Parameters become this rank's shards."""
+    final norm, head). Parameters become this rank's shards.
+
+    FSDP2 leaves the root gathered after a forward, for the backward that follows, and reshards it after that
+    backward; ``reshard_root`` reshards it after the forward too: for the teacher, which has no backward, it would
+    otherwise stay gathered (the whole embedding on every rank) from its first forward on."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in layers:
         fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True if reshard_root else None)
 
 
 def load_shards(model, directory: Path, device: torch.device) -> None:

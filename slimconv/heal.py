@@ -404,6 +404,48 @@ class _StartAt:
             layers[i] = layer
 
 
+class _DistilKL(torch.autograd.Function):
+    """KL(teacher || student) per token: what ``F.kl_div(log_softmax(logits), log_softmax(target),
+    log_target=True, reduction="batchmean")`` gives over (tokens, vocabulary), and its gradient by the same
+    formulas as autograd's (kl_div's, then log_softmax's), but a chunk of tokens at a time.
+
+    The gradient is computed in the forward and written over ``target`` (the teacher's logits, which this consumes),
+    so the whole computation adds one chunk's vocab-wide temporaries to the two tensors the models return; autograd
+    would hold the teacher's and the student's log probabilities, the exponentials of the first and then the
+    gradient, each as large as the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, rows: int) -> torch.Tensor:
+        n = logits.shape[0]
+        total = logits.new_zeros(())
+        for i in range(0, n, rows):
+            t = target[i:i + rows]
+            log_t = torch.log_softmax(t, -1)
+            logp = torch.log_softmax(logits[i:i + rows], -1)
+            p_t = log_t.exp()
+            total += (p_t * (log_t - logp)).sum()
+            del log_t
+            g = p_t.mul_(-1.0 / n)  # d(KL)/d(logp), as kl_div's backward gives it for a gradient of 1
+            torch.sub(g, logp.exp_().mul_(g.sum(-1, keepdim=True)), out=t)  # log_softmax's backward, over t
+        ctx.save_for_backward(target)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return g.mul_(grad), None, None  # in place: the backward holds one vocab-wide tensor, not two
+
+
+def distil_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(target) || softmax(logits)) for (..., vocab) logits; ``target`` (the
+    teacher's logits, no gradient) is overwritten."""
+    vocab = logits.shape[-1]
+    return _DistilKL.apply(logits.reshape(-1, vocab), target.reshape(-1, vocab), max(1, KL_CHUNK // vocab))
+
+
+KL_CHUNK = 1 << 20  # vocab-wide values per chunk of _DistilKL: 4 MB a temporary in float32
+
+
 def _resume_path(target: Path) -> Path:
     return target.parent / f".{target.name}.heal-resume.pt"
 
@@ -472,18 +514,20 @@ def distil(teacher, student, windows: torch.Tensor, plan: Plan, settings: Heal, 
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, settings, elapsed)
             with torch.no_grad():
-                target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
-            logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
-            kl = F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+                target = teacher(input_ids=ids, use_cache=False).logits.float()
+            kl = distil_kl(student(input_ids=ids, use_cache=False).logits.float(), target)
+            del target  # now the loss's gradient: the backward's only vocab-wide tensor
             loss = kl
             mse = None
             if pairs:
                 mse = sum(((s_store[j] - t_store[s]) ** 2).mean() / (t_store[s] ** 2).mean() for j, s in pairs) / len(pairs)
                 loss = kl + settings.hidden_weight * mse
-            opt.zero_grad(set_to_none=True)
+                s_store.clear()
+                t_store.clear()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            opt.zero_grad(set_to_none=True)  # the gradients go now, not while the next forward's activations grow
             tokens += ids.numel()
             reduce = distributed.mean if world else float
             row = dict(step=step + 1, kl=reduce(kl.item()), seconds=elapsed_before + time.time() - start)
@@ -605,7 +649,7 @@ def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device:
     teacher = distributed.empty_model(src_dir)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    distributed.shard(teacher, _layers(teacher))
+    distributed.shard(teacher, _layers(teacher), reshard_root=True)  # no backward would reshard it
     distributed.load_shards(teacher, src_dir, device)
     student = distributed.empty_model(out)
     student.config.early_exit_enabled = False
@@ -619,6 +663,7 @@ def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device:
 def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
     """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
     from .data import check_training, describe_training, load_text, token_chunks
+    from .memory import return_freed_memory, trim_heap
     from .recipe import load_recipe
     from .report import console, print_heal, write_card
     from .source import resolve_source
@@ -631,6 +676,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     check_training(settings.data, "--data / heal.data")
     check_quant(settings)
     device = pick_device(settings.device)
+    return_freed_memory()
     from . import distributed
 
     world = distributed.current()
@@ -704,6 +750,7 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         unhealed_hash = weights_sha256(out)
         fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
                            source=source_hash, unhealed=unhealed_hash)
+        trim_heap()
         run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint,
                      world)
         run["peak_rss_mb_training"] = _peak_rss_mb()  # before the evaluation loads three whole models

@@ -8,10 +8,11 @@ Heal trains in float32 (4 bytes a value). Per rank, with N ranks (FSDP2 shards e
 - gradients: the trained parameters x 4 / N; AdamW state: two values per trained parameter, x 8 / N;
 - gathered working set (N > 1): FSDP2 gathers a layer whole while it runs, and the next one ahead of time,
   and the root unit (embeddings and head) during a forward: 2 x the largest layer + the root, x 4;
-- activations at --batch / N windows of --seq-len tokens: the logits' four vocab-wide copies (teacher log
-  probabilities; student logits, log probabilities and their gradient) and, for every layer the backward pass
-  goes through, Korthikanti et al.'s (2022) stored-activation estimate 34·b·s·h, doubled for float32, without
-  its 5·a·b·s² attention-score term: transformers' default attention (SDPA) keeps no scores. An estimate.
+- activations at --batch / N windows of --seq-len tokens: the logits' two vocab-wide copies (the teacher's, which
+  the loss turns into its gradient in place, and the student's; the loss works a chunk of tokens at a time) and,
+  for every layer the backward pass goes through, Korthikanti et al.'s (2022) stored-activation estimate
+  34·b·s·h, doubled for float32, without its 5·a·b·s² attention-score term: transformers' default attention
+  (SDPA) keeps no scores. An estimate.
 
 It also says how many ranks each mode needs on the same device (the global batch split over them, at least
 one window each).
@@ -85,7 +86,7 @@ def heal_memory(plan: Plan, config: dict, settings: Heal, nproc: int) -> list[Ro
         rows["gathered layers and root (FSDP2)"][mode] = (
             (2 * widest + _root_params(config)) * BYTES if nproc > 1 else 0)
         per_layer = 34 * b * s * h * 2
-        rows["activations"][mode] = 4 * b * s * vocab * BYTES + per_layer * len(through)
+        rows["activations"][mode] = 2 * b * s * vocab * BYTES + per_layer * len(through)
     out = [Row(name, values) for name, values in rows.items()]
     return out + [Row("total per rank", {m: sum(r.bytes[m] for r in out) for m in MODES})]
 
@@ -137,3 +138,49 @@ def print_memory(rows: list[Row], limit: float, where: str, nproc: int, settings
     console.print(t)
     console.print(f"device: {where}")
     return fits
+
+
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+RETURNED_FROM = 1 << 20
+
+
+def _glibc():
+    """glibc's C library, or None outside glibc or when the environment configures its malloc (which then wins)."""
+    import ctypes
+    import os
+
+    if any(k in os.environ for k in MALLOC_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (glibc's own: musl also has a mallopt, which does nothing)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory(threshold: int = RETURNED_FROM) -> bool:
+    """Makes glibc's malloc serve every block of ``threshold`` bytes or more with its own mapping, given back to the
+    system when it is freed. Returns whether it did: not outside glibc, and not when the environment sets one of
+    malloc's own settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``, ...), which then win.
+
+    A CPU heal allocates and frees most of its memory every step: activations, gathered layers and logits, in
+    blocks of one to a few hundred MB. glibc's default threshold rises to the largest block freed so far (up to
+    32 MB), so after the first step blocks under that come from the heap, which keeps what it once held. Measured
+    on SmolLM2-135M on two torchrun ranks (docs/results/healing.md, "Distributed heal"): between steps a rank held
+    2.5 GB after the first step and 3.4-3.6 GB from the third on, where with this threshold it holds 1.6 GB. The
+    cost is the page faults of mapping that memory afresh every step."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def trim_heap() -> None:
+    """Gives the free pages inside glibc's heap back to the system now (``malloc_trim``): once, before training,
+    for the small blocks that loading the models and cutting the windows freed (about 20 MB a rank)."""
+    import gc
+
+    libc = _glibc()
+    if libc is not None:
+        gc.collect()
+        libc.malloc_trim(0)

@@ -127,6 +127,37 @@ def test_distributed_refusals_exit_non_zero_on_every_rank_naming_the_problem_onc
     assert not (tmp_path / "h").exists() and not (tmp_path / "h2").exists()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 7, 100])
+def test_the_chunked_distillation_loss_is_kl_div_and_its_gradient(monkeypatch, rows):
+    """heal's loss a few tokens at a time (the last chunk shorter) gives what kl_div over log_softmax gives, and
+    the same gradient, and consumes the teacher's logits."""
+    import torch.nn.functional as F
+
+    from slimconv import heal
+
+    monkeypatch.setattr(heal, "KL_CHUNK", rows * 50)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 50, generator=g) * 4).requires_grad_()
+    target = torch.randn(3, 7, 50, generator=g) * 4
+    want = F.kl_div(torch.log_softmax(logits, -1).flatten(0, 1), torch.log_softmax(target, -1).flatten(0, 1),
+                    log_target=True, reduction="batchmean")
+    (want * 2.5).backward()
+    want_grad, logits.grad = logits.grad, None
+    consumed = target.clone()
+    got = heal.distil_kl(logits, consumed)
+    (got * 2.5).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert not torch.equal(consumed, target)
+
+
+def test_heal_leaves_malloc_to_the_environment_when_it_sets_it(monkeypatch):
+    from slimconv.memory import return_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert return_freed_memory() is False
+
+
 LLAMA_31_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
                 "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
