@@ -12,7 +12,7 @@ that N ranks use N cores, the single process gets all cores. Steps per second le
 (allocation, the first all-gather). The peak RSS is each process's high-water mark up to the end of training
 (the evaluation after it is left out).
 
-heal fixes glibc's mmap threshold at 1 MB (slimconv/memory.py, ``return_freed_memory``); ``--default-malloc`` runs
+heal fixes glibc's mmap threshold at 1 MB (slimconv/allocator.py, ``return_freed_memory``); ``--default-malloc`` runs
 with glibc's defaults instead (it sets MALLOC_ARENA_MAX to glibc's own default, 8 per core, and heal leaves a
 malloc that the environment configures alone), to measure what that setting saves and costs.
 """

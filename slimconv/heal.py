@@ -663,7 +663,7 @@ def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device:
 def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool = False) -> Path:
     """Heals output ``out`` into ``target`` (default OUT-healed); returns the healed folder."""
     from .data import check_training, describe_training, load_text, token_chunks
-    from .memory import return_freed_memory, trim_heap
+    from .allocator import return_freed_memory, trim_heap
     from .recipe import load_recipe
     from .report import console, print_heal, write_card
     from .source import resolve_source

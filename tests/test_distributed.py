@@ -152,7 +152,7 @@ def test_the_chunked_distillation_loss_is_kl_div_and_its_gradient(monkeypatch, r
 
 
 def test_heal_leaves_malloc_to_the_environment_when_it_sets_it(monkeypatch):
-    from slimconv.memory import return_freed_memory
+    from slimconv.allocator import return_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
     assert return_freed_memory() is False
