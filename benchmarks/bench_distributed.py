@@ -7,14 +7,16 @@ Not a test: run it by hand on a validated output (needs nothing beyond the .venv
     python benchmarks/bench_distributed.py OUT                  # --train all, 1 vs 2 ranks
     python benchmarks/bench_distributed.py OUT --ranks 1,2,3 --steps 12 --batch 6
 
-Every run trains the same steps on the same windows; the rank runs get one thread each (OMP_NUM_THREADS=1) so
-that N ranks use N cores, the single process gets all cores. Steps per second leave out the first step
+Every run trains the same steps on the same windows. By default N ranks split the cores (OMP_NUM_THREADS), so the
+single process gets all of them; `--ranks 1,1:1,2` adds one process on one core, the base that N ranks on N
+cores (or N GPUs) scale from. Steps per second leave out the first step
 (allocation, the first all-gather). The peak RSS is each process's high-water mark up to the end of training
 (the evaluation after it is left out).
 
-heal fixes glibc's mmap threshold at 1 MB (slimconv/allocator.py, ``return_freed_memory``); ``--default-malloc`` runs
-with glibc's defaults instead (it sets MALLOC_ARENA_MAX to glibc's own default, 8 per core, and heal leaves a
-malloc that the environment configures alone), to measure what that setting saves and costs.
+Under torchrun on the CPU heal fixes glibc's mmap threshold at 1 MB (slimconv/allocator.py,
+``return_freed_memory``); ``--default-malloc`` runs the ranks with glibc's defaults instead (it sets
+MALLOC_ARENA_MAX to glibc's own default, 8 per core, and heal leaves a malloc that the environment configures
+alone), to measure what that setting saves and costs.
 """
 import argparse
 import json
@@ -26,16 +28,16 @@ import time
 from pathlib import Path
 
 
-def heal(out: Path, target: Path, ranks: int, a) -> dict:
+def heal(out: Path, target: Path, ranks: int, threads: int, a) -> dict:
     flags = ["heal", str(out), "-o", str(target), "--train", a.train, "--steps", str(a.steps), "--batch",
              str(a.batch), "--seq-len", str(a.seq_len), "--checkpoint-every", str(a.steps + 1), "--force"]
     env = dict(os.environ)
     if a.default_malloc:
         env["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1))
+    env["OMP_NUM_THREADS"] = str(threads)
     if ranks == 1:
         cmd = [sys.executable, "-m", "slimconv", *flags]
     else:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "slimconv", *flags]
     start = time.perf_counter()
@@ -45,7 +47,7 @@ def heal(out: Path, target: Path, ranks: int, a) -> dict:
     curve = report["curve"]
     rate = (len(curve) - 1) / (curve[-1]["seconds"] - curve[0]["seconds"])
     rss = report.get("peak_rss_mb_per_rank") or [report["peak_rss_mb_training"]]
-    return dict(ranks=ranks, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss), wall_s=wall,
+    return dict(ranks=ranks, threads=threads, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss), wall_s=wall,
                 params=report["trainable_parameters"])
 
 
@@ -70,7 +72,9 @@ def probe(numel: int) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("output", nargs="?", help="a validated slimconv output")
-    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--ranks", default="1,2",
+                   help="runs, each N (processes, the cores split among them) or N:T (T threads each); the first "
+                        "is the base of the ratios")
     p.add_argument("--train", default="all")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)
@@ -83,12 +87,17 @@ def main():
     out = Path(a.output)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
-        for n in map(int, a.ranks.split(",")):
-            rows.append(heal(out, Path(tmp) / f"healed-{n}", n, a))
+        for i, spec in enumerate(a.ranks.split(",")):
+            n, _, t = spec.partition(":")
+            n = int(n)
+            rows.append(heal(out, Path(tmp) / f"healed-{i}", n, int(t) if t else max(1, (os.cpu_count() or 1) // n),
+                             a))
             print(rows[-1], flush=True)
     base = rows[0]
     cost = {}
-    for r in rows[1:]:
+    for r in rows:
+        if r["ranks"] == 1 or r["ranks"] in cost:
+            continue
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                               str(r["ranks"]), __file__, "--probe", str(base["params"])], capture_output=True,
                              text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -96,12 +105,12 @@ def main():
     print(f"\n`--train {a.train}`, {a.steps} steps x {a.batch} x {a.seq_len} tokens, {os.cpu_count()} cores; "
           f"{base['params'] / 1e6:.1f}M trained parameters"
           f"{', glibc malloc defaults' if a.default_malloc else ''}\n")
-    print("| ranks | steps/s | vs 1 process | peak RSS per rank (MB) | vs 1 process | last KL | "
+    print("| ranks | threads each | steps/s | vs the first row | peak RSS per rank (MB) | vs the first row | last KL | "
           "gloo all-reduce of the trained parameters (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         reduce = f"{cost[r['ranks']]:.3f}" if r["ranks"] in cost else "-"
-        print(f"| {r['ranks']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
+        print(f"| {r['ranks']} | {r['threads']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['kl_last']:.4f} | "
               f"{reduce} |")
 
