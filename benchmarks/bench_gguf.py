@@ -5,6 +5,7 @@ Not a test: run it by hand (needs llama-cpp-python; see docs/formats.md, "GGUF",
     python benchmarks/bench_gguf.py                                   # SmolLM2-135M, 6 blocks removed
     python benchmarks/bench_gguf.py --recipe attention --repeats 7
     python benchmarks/bench_gguf.py --recipe-file outputs/search/recipe.yaml   # any recipe's removals and widths
+    python benchmarks/bench_gguf.py --files SOURCE.gguf,SLIM.gguf      # GGUF files already written (k-quants)
 
 Converts the default model unslimmed and slimmed, exports each with `slimconv.formats.gguf_export.write_gguf` at f32 and
 q4_0, then decodes --new-tokens greedy tokens after a --prompt-len token prompt in llama.cpp, every file once per
@@ -12,7 +13,8 @@ round (interleaved), --repeats rounds, and prints the median decode tokens/s as 
 decode speedups (ratios of bytes read per token): the plan's, every weight at that precision's bytes, and the files'
 own, from the GGUF tensors as written (under q4_0 the token embedding, which a tied model reads whole as its output
 layer every token, stays q8_0, so fewer of the bytes read shrink with the layers), each plus llama.cpp's f16 KV
-cache.
+cache. `--files` times GGUF files already written instead (say, the k-quant files `validate --deployed` leaves),
+against the first, beside the files' ideal.
 """
 import argparse
 import shutil
@@ -93,6 +95,31 @@ def decode_rate(path: Path, prompt: list[int], new_tokens: int, threads: int) ->
     return rate
 
 
+def time_files(paths: list[Path], a) -> None:
+    """Decode rates of ``paths``, interleaved, against the first, beside the ideal from their own bytes."""
+    from gguf import GGUFReader
+
+    prompt = list(range(100, 100 + a.prompt_len))
+    ctx = a.prompt_len + a.new_tokens // 2
+    kv = {p: sum(2 * int(t.shape[1]) * 2 * ctx for t in GGUFReader(p).tensors if t.name.endswith("attn_k.weight"))
+          for p in paths}  # k and v, f16, as llama.cpp caches them
+    for path in paths:
+        decode_rate(path, prompt, 4, a.threads)
+    rates = {p: [] for p in paths}
+    for _ in range(a.repeats):
+        for path in paths:
+            rates[path].append(decode_rate(path, prompt, a.new_tokens, a.threads))
+    med = {p: statistics.median(v) for p, v in rates.items()}
+    first = paths[0]
+    print(f"llama.cpp decode, {a.new_tokens} greedy tokens after {a.prompt_len}, {a.threads} threads, median of "
+          f"{a.repeats} interleaved rounds\n")
+    print("| file | decode tok/s | vs the first | ideal (the files' bytes read) | measured / ideal |")
+    print("|---|---|---|---|---|")
+    for p in paths:
+        ideal = file_bytes_per_token(first, kv[first]) / file_bytes_per_token(p, kv[p])
+        print(f"| {p.name} | {med[p]:.1f} | {med[p] / med[first]:.3f}x | {ideal:.3f}x | {med[p] / med[first] / ideal:.3f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=list(RECIPES), default="blocks")
@@ -102,7 +129,10 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/slimconv-gguf-bench")
+    p.add_argument("--files", default=None, help="comma-separated GGUF files to time instead, the first the base")
     a = p.parse_args()
+    if a.files:
+        return time_files([Path(f) for f in a.files.split(",")], a)
     from slimconv.plan import costs
 
     config, src_plan, slim_plan, files, _ = build(Path(a.workdir), a.recipe, a.recipe_file)
