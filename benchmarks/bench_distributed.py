@@ -47,8 +47,8 @@ def heal(out: Path, target: Path, ranks: int, threads: int, a) -> dict:
     curve = report["curve"]
     rate = (len(curve) - 1) / (curve[-1]["seconds"] - curve[0]["seconds"])
     rss = report.get("peak_rss_mb_per_rank") or [report["peak_rss_mb_training"]]
-    return dict(ranks=ranks, threads=threads, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss), wall_s=wall,
-                params=report["trainable_parameters"])
+    return dict(ranks=ranks, threads=threads, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss),
+                wall_s=wall, params=report["trainable_parameters"])
 
 
 def probe(numel: int) -> None:
@@ -89,9 +89,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         for i, spec in enumerate(a.ranks.split(",")):
             n, _, t = spec.partition(":")
-            n = int(n)
-            rows.append(heal(out, Path(tmp) / f"healed-{i}", n, int(t) if t else max(1, (os.cpu_count() or 1) // n),
-                             a))
+            threads = int(t) if t else max(1, (os.cpu_count() or 1) // int(n))
+            rows.append(heal(out, Path(tmp) / f"healed-{i}", int(n), threads, a))
             print(rows[-1], flush=True)
     base = rows[0]
     cost = {}
@@ -105,14 +104,14 @@ def main():
     print(f"\n`--train {a.train}`, {a.steps} steps x {a.batch} x {a.seq_len} tokens, {os.cpu_count()} cores; "
           f"{base['params'] / 1e6:.1f}M trained parameters"
           f"{', glibc malloc defaults' if a.default_malloc else ''}\n")
-    print("| ranks | threads each | steps/s | vs the first row | peak RSS per rank (MB) | vs the first row | last KL | "
-          "gloo all-reduce of the trained parameters (s) |")
+    print("| ranks | threads each | steps/s | vs the first row | peak RSS per rank (MB) | vs the first row | "
+          "last KL | gloo all-reduce of the trained parameters (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         reduce = f"{cost[r['ranks']]:.3f}" if r["ranks"] in cost else "-"
-        print(f"| {r['ranks']} | {r['threads']} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base['steps_per_s']:.2f}x | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['kl_last']:.4f} | "
-              f"{reduce} |")
+        print(f"| {r['ranks']} | {r['threads']} | {r['steps_per_s']:.3f} | "
+              f"{r['steps_per_s'] / base['steps_per_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['kl_last']:.4f} | {reduce} |")
 
 
 if __name__ == "__main__":

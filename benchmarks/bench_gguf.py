@@ -111,13 +111,15 @@ def time_files(paths: list[Path], a) -> None:
             rates[path].append(decode_rate(path, prompt, a.new_tokens, a.threads))
     med = {p: statistics.median(v) for p, v in rates.items()}
     first = paths[0]
+    base = file_bytes_per_token(first, kv[first])
     print(f"llama.cpp decode, {a.new_tokens} greedy tokens after {a.prompt_len}, {a.threads} threads, median of "
           f"{a.repeats} interleaved rounds\n")
     print("| file | decode tok/s | vs the first | ideal (the files' bytes read) | measured / ideal |")
     print("|---|---|---|---|---|")
     for p in paths:
-        ideal = file_bytes_per_token(first, kv[first]) / file_bytes_per_token(p, kv[p])
-        print(f"| {p.name} | {med[p]:.1f} | {med[p] / med[first]:.3f}x | {ideal:.3f}x | {med[p] / med[first] / ideal:.3f} |")
+        ideal = base / file_bytes_per_token(p, kv[p])
+        speedup = med[p] / med[first]
+        print(f"| {p.name} | {med[p]:.1f} | {speedup:.3f}x | {ideal:.3f}x | {speedup / ideal:.3f} |")
 
 
 def main():

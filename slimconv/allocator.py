@@ -1,6 +1,6 @@
 """glibc's malloc during a long CPU training run: heal frees and reallocates most of its memory every step, in
-blocks that glibc's default (a heap that keeps what it once held) never gives back. Kept apart from the heal memory
-estimate (memory.py), which heal's own module reads."""
+blocks that glibc's default (a heap that keeps what it once held) never gives back. Not in memory.py (heal's memory
+estimate): that module imports heal, and heal calls these."""
 import ctypes
 import gc
 import os
@@ -30,9 +30,9 @@ def return_freed_memory(threshold: int = RETURNED_FROM) -> bool:
     A CPU heal allocates and frees most of its memory every step: activations, gathered layers and logits, in
     blocks of one to a few hundred MB. glibc's default threshold rises to the largest block freed so far (up to
     32 MB), so after the first step blocks under that come from the heap, which keeps what it once held. Measured
-    on SmolLM2-135M on two torchrun ranks (docs/results/healing.md, "Distributed heal"): between steps a rank held
-    2.5 GB after the first step and 3.4-3.6 GB from the third on, where with this threshold it holds 1.6 GB. The
-    cost is the page faults of mapping that memory afresh every step."""
+    on SmolLM2-135M on two torchrun CPU ranks (docs/results/healing.md, "Lower peak memory per rank"): a peak of
+    2.2 GB per rank with this threshold against 4.1 GB without. The cost is the page faults of mapping that memory
+    afresh every step: steps 19% slower there."""
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 

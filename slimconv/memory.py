@@ -138,4 +138,3 @@ def print_memory(rows: list[Row], limit: float, where: str, nproc: int, settings
     console.print(t)
     console.print(f"device: {where}")
     return fits
-

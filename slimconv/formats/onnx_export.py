@@ -324,7 +324,10 @@ def run_export(slim_dir, out=None, provider: str = "auto", force: bool = False, 
     config = ckpt.config
     target_provider = "cuda" if providers(provider)[0] == "CUDAExecutionProvider" else "cpu"
     # auto: resolved for int4; a float graph rounds nothing, so it is rtn's no-op there
-    algorithm = int4_algorithm(slim_dir, algorithm) if dtype == "int4" else algorithm.replace("auto", "rtn")
+    if dtype == "int4":
+        algorithm = int4_algorithm(slim_dir, algorithm)
+    elif algorithm == "auto":
+        algorithm = "rtn"
     # refuses a bad combination before any work
     Precision(dtype, target_provider, block_size, accuracy_level, symmetric=symmetric, algorithm=algorithm)
     if dtype == "int4":  # and a mixture of experts whose sizes QMoE cannot block-quantise at this block size
