@@ -96,18 +96,40 @@ def empty_model(directory: Path):
     return model.eval()
 
 
-def shard(model, layers, reshard_root: bool = False) -> None:
-    """FSDP2 over every rank: one unit per decoder layer (gathered only while it runs) and the root (embeddings,
-    final norm, head). Parameters become this rank's shards.
+def shard(model, layers, mode: str = "full") -> None:
+    """FSDP2 over every rank: one unit per decoder layer and the root (embeddings, final norm, head). Parameters
+    become this rank's shards; gradients and optimizer state follow them.
 
-    FSDP2 leaves the root gathered after a forward, for the backward that follows, and reshards it after that
-    backward; ``reshard_root`` reshards it after the forward too: for the teacher, which has no backward, it would
-    otherwise stay gathered (the whole embedding on every rank) from its first forward on."""
+    ``full`` gathers a unit only while it runs (forward, then again for its backward): the least memory. A model
+    with nothing to train (the teacher) has its root resharded after the forward too, since no backward would.
+    ``grad-op`` (PyTorch's SHARD_GRAD_OP) keeps a trained unit gathered from its forward to its backward, and a
+    frozen unit (all of the teacher, the student's untrained layers and root) gathered from its first forward on:
+    the traffic of a step falls to one gather of the trained layers and one scatter of their gradients, and each
+    rank holds the models whole while it trains."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model, reshard_after_forward=True if reshard_root else None)
+    def frozen(params) -> bool:
+        return not any(p.requires_grad for p in params)
+
+    units = list(layers)
+    if mode == "grad-op":
+        # A trained final norm would put the vocab-wide embedding beside it into every step's traffic: trained
+        # modules outside the layers become units of their own, so that the root is frozen and stays gathered.
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        units += [m for m in model.modules() if m is not model and (own := list(m.parameters(recurse=False)))
+                  and not frozen(own) and not any(id(p) in in_layers for p in own)]
+    claimed = {id(p) for unit in units for p in unit.parameters()}
+    still = [frozen(unit.parameters()) for unit in units]  # before sharding replaces the parameters
+    still.append(frozen(p for p in model.parameters() if id(p) not in claimed))
+    for unit, kept in zip([*units, model], still):
+        if mode == "grad-op":
+            fully_shard(unit, reshard_after_forward=False)
+            if kept:
+                unit.set_reshard_after_backward(False, recurse=False)
+        elif unit is model:
+            fully_shard(unit, reshard_after_forward=True if frozen(model.parameters()) else None)
+        else:
+            fully_shard(unit)
 
 
 def load_shards(model, directory: Path, device: torch.device) -> None:

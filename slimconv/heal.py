@@ -649,12 +649,12 @@ def sharded_models(src_dir: Path, out: Path, plan: Plan, settings: Heal, device:
     teacher = distributed.empty_model(src_dir)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    distributed.shard(teacher, _layers(teacher), reshard_root=True)  # no backward would reshard it
+    distributed.shard(teacher, _layers(teacher), settings.shard)
     distributed.load_shards(teacher, src_dir, device)
     student = distributed.empty_model(out)
     student.config.early_exit_enabled = False
     layers, changed = trainable(student, plan, settings, None)
-    distributed.shard(student, _layers(student))
+    distributed.shard(student, _layers(student), settings.shard)
     distributed.load_shards(student, out, device)
     reset_adapters(student, gen)
     return teacher, student, layers, changed
@@ -681,9 +681,10 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     world = distributed.current()
     if world:
         device = start_world(world, device, settings, out)
-        if device.type == "cpu":
+        if device.type == "cpu" and settings.shard == "full":
             # Ranks share one machine's RAM, so here freed memory goes back (measured: 0.54x the peak per rank, for
-            # steps 19% slower); one process keeps glibc's faster default (26% slower steps for 12% less).
+            # steps 19% slower). grad-op chose speed over memory, and keeps glibc's faster default, as one process
+            # does (there the setting cost 18% and 26% slower steps).
             return_freed_memory()
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)
@@ -713,7 +714,8 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
     data = describe_training(settings.data, settings.generated_windows)
     console.print(f"heal {out} -> {target}: teacher {recipe.model}, {settings.train}, {settings.steps} steps x "
                   f"{settings.batch} x {settings.seq_len} tokens of {data}, lr {settings.lr}, device {device}"
-                  + (f", {world.size} ranks (FSDP2), {settings.batch // world.size} windows each per step"
+                  + (f", {world.size} ranks (FSDP2, {settings.shard} sharding), {settings.batch // world.size} "
+                     "windows each per step"
                      if world else ""))
     # Rank 0 writes the output; the other ranks train, hand over their shards, and leave.
     with atomic if world is None or world.main else contextlib.nullcontext() as tmp:
@@ -751,8 +753,9 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
                       + (f"; layers 0-{k - 1} are the source's, so the student starts from the teacher's "
                          f"hidden state at layer {k}" if k else ""))
         unhealed_hash = weights_sha256(out)
-        fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output"}),
-                           source=source_hash, unhealed=unhealed_hash)
+        # What moves the tensors between ranks (shard) leaves the training as it is: a resume may change it.
+        fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output",
+                                                                  "shard"}), source=source_hash, unhealed=unhealed_hash)
         trim_heap()
         run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint,
                      world)

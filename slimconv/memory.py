@@ -6,8 +6,9 @@ Heal trains in float32 (4 bytes a value). Per rank, with N ranks (FSDP2 shards e
 
 - student and teacher weights: their parameter counts x 4 / N;
 - gradients: the trained parameters x 4 / N; AdamW state: two values per trained parameter, x 8 / N;
-- gathered working set (N > 1): FSDP2 gathers a layer whole while it runs, and the next one ahead of time,
-  and the root unit (embeddings and head) during a forward: 2 x the largest layer + the root, x 4;
+- gathered working set (N > 1): with ``--shard full`` FSDP2 gathers a layer whole while it runs, and the next
+  one ahead of time, and the root unit (embeddings and head) during a forward: 2 x the largest layer + the root,
+  x 4; with ``--shard grad-op`` both models are gathered whole beside their shards: (student + teacher) x 4;
 - activations at --batch / N windows of --seq-len tokens: the logits' two vocab-wide copies (the teacher's, which
   the loss turns into its gradient in place, and the student's; the loss works a chunk of tokens at a time) and,
   for every layer the backward pass goes through, Korthikanti et al.'s (2022) stored-activation estimate
@@ -83,8 +84,8 @@ def heal_memory(plan: Plan, config: dict, settings: Heal, nproc: int) -> list[Ro
         rows["teacher weights"][mode] = teacher * BYTES / nproc
         rows["gradients"][mode] = n_train * BYTES / nproc
         rows["optimizer state (AdamW)"][mode] = 2 * n_train * BYTES / nproc
-        rows["gathered layers and root (FSDP2)"][mode] = (
-            (2 * widest + _root_params(config)) * BYTES if nproc > 1 else 0)
+        gathered = student + teacher if settings.shard == "grad-op" else 2 * widest + _root_params(config)
+        rows["gathered layers and root (FSDP2)"][mode] = gathered * BYTES if nproc > 1 else 0
         per_layer = 34 * b * s * h * 2
         rows["activations"][mode] = 2 * b * s * vocab * BYTES + per_layer * len(through)
     out = [Row(name, values) for name, values in rows.items()]
@@ -124,8 +125,9 @@ def print_memory(rows: list[Row], limit: float, where: str, nproc: int, settings
 
     from .report import console
 
-    t = Table(title=f"{title}: memory per rank, {nproc} rank(s), batch {settings.batch} "
-              f"({settings.batch / nproc:g} per rank) x {settings.seq_len} tokens, float32",
+    t = Table(title=f"{title}: memory per rank, {nproc} rank(s)"
+              + (f" ({settings.shard} sharding)" if nproc > 1 else "")
+              + f", batch {settings.batch} ({settings.batch / nproc:g} per rank) x {settings.seq_len} tokens, float32",
               header_style="bold", caption="activations are an estimate (docs/healing.md, 'Larger than one GPU')")
     t.add_column("")
     for m in MODES:

@@ -274,6 +274,10 @@ class Heal(_Strict):
     max_minutes: float | None = Field(None, gt=0, description="stop training after this many minutes, whatever "
                                       "the steps (the learning-rate schedule still spans `steps`)")
     checkpoint_every: int = Field(50, ge=1, description="save a --resume checkpoint every N steps")
+    shard: Literal["full", "grad-op"] = Field(
+        "full", description="under torchrun: full gathers each layer only while it runs (least memory); grad-op "
+        "keeps what a forward gathered for its backward and frozen parts (the teacher) gathered from their first "
+        "use (least traffic, each rank holds the models whole); one process has nothing to shard")
     eval_text: str = Field("kjv", description='second evaluation text, of another domain than the first: "kjv" '
                            "(Genesis and Exodus, shipped), a text file, or \"hf:NAME\"")
     device: Device = Field("auto", description="auto: CUDA when torch sees it")

@@ -57,11 +57,12 @@ def single(tmp_path_factory, src, texts):  # noqa: F811
     return out, healed
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_sharded_heal_gives_one_process_losses_and_weights(single, texts, tmp_path, n):  # noqa: F811
+@pytest.mark.parametrize("n,shard", [(2, "full"), (3, "full"), (2, "grad-op")])
+def test_sharded_heal_gives_one_process_losses_and_weights(single, texts, tmp_path, n, shard):  # noqa: F811
     out, reference = single
     healed = tmp_path / "healed"
-    run = torchrun(n, ["heal", str(out), "-o", str(healed), "--train", "all", *_flags(texts, steps=6, batch=6)])
+    run = torchrun(n, ["heal", str(out), "-o", str(healed), "--train", "all", *_flags(texts, steps=6, batch=6),
+                       "--shard", shard])
     assert run.returncode == 0, run.stderr[-3000:]
     assert curve(healed) == pytest.approx(curve(reference), rel=1e-4, abs=1e-6)
     got, want = weights(healed), weights(reference)
@@ -73,17 +74,81 @@ def test_sharded_heal_gives_one_process_losses_and_weights(single, texts, tmp_pa
     assert "FSDP2" in run.stdout and run.stdout.count("heal ") >= 1
 
 
-@pytest.mark.parametrize("mode", ["adjacent", "lora"])
-def test_every_training_mode_runs_sharded_as_in_one_process(tmp_path, src, texts, mode):  # noqa: F811
+@pytest.mark.parametrize("mode,shard", [("adjacent", "full"), ("lora", "full"), ("adjacent", "grad-op")])
+def test_every_training_mode_runs_sharded_as_in_one_process(tmp_path, src, texts, mode, shard):  # noqa: F811
+    """grad-op with frozen layers between trained ones: those stay gathered from their first forward on."""
     out = _output(tmp_path, src, texts, attention="2-3")
     one, two = tmp_path / "one", tmp_path / "two"
     flags = ["--train", mode, *_flags(texts, steps=4, batch=4)]
     assert main(["heal", str(out), "-o", str(one), *flags]) == 0
-    run = torchrun(2, ["heal", str(out), "-o", str(two), *flags])
+    run = torchrun(2, ["heal", str(out), "-o", str(two), *flags, "--shard", shard])
     assert run.returncode == 0, run.stderr[-3000:]
     assert curve(two) == pytest.approx(curve(one), rel=1e-4, abs=1e-6)
     for name, t in weights(one).items():
         torch.testing.assert_close(weights(two)[name], t, rtol=1e-3, atol=1e-4)
+
+
+GATHERED = """
+import json, sys
+from pathlib import Path
+import torch
+from torch.distributed.tensor import DTensor
+from slimconv import distributed
+from slimconv.heal import _layers, sharded_models
+from slimconv.outdir import read_json
+from slimconv.plan import Plan
+from slimconv.recipe import Heal
+
+out, src, shard, train = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+world = distributed.current()
+device = distributed.start(world, torch.device("cpu"))
+settings = Heal(shard=shard, train=train)
+plan = Plan(**read_json(out / "slimconv_plan.json")["plan"])
+teacher, student, _, _ = sharded_models(src, out, plan, settings, device, torch.Generator().manual_seed(0))
+ids = torch.arange(8).reshape(1, 8)
+for _ in range(2):
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    student(input_ids=ids).logits.float().pow(2).mean().backward()
+
+def whole(module):  # FSDP2 swaps a gathered unit's DTensor shards for plain tensors
+    return not isinstance(next(module.parameters(recurse=False)), DTensor)
+
+units = lambda m: {"layers": [all(whole(x) for x in layer.modules() if any(True for _ in x.parameters(recurse=False)))
+                              for layer in _layers(m)], "embedding": whole(m.get_input_embeddings())}
+if world.main:
+    print(json.dumps({"teacher": units(teacher), "student": units(student)}))
+distributed.finish()
+"""
+
+
+@pytest.mark.parametrize("shard,train", [("full", "all"), ("grad-op", "all"), ("grad-op", "adjacent")])
+def test_what_each_sharding_mode_keeps_gathered_between_steps(single, src, tmp_path, shard, train):  # noqa: F811
+    """After two training steps: full has resharded everything. grad-op keeps the frozen parts gathered (the
+    teacher, the student's embedding and its untrained layers) and reshards only the trained layers, which the
+    optimizer updates in their shards."""
+    out, _ = single
+    script = tmp_path / "gathered.py"
+    script.write_text(GATHERED)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", str(script), str(out), str(src), shard, train],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    kept = shard == "grad-op"
+    assert got["teacher"] == {"layers": [kept] * len(got["teacher"]["layers"]), "embedding": kept}
+    assert got["student"]["embedding"] is kept
+    trained = heal_layers(out, train)
+    assert got["student"]["layers"] == [kept and j not in trained for j in range(len(got["student"]["layers"]))]
+
+
+def heal_layers(out: Path, train: str) -> list[int]:
+    from slimconv.heal import adjacent_layers
+    from slimconv.outdir import read_json
+    from slimconv.plan import Plan
+
+    plan = Plan(**read_json(out / "slimconv_plan.json")["plan"])
+    return adjacent_layers(plan) if train == "adjacent" else list(range(len(plan.layers)))
 
 
 def test_a_killed_rank_leaves_nothing_finished_and_resume_continues_on_another_world_size(single, texts,
@@ -104,7 +169,9 @@ def test_a_killed_rank_leaves_nothing_finished_and_resume_continues_on_another_w
     proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert not healed.exists()
-    run = torchrun(3, ["heal", str(out), "-o", str(healed), *flags, "--max-minutes", "30", "--resume"])
+    # The sharding mode may change too: it moves the same tensors, not the training.
+    run = torchrun(3, ["heal", str(out), "-o", str(healed), *flags, "--max-minutes", "30", "--resume",
+                       "--shard", "grad-op"])
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((healed / "slimconv_heal.json").read_text())
     assert report["resumed_from"] >= 2 and report["steps"] == 6
@@ -185,6 +252,12 @@ def test_the_memory_plan_of_a_70b_heal_reads_only_its_config(tmp_path, capsys):
     assert rows["teacher weights"]["all"] == 70_553_706_496 * 4 / 8
     assert "35.28 GB" in shown
     assert not (tmp_path / "out").exists()
+    # grad-op holds both models whole on every rank (280 GB of teacher alone): no mode fits 80 GB.
+    assert main(["heal", str(recipe), "--plan", "--nproc", "8", "--device-memory", "80", "--shard", "grad-op"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "grad-op sharding" in shown and "yes" not in shown.split("fits 80 GB?")[1].split("ranks needed")[0]
+    rows = {r.name: r.bytes for r in heal_memory(source_plan(LLAMA_31_70B), LLAMA_31_70B, Heal(shard="grad-op"), 8)}
+    assert rows["gathered layers and root (FSDP2)"]["all"] == 2 * 70_553_706_496 * 4
 
 
 @pytest.mark.parametrize("mode", ["adjacent", "all", "lora"])
