@@ -6,6 +6,7 @@ Not a test: run it by hand on a validated output (needs nothing beyond the .venv
 
     python benchmarks/bench_distributed.py OUT                  # --train all, 1 vs 2 ranks
     python benchmarks/bench_distributed.py OUT --ranks 1,2,3 --steps 12 --batch 6
+    python benchmarks/bench_distributed.py OUT --ranks 1:1,2:1:full,2:1:grad-op   # both sharding modes
 
 Every run trains the same steps on the same windows. By default N ranks split the cores (OMP_NUM_THREADS), so the
 single process gets all of them; `--ranks 1,1:1,2` adds one process on one core, the base that N ranks on N
@@ -28,9 +29,10 @@ import time
 from pathlib import Path
 
 
-def heal(out: Path, target: Path, ranks: int, threads: int, a) -> dict:
+def heal(out: Path, target: Path, ranks: int, threads: int, shard: str, a) -> dict:
     flags = ["heal", str(out), "-o", str(target), "--train", a.train, "--steps", str(a.steps), "--batch",
-             str(a.batch), "--seq-len", str(a.seq_len), "--checkpoint-every", str(a.steps + 1), "--force"]
+             str(a.batch), "--seq-len", str(a.seq_len), "--checkpoint-every", str(a.steps + 1), "--force",
+             "--shard", shard]
     env = dict(os.environ)
     if a.default_malloc:
         env["MALLOC_ARENA_MAX"] = str(8 * (os.cpu_count() or 1))
@@ -47,8 +49,8 @@ def heal(out: Path, target: Path, ranks: int, threads: int, a) -> dict:
     curve = report["curve"]
     rate = (len(curve) - 1) / (curve[-1]["seconds"] - curve[0]["seconds"])
     rss = report.get("peak_rss_mb_per_rank") or [report["peak_rss_mb_training"]]
-    return dict(ranks=ranks, threads=threads, steps_per_s=rate, kl_last=curve[-1]["kl"], peak_rss_mb=max(rss),
-                wall_s=wall, params=report["trainable_parameters"])
+    return dict(ranks=ranks, threads=threads, shard=shard if ranks > 1 else "-", steps_per_s=rate,
+                kl_last=curve[-1]["kl"], peak_rss_mb=max(rss), wall_s=wall, params=report["trainable_parameters"])
 
 
 def probe(numel: int) -> None:
@@ -73,8 +75,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("output", nargs="?", help="a validated slimconv output")
     p.add_argument("--ranks", default="1,2",
-                   help="runs, each N (processes, the cores split among them) or N:T (T threads each); the first "
-                        "is the base of the ratios")
+                   help="runs, each N (processes, the cores split among them), N:T (T threads each) or N:T:SHARD "
+                        "(heal --shard, default full); the first is the base of the ratios")
     p.add_argument("--train", default="all")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)
@@ -88,9 +90,9 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         for i, spec in enumerate(a.ranks.split(",")):
-            n, _, t = spec.partition(":")
+            n, t, shard = (spec.split(":") + ["", ""])[:3]
             threads = int(t) if t else max(1, (os.cpu_count() or 1) // int(n))
-            rows.append(heal(out, Path(tmp) / f"healed-{i}", int(n), threads, a))
+            rows.append(heal(out, Path(tmp) / f"healed-{i}", int(n), threads, shard or "full", a))
             print(rows[-1], flush=True)
     base = rows[0]
     cost = {}
@@ -104,12 +106,12 @@ def main():
     print(f"\n`--train {a.train}`, {a.steps} steps x {a.batch} x {a.seq_len} tokens, {os.cpu_count()} cores; "
           f"{base['params'] / 1e6:.1f}M trained parameters"
           f"{', glibc malloc defaults' if a.default_malloc else ''}\n")
-    print("| ranks | threads each | steps/s | vs the first row | peak RSS per rank (MB) | vs the first row | "
-          "last KL | gloo all-reduce of the trained parameters (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| ranks | threads each | sharding | steps/s | vs the first row | peak RSS per rank (MB) | "
+          "vs the first row | last KL | gloo all-reduce of the trained parameters (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         reduce = f"{cost[r['ranks']]:.3f}" if r["ranks"] in cost else "-"
-        print(f"| {r['ranks']} | {r['threads']} | {r['steps_per_s']:.3f} | "
+        print(f"| {r['ranks']} | {r['threads']} | {r['shard']} | {r['steps_per_s']:.3f} | "
               f"{r['steps_per_s'] / base['steps_per_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
               f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | {r['kl_last']:.4f} | {reduce} |")
 
