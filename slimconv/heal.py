@@ -683,8 +683,8 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
         device = start_world(world, device, settings, out)
         if device.type == "cpu" and settings.shard == "full":
             # Ranks share one machine's RAM, so here freed memory goes back (measured: 0.54x the peak per rank, for
-            # steps 19% slower). grad-op chose speed over memory, and keeps glibc's faster default, as one process
-            # does (there the setting cost 18% and 26% slower steps).
+            # steps 19% slower). grad-op has chosen speed over memory and keeps glibc's faster default, as one
+            # process does: the setting made their steps 18% and 26% slower.
             return_freed_memory()
     src_dir = resolve_source(recipe.model, recipe.allow_pickle)
     source_hash = check_source(meta, src_dir, recipe.model, out)
