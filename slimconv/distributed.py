@@ -111,25 +111,24 @@ def shard(model, layers, mode: str = "full") -> None:
     def frozen(params) -> bool:
         return not any(p.requires_grad for p in params)
 
-    units = list(layers)
-    if mode == "grad-op":
-        # A trained final norm would put the vocab-wide embedding beside it into every step's traffic: trained
-        # modules outside the layers become units of their own, so that the root is frozen and stays gathered.
-        in_layers = {id(p) for layer in layers for p in layer.parameters()}
-        units += [m for m in model.modules() if m is not model and (own := list(m.parameters(recurse=False)))
-                  and not frozen(own) and not any(id(p) in in_layers for p in own)]
+    if mode == "full":
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model, reshard_after_forward=True if frozen(model.parameters()) else None)
+        return
+    # A trained final norm would put the vocab-wide embedding beside it into every step's traffic: trained
+    # modules outside the layers become units of their own, so that the root is frozen and stays gathered.
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    units = list(layers) + [m for m in model.modules() if m is not model
+                            and (own := list(m.parameters(recurse=False))) and not frozen(own)
+                            and not any(id(p) in in_layers for p in own)]
     claimed = {id(p) for unit in units for p in unit.parameters()}
     still = [frozen(unit.parameters()) for unit in units]  # before sharding replaces the parameters
     still.append(frozen(p for p in model.parameters() if id(p) not in claimed))
     for unit, kept in zip([*units, model], still):
-        if mode == "grad-op":
-            fully_shard(unit, reshard_after_forward=False)
-            if kept:
-                unit.set_reshard_after_backward(False, recurse=False)
-        elif unit is model:
-            fully_shard(unit, reshard_after_forward=True if frozen(model.parameters()) else None)
-        else:
-            fully_shard(unit)
+        fully_shard(unit, reshard_after_forward=False)
+        if kept:
+            unit.set_reshard_after_backward(False, recurse=False)
 
 
 def load_shards(model, directory: Path, device: torch.device) -> None:

@@ -754,8 +754,8 @@ def run_heal(out, settings: Heal, target=None, force: bool = False, resume: bool
                          f"hidden state at layer {k}" if k else ""))
         unhealed_hash = weights_sha256(out)
         # What moves the tensors between ranks (shard) leaves the training as it is: a resume may change it.
-        fingerprint = dict(settings=settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output",
-                                                                  "shard"}), source=source_hash, unhealed=unhealed_hash)
+        trained_as = settings.model_dump(exclude={"max_minutes", "checkpoint_every", "output", "shard"})
+        fingerprint = dict(settings=trained_as, source=source_hash, unhealed=unhealed_hash)
         trim_heap()
         run = distil(teacher, student, windows, plan, settings, device, layers, resume_file, resume, fingerprint,
                      world)

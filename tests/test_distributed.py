@@ -95,7 +95,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from slimconv import distributed
 from slimconv.heal import _layers, sharded_models
-from slimconv.outdir import read_json
+from slimconv.outdir import PLAN_FILE, read_json
 from slimconv.plan import Plan
 from slimconv.recipe import Heal
 
@@ -103,7 +103,7 @@ out, src, shard, train = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.
 world = distributed.current()
 device = distributed.start(world, torch.device("cpu"))
 settings = Heal(shard=shard, train=train)
-plan = Plan(**read_json(out / "slimconv_plan.json")["plan"])
+plan = Plan(**read_json(out / PLAN_FILE)["plan"])
 teacher, student, _, _ = sharded_models(src, out, plan, settings, device, torch.Generator().manual_seed(0))
 ids = torch.arange(8).reshape(1, 8)
 for _ in range(2):
@@ -144,10 +144,10 @@ def test_what_each_sharding_mode_keeps_gathered_between_steps(single, src, tmp_p
 
 def heal_layers(out: Path, train: str) -> list[int]:
     from slimconv.heal import adjacent_layers
-    from slimconv.outdir import read_json
+    from slimconv.outdir import PLAN_FILE, read_json
     from slimconv.plan import Plan
 
-    plan = Plan(**read_json(out / "slimconv_plan.json")["plan"])
+    plan = Plan(**read_json(out / PLAN_FILE)["plan"])
     return adjacent_layers(plan) if train == "adjacent" else list(range(len(plan.layers)))
 
 
