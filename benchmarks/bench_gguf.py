@@ -95,21 +95,27 @@ def decode_rate(path: Path, prompt: list[int], new_tokens: int, threads: int) ->
     return rate
 
 
+def median_rates(files: dict, a) -> dict:
+    """{key: median decode tokens/s} of ``files`` ({key: path}): a warm-up that pages every file in, then
+    --repeats rounds, every file once per round (interleaved, so the machine's drift falls on all alike)."""
+    prompt = list(range(100, 100 + a.prompt_len))
+    for path in files.values():
+        decode_rate(path, prompt, 4, a.threads)
+    rates = {k: [] for k in files}
+    for _ in range(a.repeats):
+        for key, path in files.items():
+            rates[key].append(decode_rate(path, prompt, a.new_tokens, a.threads))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def time_files(paths: list[Path], a) -> None:
     """Decode rates of ``paths``, interleaved, against the first, beside the ideal from their own bytes."""
     from gguf import GGUFReader
 
-    prompt = list(range(100, 100 + a.prompt_len))
     ctx = a.prompt_len + a.new_tokens // 2
     kv = {p: sum(2 * int(t.shape[1]) * 2 * ctx for t in GGUFReader(p).tensors if t.name.endswith("attn_k.weight"))
           for p in paths}  # k and v, f16, as llama.cpp caches them
-    for path in paths:
-        decode_rate(path, prompt, 4, a.threads)
-    rates = {p: [] for p in paths}
-    for _ in range(a.repeats):
-        for path in paths:
-            rates[path].append(decode_rate(path, prompt, a.new_tokens, a.threads))
-    med = {p: statistics.median(v) for p, v in rates.items()}
+    med = median_rates({p: p for p in paths}, a)
     first = paths[0]
     base = file_bytes_per_token(first, kv[first])
     print(f"llama.cpp decode, {a.new_tokens} greedy tokens after {a.prompt_len}, {a.threads} threads, median of "
@@ -138,14 +144,7 @@ def main():
     from slimconv.plan import costs
 
     config, src_plan, slim_plan, files, _ = build(Path(a.workdir), a.recipe, a.recipe_file)
-    prompt = list(range(100, 100 + a.prompt_len))
-    rates = {k: [] for k in files}
-    for path in files.values():  # warm-up: page the files in
-        decode_rate(path, prompt, 4, a.threads)
-    for _ in range(a.repeats):
-        for key, path in files.items():
-            rates[key].append(decode_rate(path, prompt, a.new_tokens, a.threads))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = median_rates(files, a)
     base = med[("unslimmed", "f32")]
     ctx = a.prompt_len + a.new_tokens // 2
     print(f"llama.cpp decode, SmolLM2-135M, {a.new_tokens} greedy tokens after {a.prompt_len}, {a.threads} threads, "
