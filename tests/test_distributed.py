@@ -114,8 +114,12 @@ for _ in range(2):
 def whole(module):  # FSDP2 swaps a gathered unit's DTensor shards for plain tensors
     return not isinstance(next(module.parameters(recurse=False)), DTensor)
 
+def held(model):  # the share of the model's values this rank stores
+    return (sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+            / sum(p.numel() for p in model.parameters()))
+
 units = lambda m: {"layers": [all(whole(x) for x in layer.modules() if any(True for _ in x.parameters(recurse=False)))
-                              for layer in _layers(m)], "embedding": whole(m.get_input_embeddings())}
+                              for layer in _layers(m)], "embedding": whole(m.get_input_embeddings()), "held": held(m)}
 if world.main:
     print(json.dumps({"teacher": units(teacher), "student": units(student)}))
 distributed.finish()
@@ -124,9 +128,9 @@ distributed.finish()
 
 @pytest.mark.parametrize("shard,train", [("full", "all"), ("grad-op", "all"), ("grad-op", "adjacent")])
 def test_what_each_sharding_mode_keeps_gathered_between_steps(single, src, tmp_path, shard, train):  # noqa: F811
-    """After two training steps: full has resharded everything. grad-op keeps the frozen parts gathered (the
-    teacher, the student's embedding and its untrained layers) and reshards only the trained layers, which the
-    optimizer updates in their shards."""
+    """After two training steps: full has resharded everything, and each of 2 ranks stores half of each model.
+    grad-op keeps the frozen parts gathered (the teacher, the student's embedding and its untrained layers) and
+    reshards only the trained layers, which the optimizer updates in their shards."""
     out, _ = single
     script = tmp_path / "gathered.py"
     script.write_text(GATHERED)
@@ -136,6 +140,10 @@ def test_what_each_sharding_mode_keeps_gathered_between_steps(single, src, tmp_p
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     kept = shard == "grad-op"
+    for model in ("teacher", "student"):
+        held = got[model].pop("held")
+        if shard == "full":
+            assert held == pytest.approx(0.5, abs=0.01)
     assert got["teacher"] == {"layers": [kept] * len(got["teacher"]["layers"]), "embedding": kept}
     assert got["student"]["embedding"] is kept
     trained = heal_layers(out, train)
